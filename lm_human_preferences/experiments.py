@@ -1,0 +1,211 @@
+"""The registry of named experiments: the paper's settings (SPEC section 9), `test` and `demo`.
+
+An experiment is a list of bindings, (dotted hyperparameter name, value) pairs, built from small groups:
+`bind` one value, `combine` groups, `nest` a group under a prefix (the reward experiment sits under
+`rewards.train_new_model` inside a policy experiment). Later bindings override earlier ones, so a group can
+be reshaped by appending to it, and command-line overrides are applied after all of them.
+"""
+
+from typing import Any, Dict, List, Tuple
+
+Bindings = List[Tuple[str, Any]]
+
+LABELS_URL = "https://openaipublic.blob.core.windows.net/lm-human-preferences/labels"
+
+
+def bind(name: str, value: Any) -> Bindings:
+    return [(name, value)]
+
+
+def combine(*groups: Bindings) -> Bindings:
+    return [binding for group in groups for binding in group]
+
+
+def nest(prefix: str, group: Bindings) -> Bindings:
+    return [(f"{prefix}.{name}", value) for name, value in group]
+
+
+def resolve(group: Bindings) -> Dict[str, Any]:
+    """Flatten to {dotted name: value}, later bindings winning."""
+    return dict(group)
+
+
+# ----- tasks ---------------------------------------------------------------------------------------------------
+
+books_task = nest("task", combine(
+    bind("query_length", 64),
+    bind("query_dataset", "books"),
+    bind("response_length", 24),
+    bind("start_text", "."),  # queries start after a sentence boundary...
+    bind("end_text", "."),  # ...and end on one
+    bind("truncate_token", 13),  # "." ends a response
+    bind("truncate_after", 16),
+    bind("policy.temperature", 0.7),
+    bind("policy.initial_model", "124M"),
+))
+
+summarize_task = nest("task", combine(
+    bind("query_length", 500),
+    bind("response_length", 75),
+    bind("start_text", None),
+    bind("truncate_after", 55),
+    bind("truncate_token", 198),  # "\n" ends a summary
+    bind("query_suffix", "\n\nTL;DR:"),
+    bind("policy.initial_model", "124M"),
+))
+
+cnndm_task = combine(summarize_task, nest("task", combine(
+    bind("query_dataset", "cnndm"),
+    bind("query_prefix", "Article:\n\n"),
+    bind("end_text", "\n"),
+    bind("policy.temperature", 0.5),
+)))
+
+tldr_task = combine(summarize_task, nest("task", combine(
+    bind("query_dataset", "tldr"),
+    bind("policy.temperature", 0.7),
+)))
+
+# A tiny task on the random `test` model (n_ctx 8): runs in seconds on a CPU, for tests and smoke checks.
+test_task = nest("task", combine(
+    bind("query_length", 3),
+    bind("query_dataset", "test"),
+    bind("response_length", 4),
+    bind("start_text", None),
+    bind("end_text", None),
+    bind("truncate_token", None),
+    bind("policy.temperature", 1.0),
+    bind("policy.initial_model", "test"),
+))
+
+# The offline demo: the small random `demo` model (n_ctx 64) on the 27-letter alphabet.
+demo_task = nest("task", combine(
+    bind("query_length", 8),
+    bind("query_dataset", "test"),
+    bind("response_length", 12),
+    bind("start_text", None),
+    bind("end_text", None),
+    bind("truncate_token", None),
+    bind("policy.temperature", 1.0),
+    bind("policy.initial_model", "demo"),
+))
+
+# ----- reward experiments (train_reward) -----------------------------------------------------------------------
+
+_reward_common = combine(
+    bind("labels.type", "best_of_4"),
+    bind("normalize_before", True),
+    bind("normalize_after", True),
+    bind("normalize_samples", 256),
+    bind("run.seed", 1),
+)
+
+
+def _book_reward(label_set: str) -> Bindings:
+    return combine(books_task, _reward_common,
+                   bind("labels.source", f"{LABELS_URL}/{label_set}/offline_5k.json"),
+                   bind("labels.num_train", 4_992),
+                   bind("batch_size", 32),
+                   bind("lr", 5e-5),
+                   bind("rollout_batch_size", 512))
+
+
+def _summary_reward(task: Bindings, label_set: str) -> Bindings:
+    return combine(task, _reward_common,
+                   bind("labels.source", f"{LABELS_URL}/{label_set}/online_45k.json"),
+                   bind("labels.num_train", 46_000),
+                   bind("batch_size", 16),
+                   bind("lr", 2.5e-5),
+                   bind("rollout_batch_size", 128))
+
+
+REWARD_EXPERIMENTS: Dict[str, Bindings] = {
+    "sentiment": _book_reward("sentiment"),
+    "descriptiveness": _book_reward("descriptiveness"),
+    "cnndm": _summary_reward(cnndm_task, "cnndm"),
+    "tldr": _summary_reward(tldr_task, "tldr"),
+    "test": combine(
+        test_task,
+        bind("labels.type", "best_of_4"),
+        bind("labels.source", None),  # set --labels.source FILE, or let `demo`-style labelling make one
+        bind("labels.num_train", 16),
+        bind("batch_size", 8),
+        bind("lr", 1e-3),
+        bind("rollout_batch_size", 8),
+        bind("normalize_before", True),
+        bind("normalize_after", True),
+        bind("normalize_samples", 16),
+        bind("run.seed", 1),
+    ),
+    "demo": combine(
+        demo_task,
+        bind("labels.type", "best_of_4"),
+        bind("labels.source", None),  # made by the synthetic labeler when not given (labels.judge)
+        bind("labels.num_train", 640),
+        bind("labels.num_valid", 160),
+        bind("batch_size", 16),
+        bind("lr", 1e-3),
+        bind("rollout_batch_size", 64),
+        bind("normalize_before", True),
+        bind("normalize_after", True),
+        bind("normalize_samples", 256),
+        bind("run.seed", 1),
+    ),
+}
+
+# ----- policy experiments (train_policy) ------------------------------------------------------------------------
+
+
+def _policy(reward_name: str, *rest: Bindings) -> Bindings:
+    reward = REWARD_EXPERIMENTS[reward_name]
+    task = [(name, value) for name, value in reward if name.startswith("task.")]
+    return combine(task, nest("rewards.train_new_model", reward), bind("run.seed", 1), *rest)
+
+
+_book_policy = combine(
+    bind("ppo.lr", 1e-5),
+    bind("ppo.total_episodes", 1_000_000),
+    bind("ppo.batch_size", 512),
+    bind("rewards.kl_coef", 0.15),
+    bind("rewards.adaptive_kl", "on"),
+    bind("rewards.adaptive_kl.target", 6.0),
+)
+
+_summary_policy = combine(
+    bind("ppo.total_episodes", 1_000_000),
+    bind("ppo.lr", 2e-6),
+    bind("ppo.batch_size", 32),
+    bind("ppo.whiten_rewards", False),
+)
+
+POLICY_EXPERIMENTS: Dict[str, Bindings] = {
+    "sentiment": _policy("sentiment", _book_policy),
+    "descriptiveness": _policy("descriptiveness", _book_policy),
+    "cnndm": _policy("cnndm", _summary_policy, bind("rewards.kl_coef", 0.01)),
+    "tldr": _policy("tldr", _summary_policy, bind("rewards.kl_coef", 0.03)),
+    "test": _policy("test",
+                    bind("ppo.total_episodes", 16),
+                    bind("ppo.batch_size", 8),
+                    bind("ppo.lr", 1e-3),
+                    bind("ppo.noptepochs", 2),
+                    bind("rewards.kl_coef", 0.1),
+                    bind("run.log_interval", 1)),
+    "demo": _policy("demo",
+                    bind("ppo.total_episodes", 6_400),
+                    bind("ppo.batch_size", 64),
+                    bind("ppo.nminibatches", 2),
+                    bind("ppo.lr", 1e-3),
+                    bind("rewards.kl_coef", 0.05),
+                    bind("run.log_interval", 10),
+                    bind("run.save_interval", 50)),
+}
+
+EXPERIMENTS = {"train_reward": REWARD_EXPERIMENTS, "train_policy": POLICY_EXPERIMENTS}
+
+
+def get(command: str, name: str) -> Dict[str, Any]:
+    """The resolved bindings of experiment `name` for `command`; unknown names list the known ones."""
+    registry = EXPERIMENTS[command]
+    if name not in registry:
+        raise ValueError(f"unknown {command} experiment {name!r}; known experiments: {', '.join(sorted(registry))}")
+    return resolve(registry[name])
