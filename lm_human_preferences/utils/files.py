@@ -1,0 +1,421 @@
+"""Files from local disk, `https://`/`http://` and `gs://` (SPEC section 11).
+
+Wherever a path is accepted, a URL is too. A remote file is fetched once into a disk cache and then read
+locally; the cache keeps the remote layout, `cache_dir()/<scheme>/<host or bucket>/<path>`, so files that
+are siblings remotely are siblings in the cache (a TensorFlow checkpoint reader needs `model.ckpt.index`
+next to `model.ckpt.data-*`).
+
+* A cached file is used without touching the network.
+* Downloads go to a temporary file in the target directory, are checked against Content-Length, and are
+  renamed into place only when complete: a half-written file is never taken for a good cache entry.
+* Transient failures (5xx, 429, 408, connection reset, read timeout, truncated body) are retried with
+  exponential backoff and jitter; a definitive answer (404, 403, ...) fails at once. A host that cannot be
+  reached at all (offline: no DNS, connection refused, connect timeout) also fails at once, so an offline run
+  stops within seconds. Errors are :class:`FileFetchError` naming the URL and the cache path.
+* Under MPI, :func:`local_path` is collective: one rank per machine downloads (SPEC 10: fetched once per
+  machine), the others receive its result or its error.
+
+Settings (module attributes, initialised from the environment): `RETRIES` ($LMHP_FETCH_RETRIES),
+`BACKOFF_SECONDS` ($LMHP_FETCH_BACKOFF_SECONDS), `MAX_BACKOFF_SECONDS`, `CONNECT_TIMEOUT_SECONDS`,
+`READ_TIMEOUT_SECONDS`.
+"""
+
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.parse
+from typing import Optional
+
+REMOTE_SCHEMES = ("https", "http", "gs")
+
+
+def _env_number(name, default, kind):
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"${name}={value!r} is not a valid {kind.__name__}") from None
+
+
+RETRIES = _env_number("LMHP_FETCH_RETRIES", 5, int)  # extra attempts after a transient failure
+BACKOFF_SECONDS = _env_number("LMHP_FETCH_BACKOFF_SECONDS", 1.0, float)  # first wait; doubles each retry
+MAX_BACKOFF_SECONDS = 60.0  # cap on one wait (also on a server's Retry-After)
+CONNECT_TIMEOUT_SECONDS = 5.0  # no TCP connection within this: the host is unreachable, fail fast
+READ_TIMEOUT_SECONDS = 60.0  # silence on an open connection this long: transient, retried
+_CHUNK_BYTES = 1 << 20
+
+
+class FileFetchError(OSError):
+    """A remote file could not be fetched. The message names the URL and the cache path."""
+
+    def __init__(self, message, *, url=None, cache_path=None, status=None):
+        super().__init__(message)
+        self.url = url
+        self.cache_path = cache_path
+        self.status = status  # HTTP status when there was one
+
+    def __str__(self):
+        return self.args[0]
+
+    def __reduce__(self):  # keep the keyword attributes when pickled
+        return (_rebuild_fetch_error, (self.args[0], self.url, self.cache_path, self.status))
+
+
+def _rebuild_fetch_error(message, url, cache_path, status):
+    return FileFetchError(message, url=url, cache_path=cache_path, status=status)
+
+
+class _Transient(Exception):
+    """A failure worth retrying; `retry_after` is the server's requested wait in seconds, if any."""
+
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Permanent(Exception):
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+# ----- paths -----------------------------------------------------------------------------------------------
+
+def _scheme(path: str) -> str:
+    head, sep, _ = path.partition("://")
+    return head.lower() if sep else ""
+
+
+def is_remote(path) -> bool:
+    """True for https://, http:// and gs:// URLs."""
+    return _scheme(os.fspath(path)) in REMOTE_SCHEMES
+
+
+def join(base, *parts) -> str:
+    """Join path components; URLs always with '/', local paths with os.path.join."""
+    base = os.fspath(base)
+    if not is_remote(base):
+        return os.path.join(base, *map(os.fspath, parts))
+    result = base
+    for part in map(os.fspath, parts):
+        if not part:
+            continue
+        result = result.rstrip("/") + "/" + part.lstrip("/")
+    return result
+
+
+def cache_dir() -> str:
+    """$LMHP_CACHE_DIR, default ~/.cache/lm-human-preferences."""
+    return os.path.expanduser(os.environ.get("LMHP_CACHE_DIR") or "~/.cache/lm-human-preferences")
+
+
+def cache_path(url: str) -> str:
+    """Where `url` is (or would be) cached: cache_dir()/<scheme>/<host or bucket>/<path of the URL>."""
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.lower()
+    # ':' of host:port is not allowed in file names everywhere.
+    host = parsed.netloc.rpartition("@")[2].replace(":", "_")
+    parts = [urllib.parse.unquote(p) for p in parsed.path.split("/") if p]
+    if not host or not parts or parsed.path.endswith("/"):
+        raise ValueError(f"{url!r} does not name a file (expected {scheme}://HOST/PATH/FILE)")
+    # Checked after unquoting, so that an escaped '%2F..' cannot lead out of the cache directory.
+    if any(p in (".", "..") or "/" in p or "\\" in p or "\0" in p for p in parts):
+        raise ValueError(f"{url!r}: '.', '..' and escaped '/' path components are not accepted in URLs")
+    if parsed.query:
+        # Different queries are different files; keep the name readable and siblings together.
+        parts[-1] += "_q" + hashlib.sha1(parsed.query.encode()).hexdigest()[:12]
+    return os.path.join(cache_dir(), scheme, host, *parts)
+
+
+# ----- public reading API ----------------------------------------------------------------------------------
+
+def local_path(path, *, collective: bool = True) -> str:
+    """A local file path for `path`: local paths as they are, remote files fetched into the cache.
+
+    Under MPI with several ranks this is COLLECTIVE for remote paths when `collective` is true: every rank
+    must call it with the same path. Rank 0 of each machine fetches; the others wait for its result and raise
+    the same FileFetchError if it failed. Pass collective=False from code that only one rank runs.
+    """
+    path = os.fspath(path)
+    if not is_remote(path):
+        return os.path.expanduser(path)
+    target = cache_path(path)
+    local = None
+    if collective:
+        from lm_human_preferences.utils import mpi
+        local = mpi.local_comm()
+    if local is None:
+        _ensure_cached(path, target)
+        return target
+    if local.Get_rank() == 0:
+        try:
+            _ensure_cached(path, target)
+        except BaseException as e:
+            local.bcast(_describe(e), root=0)  # release the other ranks with the reason, then fail here too
+            raise
+        local.bcast(None, root=0)
+        return target
+    error = local.bcast(None, root=0)
+    if error is not None:
+        raise FileFetchError(f"{error} (fetched by rank 0 of this machine)", url=path, cache_path=target)
+    return target
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) if isinstance(error, FileFetchError) else f"{type(error).__name__}: {error}"
+
+
+def exists(path) -> bool:
+    """Does the file exist? Remote files: True when cached, else asks the server (HEAD / object metadata)."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        return os.path.exists(os.path.expanduser(path))
+    target = cache_path(path)
+    if os.path.isfile(target):
+        return True
+    try:
+        return _attempts(path, target, lambda: _remote_exists(path))
+    except _Permanent as e:
+        raise FileFetchError(f"could not check whether {path} exists: {e}; cache path {target}",
+                             url=path, cache_path=target, status=e.status) from None
+
+
+def read_text(path, *, collective: bool = True) -> str:
+    with open(local_path(path, collective=collective), encoding="utf-8") as f:
+        return f.read()
+
+
+def read_json(path, *, collective: bool = True):
+    text = read_text(path, collective=collective)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_text_atomic(path, text: str):
+    """Write a local file so that readers see the old content or the new one, never a part."""
+    path = os.fspath(path)
+    if is_remote(path):
+        raise ValueError(f"cannot write {path}: only local paths can be written (save to a directory, then upload)")
+    path = os.path.expanduser(path)
+    with _atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+class _atomic_file:
+    """Binary file open in the target's directory under a temporary name; renamed into place on success."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(self.path) + ".", suffix=".part")
+        self.file = os.fdopen(fd, "wb")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+        return False
+
+
+# ----- fetching --------------------------------------------------------------------------------------------
+
+def _ensure_cached(url: str, target: str):
+    if os.path.isfile(target):
+        return
+    print(f"downloading {url} -> {target}", file=sys.stderr, flush=True)
+    try:
+        _attempts(url, target, lambda: _download(url, target))
+    except _Permanent as e:
+        raise FileFetchError(f"could not fetch {url}: {e}; cache path {target}",
+                             url=url, cache_path=target, status=e.status) from None
+
+
+def _attempts(url, target, attempt):
+    """Run `attempt()` with retries on _Transient; after the last one raise FileFetchError."""
+    retries = max(int(RETRIES), 0)
+    for number in range(retries + 1):
+        try:
+            return attempt()
+        except _Transient as e:
+            if number == retries:
+                raise FileFetchError(f"could not fetch {url} after {retries + 1} attempts, last error: {e}; "
+                                     f"cache path {target}", url=url, cache_path=target) from None
+            delay = BACKOFF_SECONDS * 2 ** number * random.uniform(0.5, 1.5)  # jitter: ranks don't retry in step
+            if e.retry_after is not None:
+                delay = max(delay, e.retry_after)
+            delay = min(delay, MAX_BACKOFF_SECONDS)
+            print(f"fetching {url} failed ({e}); retry {number + 1} of {retries} in {delay:.1f}s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
+
+
+def _download(url, target):
+    if _scheme(url) == "gs":
+        _download_gcs(url, target)
+    else:
+        _download_http(url, target)
+
+
+# -- http(s)
+
+_TRANSIENT_STATUS = {408, 425, 429}
+
+
+def _http_get(url, method="GET"):
+    """The response, or _Permanent (unreachable host, 4xx) / _Transient (5xx, 429, reset, timeout)."""
+    import requests
+    try:
+        response = requests.request(method, url, stream=True, allow_redirects=True,
+                                    timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS),
+                                    # Identity encoding: the bytes on the wire are the file, and
+                                    # Content-Length counts them.
+                                    headers={"Accept-Encoding": "identity"})
+    except requests.exceptions.ConnectTimeout:
+        raise _Permanent(f"host unreachable: no connection within {CONNECT_TIMEOUT_SECONDS:g}s (offline?)") from None
+    except requests.exceptions.ConnectionError as e:
+        if _never_connected(e):
+            raise _Permanent(f"host unreachable (offline?): {_root_cause(e)}") from None
+        raise _Transient(f"connection error: {_root_cause(e)}") from None
+    except requests.exceptions.Timeout as e:
+        raise _Transient(f"timeout: {_root_cause(e)}") from None
+    except requests.exceptions.RequestException as e:
+        raise _Permanent(f"{type(e).__name__}: {e}") from None
+    if response.status_code >= 500 or response.status_code in _TRANSIENT_STATUS:
+        response.close()
+        raise _Transient(f"HTTP {response.status_code} {response.reason}", _retry_after(response))
+    if response.status_code >= 400:
+        response.close()
+        raise _Permanent(f"HTTP {response.status_code} {response.reason} (not retried)", response.status_code)
+    return response
+
+
+def _never_connected(error) -> bool:
+    """Did the request fail before any connection was made (DNS failure, refused, no route)?"""
+    import urllib3
+    reason = error.args[0] if error.args else None
+    reason = getattr(reason, "reason", reason)  # MaxRetryError wraps the cause
+    return isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
+
+
+def _root_cause(error) -> str:
+    reason = error.args[0] if error.args else error
+    reason = getattr(reason, "reason", reason)
+    return str(reason)
+
+
+def _retry_after(response) -> Optional[float]:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _download_http(url, target):
+    import urllib3
+    with _http_get(url) as response:
+        encoding = response.headers.get("Content-Encoding", "identity").lower()
+        expected = response.headers.get("Content-Length") if encoding == "identity" else None
+        received = 0
+        chunks = response.raw.stream(_CHUNK_BYTES, decode_content=False)
+        with _atomic_file(target) as f:
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except (urllib3.exceptions.HTTPError, OSError) as e:  # reset, read timeout, early close
+                    reason = e.args[0] if e.args and isinstance(e.args[0], str) else e
+                    raise _Transient(f"transfer interrupted after {received} bytes: {reason}") from None
+                if chunk is None:
+                    break
+                f.write(chunk)  # a local write error (disk full) is not retried
+                received += len(chunk)
+            if expected is not None and received != int(expected):
+                raise _Transient(f"truncated body: got {received} of {expected} bytes")
+
+
+def _remote_exists_http(url) -> bool:
+    try:
+        response = _http_get(url, method="HEAD")
+    except _Permanent as e:
+        if e.status == 404:
+            return False
+        raise
+    response.close()
+    return True
+
+
+# -- gs://
+
+def _gcs_blob(url):
+    """The google-cloud-storage Blob for gs://BUCKET/NAME (anonymous unless credentials are configured)."""
+    try:
+        from google.cloud import storage
+    except ImportError:
+        raise _Permanent("gs:// paths need google-cloud-storage (pip install google-cloud-storage)") from None
+    parsed = urllib.parse.urlsplit(url)
+    name = parsed.path.lstrip("/")
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        client = storage.Client()
+    else:
+        # Public buckets need no account; looking up default credentials would probe the GCE metadata server.
+        client = storage.Client.create_anonymous_client()
+    return client.bucket(parsed.netloc).blob(name)
+
+
+def _gcs_call(call):
+    """Run a google-cloud-storage call, mapping its errors to _Transient / _Permanent."""
+    from google.api_core import exceptions as api_exceptions
+    from google.auth import exceptions as auth_exceptions
+    import requests
+    try:
+        return call()
+    except (api_exceptions.TooManyRequests, api_exceptions.ServerError, api_exceptions.RequestRangeNotSatisfiable,
+            requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+        raise _Transient(f"{type(e).__name__}: {e}") from None
+    except api_exceptions.GoogleAPICallError as e:
+        raise _Permanent(f"{type(e).__name__}: {e} (not retried)", getattr(e, "code", None)) from None
+    except requests.exceptions.ConnectionError as e:
+        if _never_connected(e):
+            raise _Permanent(f"host unreachable (offline?): {_root_cause(e)}") from None
+        raise _Transient(f"connection error: {_root_cause(e)}") from None
+    except auth_exceptions.TransportError as e:
+        raise _Permanent(f"host unreachable (offline?): {e}") from None
+
+
+def _download_gcs(url, target):
+    blob = _gcs_blob(url)
+    timeout = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
+    with _atomic_file(target) as f:
+        # retry=None: the library's own retries would wait minutes when offline; ours are bounded.
+        # The library verifies the download's checksum.
+        _gcs_call(lambda: blob.download_to_file(f, timeout=timeout, retry=None))
+
+
+def _remote_exists_gcs(url) -> bool:
+    blob = _gcs_blob(url)
+    return _gcs_call(lambda: blob.exists(timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS), retry=None))
+
+
+def _remote_exists(url) -> bool:
+    return _remote_exists_gcs(url) if _scheme(url) == "gs" else _remote_exists_http(url)

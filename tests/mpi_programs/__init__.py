@@ -1,0 +1,38 @@
+"""Small programs that the MPI tests start under `mpiexec`, and the helper that starts them.
+
+Each run has a timeout, so a deadlock fails the test instead of hanging the suite.
+"""
+
+import os
+import subprocess
+import sys
+
+from lm_human_preferences.utils import mpi
+
+PROGRAMS = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(PROGRAMS))
+TIMEOUT_SECONDS = 120
+
+
+def run(n, program, *args, env=None, timeout=TIMEOUT_SECONDS):
+    """Run tests/mpi_programs/`program` on `n` ranks; returns the CompletedProcess (stdout and stderr merged)."""
+    full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    argv = mpi.mpiexec_command(n) + [sys.executable, os.path.join(PROGRAMS, program), *map(str, args)]
+    try:
+        return subprocess.run(argv, env=full_env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        output = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise AssertionError(f"{program} on {n} ranks did not finish within {timeout}s (hang?); output:\n"
+                             f"{output}") from None
+
+
+def rank_lines(output, tag):
+    """{rank: rest of line} for the lines a program printed as `TAG RANK rest`."""
+    found = {}
+    for line in output.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) >= 2 and parts[0] == tag:
+            found[int(parts[1])] = parts[2] if len(parts) > 2 else ""
+    return found

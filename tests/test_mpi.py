@@ -1,0 +1,79 @@
+"""MPI helpers: single-process behaviour, real `mpiexec -n 2` collectives, abort on one rank's error."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lm_human_preferences.utils import mpi
+
+from mpi_programs import REPO_ROOT, rank_lines, run
+
+
+def test_exact_div_names_the_hyperparameter():
+    assert mpi.exact_div(64, 4, "ppo.batch_size") == 16
+    with pytest.raises(ValueError) as info:
+        mpi.exact_div(64, 3, "ppo.batch_size")
+    assert str(info.value) == "ppo.batch_size=64 must be divisible by the number of MPI ranks (3)"
+    with pytest.raises(ValueError, match=r"batch_size / ranks=16 must be divisible by ppo.nminibatches \(3\)"):
+        mpi.exact_div(16, 3, "batch_size / ranks", "ppo.nminibatches")
+
+
+def test_single_process_never_initialises_mpi():
+    """A plain python process is one rank; collectives return their input; mpi4py.MPI is never imported."""
+    code = (
+        "import sys, numpy as np\n"
+        "from lm_human_preferences.utils import mpi\n"
+        "assert (mpi.rank(), mpi.size(), mpi.local_rank(), mpi.is_root(), mpi.comm()) == (0, 1, 0, True, None)\n"
+        "assert mpi.rank_seed(7) == 7 and mpi.rank_seed(None) is None\n"
+        "assert mpi.broadcast('x') == 'x'\n"
+        "mean = mpi.allreduce_mean(np.array([1, 2]))\n"
+        "assert mean.dtype == np.float64 and mean.tolist() == [1.0, 2.0]\n"
+        "assert mpi.mean_dict({'a': 1}) == {'a': 1.0}\n"
+        "mpi.barrier(); mpi.install_abort_on_error()\n"
+        "assert 'mpi4py.MPI' not in sys.modules, 'MPI was initialised in a plain process'\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")}
+    env["PYTHONPATH"] = REPO_ROOT
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_mpiexec_command_uses_the_venv_mpiexec():
+    argv = mpi.mpiexec_command(3)
+    assert argv[0] == os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    assert argv[-2:] == ["-n", "3"]
+    with pytest.raises(ValueError, match="positive"):
+        mpi.mpiexec_command(0)
+
+
+def test_two_ranks_allreduce_broadcast_and_mean_stats():
+    result = run(2, "collectives.py")
+    assert result.returncode == 0, result.stdout
+    reports = {r: json.loads(line) for r, line in rank_lines(result.stdout, "RESULT").items()}
+    assert sorted(reports) == [0, 1], result.stdout
+    for rank, report in reports.items():
+        assert report["size"] == 2
+        assert report["is_root"] == (rank == 0)
+        assert report["seed"] == 1 + 1000 * rank
+        assert report["local_rank"] == rank  # both on this machine
+        # mean of [1,2,3]*1 and [1,2,3]*2
+        np.testing.assert_allclose(report["mean"], [1.5, 3.0, 4.5])
+        assert report["mean_dtype"] == "float32"
+        assert report["obj"] == {"from": 0, "items": [0, 0, 0]}
+        assert report["stats"] == {"loss": 0.5, "score": 5.0}
+
+
+def test_error_on_one_rank_ends_the_job_with_that_error():
+    start = time.time()
+    result = run(2, "fail_on_rank1.py", timeout=90)
+    elapsed = time.time() - start
+    assert result.returncode != 0
+    assert "deliberate failure on rank 1" in result.stdout
+    assert "[rank 1 of 2]" in result.stdout
+    assert "rank 0 got past the barrier" not in result.stdout
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
