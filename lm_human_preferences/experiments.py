@@ -140,7 +140,8 @@ REWARD_EXPERIMENTS: Dict[str, Bindings] = {
     "demo": combine(
         demo_task,
         bind("labels.type", "best_of_4"),
-        bind("labels.source", None),  # made by the synthetic labeler when not given (labels.judge)
+        bind("labels.source", None),  # made by the synthetic labeler when not given
+        bind("labels.judge", "letter_e"),
         bind("labels.num_train", 640),
         bind("labels.num_valid", 160),
         bind("batch_size", 16),
@@ -197,7 +198,8 @@ POLICY_EXPERIMENTS: Dict[str, Bindings] = {
                     bind("ppo.lr", 1e-3),
                     bind("rewards.kl_coef", 0.05),
                     bind("run.log_interval", 10),
-                    bind("run.save_interval", 50)),
+                    bind("run.save_interval", 50),
+                    bind("run.judge", "letter_e")),
 }
 
 EXPERIMENTS = {"train_reward": REWARD_EXPERIMENTS, "train_policy": POLICY_EXPERIMENTS}

@@ -1,10 +1,18 @@
 """Reward-model training from human preference labels (SPEC section 7): `./launch.py train_reward`."""
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lm_human_preferences import lm_tasks
-from lm_human_preferences.utils import hyperparams
+import numpy as np
+import tensorflow.compat.v1 as tf
+from tqdm import tqdm
+
+from lm_human_preferences import label_types, labeler, lm_tasks, rewards
+from lm_human_preferences.language import trained_models
+from lm_human_preferences.language.trained_models import TrainedModel
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.utils import hyperparams, mpi, stats, train_ops
 from lm_human_preferences.utils.hyperparams import require
 
 
@@ -14,6 +22,7 @@ class RunHParams(hyperparams.HParams):
     log_interval: int = 10  # log statistics (and PPO samples) every this many updates
     save_interval: int = 50  # write a checkpoint every this many updates (and always at the end)
     save_dir: Optional[str] = None  # where the run is saved: SAVE_DIR/NAME from the command line
+    judge: Optional[str] = None  # a synthetic judge (labeler) whose true score of each rollout is logged as objective/judge
 
 
 @dataclass
@@ -58,5 +67,212 @@ class HParams(hyperparams.HParams):
                     f"{prefix}normalize_before/normalize_after need {prefix}normalize_samples > 0")
 
 
+# ----- labels ---------------------------------------------------------------------------------------------------
+
+def split_labels(labels, hparams: HParams):
+    """As in 2019, the first `num_train` records of the file are the training set; the next `num_valid`
+    are held out. The training order is one shuffle shared by all ranks (seeded by run.seed, not by rank)."""
+    count = len(next(iter(labels.values())))
+    num_train, num_valid = hparams.labels.num_train, hparams.labels.num_valid
+    if count < num_train + num_valid:
+        raise ValueError(f"{hparams.labels.source or 'the synthetic label set'} has {count} labels, but "
+                         f"labels.num_train + labels.num_valid = {num_train} + {num_valid} = "
+                         f"{num_train + num_valid} are needed")
+    order = np.random.RandomState(hparams.run.seed or 0).permutation(num_train)
+    return ({k: v[order] for k, v in labels.items()},
+            {k: v[num_train:num_train + num_valid] for k, v in labels.items()})
+
+
+# ----- training ---------------------------------------------------------------------------------------------------
+
+class RewardTraining:
+    """The graph and session of one reward-model training run; `train()` below drives it top to bottom."""
+
+    def __init__(self, hparams: HParams, trained_model, encoder, label_type):
+        self.hparams = hparams
+        self.label_type = label_type
+        self.padding_token = trained_model.encoding.padding_token
+        task = hparams.task
+        self.rollout_per_rank = mpi.exact_div(hparams.rollout_batch_size, mpi.size(), "rollout_batch_size")
+        self.batch_per_rank = mpi.exact_div(hparams.batch_size, mpi.size(), "batch_size")
+        seed = mpi.rank_seed(hparams.run.seed)  # ranks sample differently; initial weights come from rank 0
+        if seed is not None:
+            tf.set_random_seed(seed)
+        embed_queries = lm_tasks.query_formatter(task, encoder)
+        self.reward_model = rewards.RewardModelTrainer(trained_model, scope="reward_model")
+        # The initial policy: what the labelers were shown, and what the normalisation is measured on.
+        self.policy = Policy(trained_model, scope="ref_policy", temperature=task.policy.temperature,
+                             embed_queries=embed_queries)
+
+        self.queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
+        self.responses = tf.placeholder(tf.int32, [None, task.response_length], name="responses")
+        self.sampled = self.policy.respond_op(self.queries, task.response_length)
+        self.rewards = self.reward_model.get_rewards_op(self.queries, self.responses)  # [b]
+
+        self.label_placeholders = {
+            name: tf.placeholder(dtype, [None] + list(shape), name=f"label_{name}")
+            for name, (dtype, shape) in label_type.label_schemas(task.query_length, task.response_length).items()}
+        self.loss, self.metrics = label_type.loss(self.reward_model.get_rewards_op, self.label_placeholders)
+        self.lr = tf.placeholder(tf.float32, [], name="lr")
+        self.optimizer = train_ops.Optimizer(self.loss, self.reward_model.get_params(), self.lr,
+                                             epsilon=1e-5)
+        self.saver = tf.train.Saver(self.reward_model.get_params(), max_to_keep=1)
+        self.sess = tf.Session()
+        self.sess.run(tf.global_variables_initializer())
+        mpi.broadcast_variables(self.sess, tf.global_variables())
+
+    # -- sampling from the initial policy
+    def sample(self, queries):
+        """Responses of the initial policy, raw and post-processed (what the reward model scores)."""
+        raw = self.sess.run(self.sampled["responses"], {self.queries: queries})
+        return raw, lm_tasks.postprocess_responses(raw, self.hparams.task, self.padding_token)
+
+    def rewards_on_policy_samples(self, query_batches, count):
+        """Rewards of `count` fresh samples (all ranks together) of the initial policy, this rank's part."""
+        per_rank = mpi.exact_div(count, mpi.size(), "normalize_samples")
+        rewards_seen = []
+        while sum(map(len, rewards_seen)) < per_rank:
+            queries = next(query_batches)
+            _, responses = self.sample(queries)
+            rewards_seen.append(self.sess.run(self.rewards, {self.queries: queries, self.responses: responses}))
+        return np.concatenate(rewards_seen)[:per_rank]
+
+    def normalize(self, query_batches, target_mean, target_std, when):
+        samples = self.rewards_on_policy_samples(query_batches, self.hparams.normalize_samples)
+        mean, std = rewards.mean_and_std_over_ranks(samples)
+        self.reward_model.set_reward_norm(self.sess, measured_mean=mean, measured_std=std,
+                                          target_mean=target_mean, target_std=target_std)
+        log(f"rewards {when}: mean {mean:.4f} ± std {std:.4f} on {self.hparams.normalize_samples} policy "
+            f"samples; normalised to mean {target_mean:.4f}, std {target_std:.4f}")
+
+    # -- optimisation
+    def feed(self, labels, ids):
+        return {self.label_placeholders[name]: values[ids] for name, values in labels.items()
+                if name in self.label_placeholders}
+
+    def train_step(self, labels, ids, lr):
+        fetches = {"loss": self.loss, "metrics": self.metrics, "accumulate": self.optimizer.accumulate_op}
+        results = self.sess.run(fetches, {**self.feed(labels, ids), self.lr: lr})
+        self.sess.run(self.optimizer.apply_op, {self.lr: lr})
+        return {"loss": results["loss"], **results["metrics"]}
+
+    def evaluate(self, labels):
+        """Mean loss and metrics over a held-out set, sharded across ranks and averaged."""
+        count = len(next(iter(labels.values())))
+        mine = np.arange(count)[mpi.rank()::mpi.size()]
+        totals, seen = {}, 0
+        for start in range(0, len(mine), self.batch_per_rank):
+            ids = mine[start:start + self.batch_per_rank]
+            loss, metrics = self.sess.run([self.loss, self.metrics], self.feed(labels, ids))
+            for name, value in {"loss": loss, **metrics}.items():
+                totals[name] = totals.get(name, 0.0) + float(value) * len(ids)
+            seen += len(ids)
+        weighted = mpi.allreduce_mean(np.array([seen] + [totals.get(k, 0.0) for k in sorted(totals)], np.float64))
+        return {name: weighted[i + 1] / max(weighted[0], 1e-12) for i, name in enumerate(sorted(totals))}
+
+    def save(self, save_dir, step):
+        if mpi.is_root():
+            model_dir = os.path.join(save_dir, "reward_model")
+            trained_models.write_model_files(model_dir, self.reward_model.model_hparams,
+                                             self.reward_model.trained_model.encoding.name)
+            self.saver.save(self.sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
+
+
+def log(message):
+    if mpi.is_root():
+        tqdm.write(message)
+
+
+def load_or_make_labels(hparams: HParams, training: "RewardTraining", label_type, encoding, encoder):
+    """The label set: read and validated from `labels.source`, or made by the synthetic judge (demo)."""
+    task = hparams.task
+    if hparams.labels.source is not None:
+        return label_types.load_labels(hparams.labels.source, label_type, query_length=task.query_length,
+                                       response_length=task.response_length, encoding=encoding)
+    count = hparams.labels.num_train + hparams.labels.num_valid
+    path = os.path.join(hparams.run.save_dir, "labels.json")
+    if mpi.is_root():
+        records = make_synthetic_labels(training, label_type, hparams, encoder, count)
+        labeler.write_label_file(path, records)
+        log(f"wrote {count} {label_type.name} labels from judge {hparams.labels.judge!r} to {path}")
+    mpi.barrier()
+    return label_types.load_labels(path, label_type, query_length=task.query_length,
+                                   response_length=task.response_length, encoding=encoding)
+
+
+def make_synthetic_labels(training: "RewardTraining", label_type, hparams: HParams, encoder, count):
+    """Records of the released format: queries from the task, samples from the initial policy, the judge's choice."""
+    judge = labeler.get_judge(hparams.labels.judge)
+    rng = np.random.RandomState(hparams.run.seed or 0)
+    query_batches = lm_tasks.query_batches(hparams.task, encoder, training.rollout_per_rank, mode="train",
+                                           seed=(hparams.run.seed or 0) + 1, rank=0, size=1)
+    records = []
+    while len(records) < count:
+        queries = next(query_batches)  # [b, query_length]
+        samples = [training.sample(queries)[1] for _ in range(label_type.num_samples)]  # each [b, response_length]
+        records.extend(labeler.make_records(label_type, queries, samples, judge, encoder,
+                                            hparams.labels.judge_temperature, rng))
+    return records[:count]
+
+
 def train(hparams: HParams):
-    raise NotImplementedError("reward training lands with issue 4")
+    """Train a reward model as SPEC section 7 describes and save it to SAVE_DIR/reward_model."""
+    save_dir = hparams.run.save_dir
+    task = hparams.task
+    label_type = label_types.get(hparams.labels.type)
+    num_steps = hparams.labels.num_train // hparams.batch_size
+    if num_steps * hparams.batch_size != hparams.labels.num_train:
+        raise ValueError(f"labels.num_train={hparams.labels.num_train} must be a multiple of "
+                         f"batch_size={hparams.batch_size} (one pass in whole batches)")
+    trained_model = TrainedModel(task.policy.initial_model)
+    encoding = trained_model.encoding
+    encoder = encoding.get_encoder()
+    split = None
+    if hparams.labels.source is not None:  # validate before anything is written or built
+        split = split_labels(load_or_make_labels(hparams, None, label_type, encoding, encoder), hparams)
+
+    graph = tf.Graph()
+    with graph.as_default():
+        training = RewardTraining(hparams, trained_model, encoder, label_type)
+        if mpi.is_root():
+            os.makedirs(save_dir, exist_ok=True)
+            hparams.save_json(os.path.join(save_dir, "train_reward_hparams.json"))
+        if split is None:
+            split = split_labels(load_or_make_labels(hparams, training, label_type, encoding, encoder), hparams)
+        train_labels, valid_labels = split
+        query_batches = lm_tasks.query_batches(task, encoder, training.rollout_per_rank, mode="train",
+                                               seed=hparams.run.seed or 0)
+        logger = stats.StatsLogger(os.path.join(save_dir, "tb"))
+
+        if hparams.normalize_before:
+            scales = label_type.target_scales(train_labels)
+            target_mean, target_std = (0.0, 1.0) if scales is None else (float(np.mean(scales)),
+                                                                         float(np.std(scales)))
+            training.normalize(query_batches, target_mean, target_std, "before training")
+
+        progress = tqdm(range(num_steps), desc="reward model", disable=not mpi.is_root())
+        for step in progress:
+            lr = hparams.lr * (1 - step / num_steps)  # linear decay to 0 over the pass
+            global_ids = np.arange(step * hparams.batch_size, (step + 1) * hparams.batch_size)
+            rank_ids = global_ids[mpi.rank()::mpi.size()]  # this rank's share of the global batch
+            train_stats = mpi.mean_dict(training.train_step(train_labels, rank_ids, lr))
+            record = {f"train/{k}": v for k, v in train_stats.items()}
+            record["train/lr"] = lr
+            last = step == num_steps - 1
+            if hparams.labels.num_valid and (last or (step + 1) % hparams.run.log_interval == 0):
+                record.update({f"valid/{k}": v for k, v in training.evaluate(valid_labels).items()})
+            logger.write(step + 1, record)
+            progress.set_postfix({k.split("/", 1)[1] + ("" if k.startswith("train") else "(valid)"): f"{v:.3f}"
+                                  for k, v in record.items() if k != "train/lr"})
+
+        if hparams.normalize_after:
+            training.normalize(query_batches, 0.0, 1.0, "after training")
+        if hparams.debug_normalize:
+            mean, std = rewards.mean_and_std_over_ranks(
+                training.rewards_on_policy_samples(query_batches, hparams.debug_normalize))
+            log(f"rewards on {hparams.debug_normalize} fresh samples: mean {mean:.4f} ± std {std:.4f}")
+        mpi.check_identical_across_ranks(training.sess, training.reward_model.get_params(), "reward_model")
+        training.save(save_dir, num_steps)
+        logger.close()
+        log(f"saved the reward model to {os.path.join(save_dir, 'reward_model')}")
+        return training

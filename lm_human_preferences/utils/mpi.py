@@ -189,7 +189,7 @@ def broadcast_variables(sess, variables: List):
         return
     placeholders, assign = _assign_ops(variables)
     # Every rank fetches its own values only to get buffers of the right shape and dtype to receive into.
-    values = [np.ascontiguousarray(v) for v in sess.run(variables)]
+    values = [np.array(v, order="C") for v in sess.run(variables)]  # keeps 0-d shapes (ascontiguousarray doesn't)
     for value in values:
         world.Bcast(value, root=0)  # buffer-based: no pickling, no 2 GiB limit per message on large models
     sess.run(assign, feed_dict=dict(zip(placeholders, values)))
@@ -255,3 +255,17 @@ def mpiexec_command(n: int) -> List[str]:
     if _is_open_mpi(mpiexec):
         return [mpiexec, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(n)]
     return [mpiexec, "-n", str(n)]
+
+
+def check_identical_across_ranks(sess, variables: List, what: str):
+    """Raise if the ranks hold different values of `variables` (they must, after broadcast + averaged
+    gradients); a cheap end-of-run check that distributed training stayed in lockstep."""
+    if size() == 1:
+        return
+    checksum = np.array([[np.sum(v, dtype=np.float64), np.sum(np.square(v, dtype=np.float64))]
+                         for v in sess.run(variables)])  # any difference changes these (almost surely)
+    gathered = comm().allgather(checksum)
+    if not all(np.array_equal(gathered[0], other) for other in gathered[1:]):
+        raise RuntimeError(f"{what} parameters differ across MPI ranks at the end of training")
+    if is_root():
+        print(f"{what} parameters identical on all {size()} ranks", flush=True)

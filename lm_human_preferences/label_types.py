@@ -1,0 +1,200 @@
+"""Kinds of human labels (SPEC section 7): their record schemas, validation, losses and target scales.
+
+* `best_of_N` (e.g. `best_of_4`): `query`, `sample0..sample{N-1}`, `best` in [0, N); softmax cross-entropy
+  of the N rewards against `best`.
+* `scalar_rating`: `query`, `sample`, `score`; squared error of the reward against the score.
+* `scalar_compare`: `query`, `sample0`, `sample1`, `difference`; squared error of r1 − r0 against it.
+
+A label file is a JSON list of such records (the released format). `load_labels` validates every record
+before training starts and names the file, the record index and the field of the first bad one.
+"""
+
+import abc
+import json
+import math
+import re
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from lm_human_preferences.utils import files
+
+
+class LabelFileError(ValueError):
+    """A label file that cannot be used; the message names the file, record index and field."""
+
+
+class LabelType(abc.ABC):
+    name: str
+    num_samples: int  # responses per record
+
+    @abc.abstractmethod
+    def sample_fields(self) -> List[str]:
+        """The response fields of a record."""
+
+    @abc.abstractmethod
+    def label_fields(self) -> Dict[str, str]:
+        """The answer fields and their kind: 'index' (best) or 'float'."""
+
+    def label_schemas(self, query_length: int, response_length: int) -> Dict[str, Tuple[object, Tuple[int, ...]]]:
+        """{field: (tf dtype, shape)} of one record."""
+        import tensorflow.compat.v1 as tf
+        schemas = {"query": (tf.int32, (query_length,))}
+        schemas.update({name: (tf.int32, (response_length,)) for name in self.sample_fields()})
+        schemas.update({name: (tf.int32 if kind == "index" else tf.float32, ())
+                        for name, kind in self.label_fields().items()})
+        return schemas
+
+    def target_scales(self, labels: Dict[str, np.ndarray]) -> Optional[np.ndarray]:
+        """The values whose mean/std the rewards are normalised to before training (None: mean 0, std 1)."""
+        return None
+
+    @abc.abstractmethod
+    def loss(self, reward_fn, labels):
+        """(loss, metrics) for a batch of label tensors; reward_fn(queries, responses) -> rewards [b]."""
+
+
+class BestOfN(LabelType):
+    def __init__(self, n: int):
+        self.num_samples = n
+        self.name = f"best_of_{n}"
+
+    def sample_fields(self):
+        return [f"sample{i}" for i in range(self.num_samples)]
+
+    def label_fields(self):
+        return {"best": "index"}
+
+    def loss(self, reward_fn, labels):
+        import tensorflow.compat.v1 as tf
+        logits = tf.stack([reward_fn(labels["query"], labels[name]) for name in self.sample_fields()], axis=1)  # [b, N]
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels["best"], logits=logits))
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels["best"]),
+                                          tf.float32))
+        return loss, {"accuracy": accuracy}
+
+
+class ScalarRating(LabelType):
+    name = "scalar_rating"
+    num_samples = 1
+
+    def sample_fields(self):
+        return ["sample"]
+
+    def label_fields(self):
+        return {"score": "float"}
+
+    def target_scales(self, labels):
+        return labels["score"]
+
+    def loss(self, reward_fn, labels):
+        import tensorflow.compat.v1 as tf
+        predicted = reward_fn(labels["query"], labels["sample"])  # [b]
+        loss = tf.reduce_mean(tf.square(predicted - labels["score"]))
+        return loss, {"error": loss}
+
+
+class ScalarCompare(LabelType):
+    name = "scalar_compare"
+    num_samples = 2
+
+    def sample_fields(self):
+        return ["sample0", "sample1"]
+
+    def label_fields(self):
+        return {"difference": "float"}
+
+    def target_scales(self, labels):
+        # r1 - r0 should match the difference, so each reward carries about half of it (2019 behaviour)
+        return labels["difference"] / 2
+
+    def loss(self, reward_fn, labels):
+        import tensorflow.compat.v1 as tf
+        predicted = reward_fn(labels["query"], labels["sample1"]) - reward_fn(labels["query"], labels["sample0"])
+        loss = tf.reduce_mean(tf.square(predicted - labels["difference"]))
+        decided = tf.cast(tf.not_equal(labels["difference"], 0), tf.float32)
+        agree = tf.cast(predicted * labels["difference"] > 0, tf.float32) * decided
+        accuracy = tf.reduce_sum(agree) / tf.maximum(tf.reduce_sum(decided), 1.0)  # sign agreement
+        return loss, {"accuracy": accuracy}
+
+
+def get(name: str) -> LabelType:
+    match = re.fullmatch(r"best_of_(\d+)", name or "")
+    if match and int(match.group(1)) >= 2:
+        return BestOfN(int(match.group(1)))
+    if name == "scalar_rating":
+        return ScalarRating()
+    if name == "scalar_compare":
+        return ScalarCompare()
+    raise ValueError(f"unknown label type {name!r}; accepted: best_of_N (N >= 2, e.g. best_of_4), "
+                     "scalar_rating, scalar_compare")
+
+
+# ----- label files -----------------------------------------------------------------------------------------------
+
+def _tokens(value, length, where, valid_token):
+    if not isinstance(value, list):
+        raise LabelFileError(f"{where}: expected a list of {length} token ids, got {type(value).__name__}")
+    if len(value) != length:
+        raise LabelFileError(f"{where}: expected {length} token ids, got {len(value)}")
+    for position, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise LabelFileError(f"{where}[{position}]: token ids are integers, got {token!r}")
+        if not valid_token(token):
+            raise LabelFileError(f"{where}[{position}]: token id {token} is out of range")
+    return value
+
+
+def validate_records(records, label_type: LabelType, *, query_length: int, response_length: int, encoding,
+                     source: str) -> Dict[str, np.ndarray]:
+    """Check every record; return {field: array [n, ...]}. Errors name the file, record index and field."""
+    if not isinstance(records, list):
+        raise LabelFileError(f"{source}: a label file is a JSON list of records, got {type(records).__name__}")
+
+    def valid_token(token):
+        return 0 <= token < encoding.n_vocab or token == encoding.padding_token
+
+    token_range = f"valid ids: 0..{encoding.n_vocab - 1} or the padding token {encoding.padding_token}"
+    columns = {"query": [], **{f: [] for f in label_type.sample_fields()}, **{f: [] for f in label_type.label_fields()}}
+    for index, record in enumerate(records):
+        where = f"{source}, record {index}"
+        if not isinstance(record, dict):
+            raise LabelFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in columns:
+            if field not in record:
+                raise LabelFileError(f"{where}: field {field!r} is missing ({label_type.name} records have "
+                                     f"{', '.join(columns)})")
+        try:
+            columns["query"].append(_tokens(record["query"], query_length, f"{where}, field 'query'", valid_token))
+            for field in label_type.sample_fields():
+                columns[field].append(_tokens(record[field], response_length, f"{where}, field {field!r}",
+                                              valid_token))
+        except LabelFileError as error:
+            raise LabelFileError(f"{error} ({token_range})" if "out of range" in str(error) else str(error)) from None
+        for field, kind in label_type.label_fields().items():
+            value = record[field]
+            if kind == "index":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise LabelFileError(f"{where}, field {field!r}: expected an integer index, got {value!r}")
+                if not 0 <= value < label_type.num_samples:
+                    raise LabelFileError(f"{where}, field {field!r}: {value} is out of range "
+                                         f"[0, {label_type.num_samples})")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LabelFileError(f"{where}, field {field!r}: expected a finite number, got {value!r}")
+            columns[field].append(value)
+    if not records:
+        raise LabelFileError(f"{source}: the label file holds no records")
+    kinds = label_type.label_fields()
+    return {field: np.asarray(values, np.float32 if kinds.get(field) == "float" else np.int32)
+            for field, values in columns.items()}
+
+
+def load_labels(path: str, label_type: LabelType, *, query_length: int, response_length: int,
+                encoding) -> Dict[str, np.ndarray]:
+    """Read a label file (local, https:// or gs://) and validate every record."""
+    try:
+        records = json.loads(files.read_text(path))
+    except json.JSONDecodeError as error:
+        raise LabelFileError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    return validate_records(records, label_type, query_length=query_length, response_length=response_length,
+                            encoding=encoding, source=path)

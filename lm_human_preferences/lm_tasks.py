@@ -1,0 +1,163 @@
+"""The language task (SPEC section 6): which queries the policy sees, how they are formatted, and how its
+responses are cut before they are scored."""
+
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from lm_human_preferences.language import datasets
+from lm_human_preferences.utils import hyperparams
+from lm_human_preferences.utils.hyperparams import require
+
+
+@dataclass
+class PolicyHParams(hyperparams.HParams):
+    temperature: float = 1.0  # sampling temperature of the policy (logits are divided by it)
+    initial_model: str = None  # model the policy, reference policy and reward model start from (124M, test, a dir)
+
+
+@dataclass
+class TaskHParams(hyperparams.HParams):
+    query_length: int = None  # tokens per query (right-padded)
+    query_dataset: str = None  # books, tldr, cnndm or test
+    query_prefix: str = ""  # text put before each query in the policy's context
+    query_suffix: str = ""  # text put after each query in the policy's context (e.g. "\n\nTL;DR:")
+    start_text: Optional[str] = "."  # queries start after the first occurrence of this text (none: at the start)
+    end_text: Optional[str] = None  # queries end after the last occurrence of this text within query_length
+    response_length: int = None  # tokens the policy samples per query
+    truncate_token: Optional[int] = None  # a response ends at the first of these at index >= truncate_after
+    truncate_after: int = 0  # earliest index at which truncate_token ends a response
+    penalty_reward_value: int = -1  # score of a response that never ends (no truncate_token after truncate_after)
+    policy: PolicyHParams = field(default_factory=PolicyHParams)
+    query_source: Optional[str] = None  # where the dataset's files are read from (books' 2019 URL is gone)
+
+    def check(self, prefix):
+        require(self.query_length > 0, f"{prefix}query_length must be positive, got {self.query_length}")
+        require(self.response_length > 0, f"{prefix}response_length must be positive, got {self.response_length}")
+        require(self.query_dataset in datasets.DATASETS,
+                f"{prefix}query_dataset: unknown dataset {self.query_dataset!r}; "
+                f"known datasets: {', '.join(datasets.DATASETS)}")
+        require(self.truncate_after >= 0, f"{prefix}truncate_after must be >= 0, got {self.truncate_after}")
+        require(self.policy.temperature > 0, f"{prefix}policy.temperature must be > 0, got {self.policy.temperature}")
+
+
+# ----- queries ---------------------------------------------------------------------------------------------------
+
+def _find(tokens: List[int], pattern: List[int], last: bool = False) -> int:
+    """Index of the first (or last) occurrence of `pattern` in `tokens`, or -1."""
+    starts = range(len(tokens) - len(pattern), -1, -1) if last else range(len(tokens) - len(pattern) + 1)
+    return next((i for i in starts if tokens[i:i + len(pattern)] == pattern), -1)
+
+
+def make_query(text: str, task: TaskHParams, encoder) -> Optional[np.ndarray]:
+    """One query [query_length] from a text, or None when the text has no start/end marker where needed."""
+    tokens = encoder.encode(text)
+    if task.start_text:
+        start = encoder.encode(task.start_text)
+        found = _find(tokens, start)
+        if found < 0:
+            return None
+        tokens = tokens[found + len(start):]
+    tokens = tokens[:task.query_length]
+    if task.end_text:
+        end = encoder.encode(task.end_text)
+        found = _find(tokens, end, last=True)
+        if found < 0:
+            return None
+        tokens = tokens[:found + len(end)]
+    query = np.full(task.query_length, encoder.padding_token, np.int32)
+    query[:len(tokens)] = tokens
+    return query
+
+
+def _texts_forever(task: TaskHParams, mode: str, seed: int, rank: int, size: int) -> Iterator[str]:
+    """The dataset's texts in a fixed-seed shuffle, repeated forever (a new shuffle each pass), this rank's
+    share only (rank r takes every size-th text). Endless datasets are already random: just sharded."""
+    dataset = datasets.get(task.query_dataset)
+    if getattr(dataset, "endless", False):
+        for index, text in enumerate(dataset(mode, source=task.query_source, seed=seed)):
+            if index % size == rank:
+                yield text
+        return
+    texts = list(dataset(mode, source=task.query_source, seed=seed))
+    if not texts:
+        raise ValueError(f"dataset {task.query_dataset} ({mode}) has no texts")
+    for epoch in range(1 << 62):
+        order = np.random.RandomState((seed + epoch) % 2 ** 32).permutation(len(texts))
+        for index in order[rank::size]:
+            yield texts[index]
+
+
+def query_batches(task: TaskHParams, encoder, batch_size: int, *, mode: str = "train", seed: int = 0,
+                  rank: Optional[int] = None, size: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Endless batches of queries, int32 [batch_size, query_length], for this MPI rank."""
+    if rank is None or size is None:
+        from lm_human_preferences.utils import mpi
+        rank, size = mpi.rank(), mpi.size()
+    batch, skipped = [], 0
+    for text in _texts_forever(task, mode, seed, rank, size):
+        query = make_query(text, task, encoder)
+        if query is None:
+            skipped += 1
+            if skipped > 10_000 and not batch:
+                raise ValueError(f"dataset {task.query_dataset}: 10000 texts in a row had no start_text "
+                                 f"{task.start_text!r} / end_text {task.end_text!r} within query_length "
+                                 f"{task.query_length}; check the task's start_text/end_text")
+            continue
+        skipped = 0
+        batch.append(query)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+
+
+def query_formatter(task: TaskHParams, encoder):
+    """The graph function that turns queries [b, query_length] into the policy's context
+    [b, prefix + query_length + suffix]: encode(query_prefix) + query + encode(query_suffix)."""
+    import tensorflow.compat.v1 as tf
+    prefix = np.asarray(encoder.encode(task.query_prefix), np.int32)
+    suffix = np.asarray(encoder.encode(task.query_suffix), np.int32)
+
+    def embed_queries(queries):
+        queries = tf.convert_to_tensor(queries, tf.int32)
+        batch = tf.shape(queries)[0]
+        parts = [tf.tile(tf.constant(prefix)[None], [batch, 1])] if len(prefix) else []
+        parts.append(queries)
+        if len(suffix):
+            parts.append(tf.tile(tf.constant(suffix)[None], [batch, 1]))
+        return tf.concat(parts, axis=1) if len(parts) > 1 else queries
+
+    return embed_queries
+
+
+# ----- responses -------------------------------------------------------------------------------------------------
+
+def _first_truncation(responses: np.ndarray, task: TaskHParams) -> np.ndarray:
+    """Index of the first truncate_token at index >= truncate_after in each response, or -1. [b]"""
+    hits = responses == task.truncate_token
+    hits[:, :task.truncate_after] = False
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
+
+
+def postprocess_responses(responses: np.ndarray, task: TaskHParams, padding_token: int) -> np.ndarray:
+    """Tokens after the first truncate_token (at index >= truncate_after) become padding, before scoring."""
+    responses = np.array(responses, dtype=np.int32, copy=True)
+    if task.truncate_token is None:
+        return responses
+    first = _first_truncation(responses, task)
+    after = np.arange(responses.shape[1])[None, :] > first[:, None]
+    responses[after & (first[:, None] >= 0)] = padding_token
+    return responses
+
+
+def responses_are_valid(responses: np.ndarray, task: TaskHParams) -> np.ndarray:
+    """bool [b]: the response ends (has a truncate_token at index >= truncate_after); all valid without one."""
+    if task.truncate_token is None:
+        return np.ones(len(responses), bool)
+    return _first_truncation(np.asarray(responses), task) >= 0
+
+
+def apply_penalty(scores: np.ndarray, valid: np.ndarray, task: TaskHParams) -> np.ndarray:
+    """Responses that never end score penalty_reward_value instead of the reward model's score."""
+    return np.where(valid, scores, np.float32(task.penalty_reward_value)).astype(np.float32)

@@ -1,0 +1,77 @@
+"""The reward model (SPEC sections 4 and 7): a GPT-2 trunk, a scalar `reward` head read at the last
+position of query + response, and an affine normalisation `reward_norm/{gain,bias}`.
+
+Variables: `SCOPE/model/...` (GPT-2 names), `SCOPE/model/heads/reward/{w,b}`, `SCOPE/reward_norm/{gain,bias}`.
+The normalisation is set before training so that rewards on policy samples match the labels' scale, and
+after training to mean 0 / std 1, so that the PPO KL coefficient keeps its meaning. As in 2019, gain and
+bias are also among the trained parameters, and the reward model reads the bare query tokens followed by
+the response: the task's query prefix/suffix are the policy's context only (the released reward models
+were trained that way).
+"""
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+from lm_human_preferences.language import model as lm_model
+from lm_human_preferences.utils import mpi
+
+
+class RewardModelTrainer:
+    """Owns the reward model's variables; builds reward ops and the normalisation assignments."""
+
+    def __init__(self, trained_model, *, scope="reward_model"):
+        self.trained_model = trained_model
+        self.model_hparams = trained_model.hparams()
+        self.padding_token = trained_model.encoding.padding_token
+        self.scope = scope
+        with tf.variable_scope(scope):
+            self.model = lm_model.Model(self.model_hparams, scalar_heads=["reward"], scope="model")
+            with tf.variable_scope("reward_norm"):
+                self.gain = tf.get_variable("gain", shape=(), initializer=tf.ones_initializer())
+                self.bias = tf.get_variable("bias", shape=(), initializer=tf.zeros_initializer())
+        # Build once so that every variable exists, then route the initial weights from the trained model.
+        with tf.name_scope(f"{scope}_build"):
+            self.model(tf.zeros([1, 1], tf.int32), padding_token=self.padding_token)
+        trained_model.init_op(self.get_params(), new_scope=scope)
+        # Placeholders for setting the normalisation: reward' = gain * r + bias.
+        self._new_gain = tf.placeholder(tf.float32, [], name="new_gain")
+        self._new_bias = tf.placeholder(tf.float32, [], name="new_bias")
+        self._assign_norm = tf.group(self.gain.assign(self._new_gain), self.bias.assign(self._new_bias))
+
+    def get_params(self):
+        """The transformer, its reward head and reward_norm gain/bias (all trained, as in 2019)."""
+        return tf.trainable_variables(self.scope + "/")
+
+    def get_raw_rewards_op(self, queries, responses):
+        """Head output at the last position, before the normalisation.  queries [b, q], responses [b, r] -> [b]"""
+        tokens = tf.concat([queries, responses], axis=1)  # [b, query_length + r]
+        outputs = self.model(tokens, padding_token=self.padding_token)
+        # Padded positions carry the output of the last real token, so the last position is the
+        # score of the whole (possibly truncated) response.
+        return outputs["reward"][:, -1]  # [b]
+
+    def get_rewards_op(self, queries, responses):
+        return self.gain * self.get_raw_rewards_op(queries, responses) + self.bias  # [b]
+
+    # ----- normalisation -----------------------------------------------------------------------------------
+    def set_reward_norm(self, sess, *, measured_mean, measured_std, target_mean, target_std):
+        """Make rewards whose current mean/std are `measured_*` have mean/std `target_*`.
+
+        With r' = gain * r + bias measured at (m, s): gain <- gain * t_s / s, bias <- (bias - m) * t_s / s + t_m.
+        """
+        if not measured_std > 0:
+            raise ValueError(f"cannot normalise rewards: their measured std is {measured_std} "
+                             "(the reward model gives the same score to every sample)")
+        gain, bias = sess.run([self.gain, self.bias])
+        scale = target_std / measured_std
+        sess.run(self._assign_norm, {self._new_gain: gain * scale,
+                                     self._new_bias: (bias - measured_mean) * scale + target_mean})
+
+
+def mean_and_std_over_ranks(values: np.ndarray):
+    """Mean and std of a 1-D sample spread over MPI ranks (each rank holds a part)."""
+    values = np.asarray(values, np.float64)
+    count, total, total_sq = mpi.allreduce_mean(np.array([values.size, values.sum(), np.square(values).sum()])) \
+        * mpi.size()
+    mean = total / count
+    return float(mean), float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
