@@ -1,0 +1,265 @@
+"""The GPT-2 transformer in TF1 graph style, with scalar heads, padding semantics and a key/value cache.
+
+Variables carry the names of the 2019 checkpoints (SPEC section 4) under the model's scope:
+`model/wte`, `model/wpe`, `model/h{L}/{ln_1,attn/c_attn,attn/c_proj,ln_2,mlp/c_fc,mlp/c_proj}/...`,
+`model/ln_f/{g,b}`, and one `model/heads/<name>/{w [n_embd], b []}` per scalar head.
+
+Padding semantics. The padding token never reaches the network. A padded position is computed *as if it
+were the last real token before it*: it is fed that token, at that token's position, and it attends to
+the same keys (the real tokens up to it). Every layer then computes exactly what it computed at the real
+position, so the output at a pad equals the output at the last real token before it, also when that
+token sits in the cache (incremental decoding). Pads are never keys, and position ids count real tokens
+only, so a sequence gives the same outputs for its real tokens wherever its pads sit. A pad with no real
+token before it (left padding) is fed token 0 at position 0 and attends only to itself.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+from lm_human_preferences.utils import hyperparams
+from lm_human_preferences.utils.hyperparams import require
+
+LAYER_NORM_EPSILON = 1e-5
+# Added to the attention logits of forbidden keys: exp() of it underflows to exactly 0.
+MASKED_LOGIT = -1e10
+
+
+@dataclass
+class HParams(hyperparams.HParams):
+    """GPT-2 shape, as in a checkpoint's `hparams.json` (defaults: the 124M model)."""
+    n_vocab: int = 50257  # tokens the output layer scores (the padding token is not one of them)
+    n_ctx: int = 1024  # position embeddings: the most real tokens one sequence may hold
+    n_embd: int = 768  # width of the residual stream
+    n_head: int = 12  # attention heads per layer (n_embd must be a multiple)
+    n_layer: int = 12  # transformer blocks
+    embd_pdrop: float = 0.1  # dropout on the input embeddings (only with do_dropout; 2019 ran without)
+    attn_pdrop: float = 0.1  # dropout on attention probabilities
+    resid_pdrop: float = 0.1  # dropout on each block's attention and mlp outputs
+    head_pdrop: float = 0.1  # dropout on the hidden state read by scalar heads
+
+    def check(self, prefix: str):
+        for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
+            require(getattr(self, name) > 0, f"{prefix}{name} must be positive, got {getattr(self, name)}")
+        require(self.n_embd % self.n_head == 0,
+                f"{prefix}n_embd={self.n_embd} must be a multiple of {prefix}n_head={self.n_head}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "head_pdrop"):
+            require(0 <= getattr(self, name) < 1, f"{prefix}{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @classmethod
+    def from_json_dict(cls, data, *, where: str) -> "HParams":
+        """From a GPT-2 / saved-run `hparams.json`; keys we don't use are tolerated, `where` names the file."""
+        required = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+        missing = [key for key in required if key not in data] if isinstance(data, dict) else required
+        if missing:
+            raise hyperparams.HParamError(f"{where}: missing {', '.join(missing)}; a GPT-2 hparams.json is a JSON "
+                                          f"object with the integers {', '.join(required)}")
+        return cls.from_nested_dict(data, strict=False, where=f"{where}: ").validate(f"{where}: ")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def past_shape(hparams: HParams, batch_size=None, sequence=None):
+    """Shape of the key/value cache: [batch, n_layer, 2 (k, v), n_head, sequence, head_size]."""
+    return [batch_size, hparams.n_layer, 2, hparams.n_head, sequence, hparams.head_size]
+
+
+# ----- small pieces ---------------------------------------------------------------------------------------------
+
+def shape_list(x):
+    """Static dimensions where known, dynamic ones otherwise."""
+    static = x.shape.as_list()
+    dynamic = tf.shape(x)
+    return [dynamic[i] if size is None else size for i, size in enumerate(static)]
+
+
+def gelu(x):
+    """GPT-2's tanh approximation of GELU."""
+    return 0.5 * x * (1 + tf.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x * x * x)))
+
+
+def dropout(x, rate, do_dropout):
+    return tf.nn.dropout(x, rate=rate) if do_dropout and rate > 0 else x
+
+
+def norm(x, scope):
+    """Layer norm over the last axis with a learned gain `g` and bias `b`."""
+    with tf.variable_scope(scope):
+        n_state = x.shape.as_list()[-1]
+        g = tf.get_variable("g", [n_state], initializer=tf.ones_initializer())
+        b = tf.get_variable("b", [n_state], initializer=tf.zeros_initializer())
+        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.rsqrt(variance + LAYER_NORM_EPSILON) * g + b
+
+
+def conv1d(x, scope, n_out, *, w_init_stdev=0.02):
+    """Position-wise affine map with GPT-2's variable layout: w [1, n_in, n_out], b [n_out]."""
+    with tf.variable_scope(scope):
+        *start, n_in = shape_list(x)
+        w = tf.get_variable("w", [1, n_in, n_out], initializer=tf.random_normal_initializer(stddev=w_init_stdev))
+        b = tf.get_variable("b", [n_out], initializer=tf.zeros_initializer())
+        out = tf.matmul(tf.reshape(x, [-1, n_in]), w[0]) + b
+        return tf.reshape(out, start + [n_out])
+
+
+def split_heads(x, n_head):
+    """[batch, sequence, features] -> [batch, heads, sequence, features / heads]"""
+    *start, n_state = shape_list(x)
+    return tf.transpose(tf.reshape(x, start + [n_head, n_state // n_head]), [0, 2, 1, 3])
+
+
+def merge_heads(x):
+    """[batch, heads, sequence, head_size] -> [batch, sequence, heads * head_size]"""
+    batch, n_head, sequence, head_size = shape_list(x)
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [batch, sequence, n_head * head_size])
+
+
+# ----- the transformer ------------------------------------------------------------------------------------------
+
+def attn(x, scope, *, past, attention_bias, hparams: HParams, do_dropout):
+    """Masked multi-head self-attention. x [b, t, e]; past [b, 2, h, p, d] or None;
+    attention_bias [b or 1, 1, t, p + t] (0 where a query may see a key, MASKED_LOGIT elsewhere).
+    Returns the output [b, t, e] and this chunk's keys and values, present [b, 2, h, t, d]."""
+    with tf.variable_scope(scope):
+        qkv = conv1d(x, "c_attn", 3 * hparams.n_embd)
+        q, k, v = (split_heads(part, hparams.n_head) for part in tf.split(qkv, 3, axis=2))  # each [b, h, t, d]
+        present = tf.stack([k, v], axis=1)
+        if past is not None:
+            past_k, past_v = tf.unstack(past, axis=1)
+            k = tf.concat([past_k, k], axis=-2)  # [b, h, p + t, d]
+            v = tf.concat([past_v, v], axis=-2)
+        q = q * (1 / np.sqrt(hparams.head_size))
+        weights = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) + attention_bias)  # [b, h, t, p + t]
+        weights = dropout(weights, hparams.attn_pdrop, do_dropout)
+        a = merge_heads(tf.matmul(weights, v))  # [b, t, e]
+        a = conv1d(a, "c_proj", hparams.n_embd)
+        return dropout(a, hparams.resid_pdrop, do_dropout), present
+
+
+def mlp(x, scope, *, hparams: HParams, do_dropout):
+    with tf.variable_scope(scope):
+        h = gelu(conv1d(x, "c_fc", 4 * hparams.n_embd))  # [b, t, 4e]
+        return dropout(conv1d(h, "c_proj", hparams.n_embd), hparams.resid_pdrop, do_dropout)
+
+
+def block(x, scope, *, past, attention_bias, hparams: HParams, do_dropout):
+    """One pre-layer-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.))."""
+    with tf.variable_scope(scope):
+        a, present = attn(norm(x, "ln_1"), "attn", past=past, attention_bias=attention_bias, hparams=hparams,
+                          do_dropout=do_dropout)
+        x = x + a
+        x = x + mlp(norm(x, "ln_2"), "mlp", hparams=hparams, do_dropout=do_dropout)
+        return x, present
+
+
+def causal_mask(query_length, key_length):
+    """[t, s] bool: query i (the last t of s positions) may see key j <= its own position."""
+    i = tf.range(query_length)[:, None] + (key_length - query_length)
+    return i >= tf.range(key_length)[None, :]
+
+
+def plain_inputs(X, past):
+    """Every token real: X [b, t] after a cache of p positions -> tokens [b, t], position ids [1, t] and the
+    causal attention bias [1, 1, t, p + t]."""
+    length = shape_list(X)[1]
+    past_length = 0 if past is None else tf.shape(past)[-2]
+    positions = past_length + tf.range(length)[None, :]
+    return X, positions, tf.where_v2(causal_mask(length, past_length + length), 0.0, MASKED_LOGIT)[None, None]
+
+
+def padding_inputs(X, past_tokens, padding_token):
+    """What the network is fed under the padding semantics (see the module docstring).
+
+    X [b, t]; past_tokens [b, p] (the tokens behind the cache) or None. Returns the tokens to embed [b, t],
+    their position ids [b, t] and the attention bias [b, 1, t, p + t]."""
+    length = shape_list(X)[1]
+    all_tokens = X if past_tokens is None else tf.concat([past_tokens, X], axis=1)  # [b, s], s = p + t
+    key_length = tf.shape(all_tokens)[1]
+    past_length = key_length - length
+    real = tf.not_equal(all_tokens, padding_token)  # [b, s]
+    sees = tf.logical_and(causal_mask(length, key_length)[None], real[:, None, :])  # [b, t, s]
+    # A pad computes what the last real token before it computed: that token, at its position, same keys.
+    last_real = tf.reduce_max(tf.where_v2(sees, tf.range(key_length), -1), axis=2)  # [b, t], -1: none yet
+    tokens = tf.gather(tf.where_v2(real, all_tokens, 0), tf.maximum(last_real, 0), batch_dims=1)  # [b, t]
+    real_count = tf.reduce_sum(tf.cast(real[:, :past_length], tf.int32), axis=1, keepdims=True) + \
+        tf.cumsum(tf.cast(real[:, past_length:], tf.int32), axis=1)  # [b, t]: real tokens up to each position
+    positions = tf.maximum(real_count - 1, 0)
+    # A pad before any real token has no key to look at; it looks at itself (and is never a key for others).
+    is_self = tf.equal(tf.range(key_length)[None, :], tf.range(length)[:, None] + past_length)  # [t, s]
+    alone = tf.logical_and((last_real < 0)[:, :, None], is_self[None])
+    visible = tf.logical_or(sees, alone)  # [b, t, s]
+    return tokens, positions, tf.where_v2(visible, 0.0, MASKED_LOGIT)[:, None]
+
+
+class Model:
+    """GPT-2 with optional scalar heads. Variables live under the variable scope current at construction
+    plus `scope` (e.g. `policy/model`); every call reuses them."""
+
+    def __init__(self, hparams: HParams, scalar_heads: Sequence[str] = (), scope: Optional[str] = "model"):
+        self.hparams = hparams
+        self.scalar_heads = list(scalar_heads)
+        with tf.variable_scope(scope, default_name="model") as variable_scope:
+            self.scope = variable_scope
+
+    def __call__(self, X, *, past=None, past_tokens=None, padding_token: Optional[int] = None,
+                 do_dropout=False, logits_for_last: Optional[int] = None):
+        """Run the transformer on tokens X [b, t] that follow `past` (the cache of earlier tokens).
+
+        past: [b, n_layer, 2, n_head, p, head_size], the concatenated `present`s of earlier calls.
+        past_tokens: [b, p], the tokens those calls were given; needed with `padding_token` and `past`.
+        padding_token: tokens equal to it get the padding semantics; None: every token is real.
+        logits_for_last: compute `lm_logits` for the last N positions only (a response's log-probs never
+            need the context's logits, and the output layer is the largest matmul).
+
+        Returns a dict: `lm_logits` [b, t or N, n_vocab], `hidden` [b, t, n_embd] (after ln_f),
+        `present` [b, n_layer, 2, n_head, t, head_size], and one [b, t] tensor per scalar head.
+        """
+        hp = self.hparams
+        if padding_token is not None and past is not None and past_tokens is None:
+            raise ValueError("Model: past_tokens (the tokens behind `past`) are required when both `past` and "
+                             "`padding_token` are given")
+        X = tf.convert_to_tensor(X, dtype=tf.int32)
+        with tf.variable_scope(self.scope, reuse=tf.AUTO_REUSE):
+            wte = tf.get_variable("wte", [hp.n_vocab, hp.n_embd], initializer=tf.random_normal_initializer(stddev=0.02))
+            wpe = tf.get_variable("wpe", [hp.n_ctx, hp.n_embd], initializer=tf.random_normal_initializer(stddev=0.01))
+            if padding_token is None:
+                tokens, positions, attention_bias = plain_inputs(X, past)
+            else:
+                tokens, positions, attention_bias = padding_inputs(X, past_tokens, padding_token)
+            h = tf.gather(wte, tokens) + tf.gather(wpe, positions)  # [b, t, e]
+            h = dropout(h, hp.embd_pdrop, do_dropout)
+            pasts = tf.unstack(past, num=hp.n_layer, axis=1) if past is not None else [None] * hp.n_layer
+            presents = []
+            for layer, layer_past in enumerate(pasts):
+                h, present = block(h, f"h{layer}", past=layer_past, attention_bias=attention_bias, hparams=hp,
+                                   do_dropout=do_dropout)
+                presents.append(present)
+            h = norm(h, "ln_f")  # [b, t, e]
+
+            results = {"hidden": h, "present": tf.stack(presents, axis=1)}
+            logits_h = h if logits_for_last is None else h[:, -logits_for_last:]
+            logits_batch, logits_length = shape_list(logits_h)[:2]
+            logits = tf.matmul(tf.reshape(logits_h, [-1, hp.n_embd]), wte, transpose_b=True)  # tied embeddings
+            results["lm_logits"] = tf.reshape(logits, [logits_batch, logits_length, hp.n_vocab])
+            for name in self.scalar_heads:
+                results[name] = self._scalar_head(name, dropout(h, hp.head_pdrop, do_dropout))  # [b, t]
+            return results
+
+    def _scalar_head(self, name, h):
+        """A linear readout of the final hidden state: w [n_embd], b []. The value head starts at zero (so
+        initial value estimates don't disturb PPO); others get std 1/sqrt(n_embd + 1), as in 2019."""
+        n_embd = self.hparams.n_embd
+        initializer = tf.zeros_initializer() if name == "value" else \
+            tf.random_normal_initializer(stddev=1 / np.sqrt(n_embd + 1))
+        with tf.variable_scope(f"heads/{name}"):
+            w = tf.get_variable("w", [n_embd], initializer=initializer)
+            b = tf.get_variable("b", [], initializer=tf.zeros_initializer())
+            return tf.tensordot(h, w, axes=[[2], [0]]) + b
+
+    def get_params(self):
+        """The trainable variables of this model (call it once first so they exist)."""
+        return tf.trainable_variables(self.scope.name + "/")

@@ -1,0 +1,172 @@
+"""In-graph sampling: greedy limits, log-probs and values against a full forward pass, filtering, seeds."""
+
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+
+from lm_human_preferences.language import model as lm_model
+from lm_human_preferences.language import sample
+
+HP = lm_model.HParams(n_vocab=27, n_ctx=32, n_embd=16, n_head=2, n_layer=2)
+PAD = 27
+
+
+def make_model():
+    with tf.variable_scope("policy"):
+        model = lm_model.Model(HP, scalar_heads=["value"])
+    model(tf.zeros([1, 1], tf.int32))  # create the variables outside the sampling loop
+    return model
+
+
+def randomize(sess, scale=0.5, seed=0):
+    """Weights large enough that the next-token distribution is far from uniform."""
+    rng = np.random.RandomState(seed)
+    for var in tf.global_variables():
+        value = rng.normal(size=var.shape.as_list()) * scale + (1.0 if var.op.name.endswith("/g") else 0.0)
+        var.load(value.astype(np.float32), sess)
+
+
+class FullPass:
+    """Scores whole sequences with one forward pass (no cache): the reference for the sampler."""
+
+    def __init__(self, model):
+        self.tokens = tf.placeholder(tf.int32, [None, None])
+        self.output = model(self.tokens, padding_token=PAD)
+
+    def __call__(self, sess, tokens):
+        return sess.run(self.output, {self.tokens: tokens})
+
+
+def greedy_continuation(sess, full_pass, context, length):
+    tokens = np.array(context, np.int32)
+    for _ in range(length):
+        logits = full_pass(sess, tokens)["lm_logits"][:, -1]
+        tokens = np.concatenate([tokens, logits.argmax(-1)[:, None].astype(np.int32)], axis=1)
+    return tokens[:, len(context[0]):]
+
+
+CONTEXT = np.array([[1, 2, 3, PAD, PAD], [4, PAD, 5, 6, 7], [PAD, PAD, 8, 9, 10]], np.int32)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1e-4), dict(top_k=1), dict(top_p=1e-6)])
+def test_near_zero_temperature_top_k_1_and_tiny_top_p_are_greedy(options):
+    model = make_model()
+    full_pass = FullPass(model)
+    sampled = sample.sample_sequence(model, length=6, context=CONTEXT, padding_token=PAD, **options)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        randomize(sess)
+        expected = greedy_continuation(sess, full_pass, CONTEXT, 6)
+        tokens = sess.run(sampled["tokens"])
+    np.testing.assert_array_equal(tokens, expected)
+    assert len(set(expected.ravel())) > 2  # the random model does not just repeat one token
+
+
+def test_logprobs_and_values_equal_a_full_forward_pass():
+    temperature = 0.7
+    model = make_model()
+    full_pass = FullPass(model)
+    sampled = sample.sample_sequence(model, length=7, context=CONTEXT, temperature=temperature, padding_token=PAD,
+                                     extra_outputs={"values": "value"}, seed=1)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        randomize(sess)
+        got = sess.run(sampled)
+        full = full_pass(sess, np.concatenate([CONTEXT, got["tokens"]], axis=1))
+    c = CONTEXT.shape[1]
+    logits = full["lm_logits"][:, c - 1:-1] / temperature  # the positions that predicted each sampled token
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = np.take_along_axis(logp, got["tokens"][:, :, None], axis=2)[:, :, 0]
+    np.testing.assert_allclose(got["logprobs"], expected, atol=1e-4)
+    np.testing.assert_allclose(got["values"], full["value"][:, c - 1:-1], atol=1e-5)
+    assert got["tokens"].shape == got["logprobs"].shape == got["values"].shape == (3, 7)
+    assert got["tokens"].max() < HP.n_vocab
+
+
+def test_samples_follow_the_temperature_scaled_distribution():
+    temperature, count = 1.7, 4000
+    model = make_model()
+    full_pass = FullPass(model)
+    context = np.tile(np.array([[3, 1, 4]], np.int32), [count, 1])
+    sampled = sample.sample_sequence(model, length=1, context=context, temperature=temperature, seed=2)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        randomize(sess, scale=0.3)
+        logits = full_pass(sess, context[:1])["lm_logits"][0, -1] / temperature
+        tokens = sess.run(sampled["tokens"])[:, 0]
+    expected = np.exp(logits - logits.max())
+    expected /= expected.sum()
+    observed = np.bincount(tokens, minlength=HP.n_vocab) / count
+    # Standard error of a frequency is sqrt(p(1-p)/n) <= 0.008 here; 5 of them is a safe band.
+    band = 5 * np.sqrt(expected * (1 - expected) / count) + 1e-3
+    assert np.all(np.abs(observed - expected) < band), (observed, expected)
+    assert expected.max() > 2 * expected.min()  # the test would notice a wrong temperature
+
+
+def test_top_k_and_top_p_filters():
+    logits = tf.constant(np.log([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]), tf.float32)
+    kept = lambda filtered: (filtered > sample.EXCLUDED_LOGIT / 2).tolist()  # noqa: E731
+    with tf.Session() as sess:
+        assert kept(sess.run(sample.take_top_k(logits, 2))) == [[True, True, False, False], [False, False, True, True]]
+        assert kept(sess.run(sample.take_top_p(logits, 0.8))) == [[True, True, False, False],
+                                                                    [False, False, True, True]]
+        assert kept(sess.run(sample.take_top_p(logits, 0.85))) == [[True, True, True, False],
+                                                                     [False, True, True, True]]
+        assert kept(sess.run(sample.take_top_p(logits, 0.01))) == [[True, False, False, False],
+                                                                     [False, False, False, True]]
+
+
+def test_padding_in_the_context_does_not_change_the_samples():
+    real = [[5, 9, 2, 7]]
+    contexts = np.array([[5, 9, 2, 7, PAD, PAD], [PAD, PAD, 5, 9, 2, 7], [5, PAD, 9, PAD, 2, 7]], np.int32)
+    model = make_model()
+    padded = sample.sample_sequence(model, length=5, context=contexts, temperature=1e-4, padding_token=PAD,
+                                    extra_outputs={"values": "value"})
+    plain = sample.sample_sequence(model, length=5, context=real, temperature=1e-4, padding_token=PAD,
+                                   extra_outputs={"values": "value"})
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        randomize(sess)
+        padded, plain = sess.run([padded, plain])
+    for row in range(3):
+        np.testing.assert_array_equal(padded["tokens"][row], plain["tokens"][0])
+        np.testing.assert_allclose(padded["values"][row], plain["values"][0], atol=1e-5)
+
+
+def test_same_seeds_same_samples():
+    def run():
+        with tf.Graph().as_default():
+            tf.set_random_seed(7)
+            model = make_model()
+            sampled = sample.sample_sequence(model, length=6, context=CONTEXT, padding_token=PAD, seed=3)
+            with tf.Session() as sess:
+                sess.run(tf.global_variables_initializer())
+                randomize(sess)
+                return sess.run(sampled["tokens"]), sess.run(sampled["tokens"])
+    (first, second), (again, _) = run(), run()
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, second)  # a second draw in one session is a new sample
+
+
+def test_length_can_be_a_tensor():
+    model = make_model()
+    length = tf.placeholder(tf.int32, [])
+    sampled = sample.sample_sequence(model, length=length, context=CONTEXT, padding_token=PAD)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        assert sess.run(sampled["tokens"], {length: 1}).shape == (3, 1)
+        assert sess.run(sampled["tokens"], {length: 4}).shape == (3, 4)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(length=0), "length must be at least 1"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_options(options, message):
+    model = make_model()
+    kwargs = {"length": 3, "context": CONTEXT, "padding_token": PAD, **options}
+    with pytest.raises(ValueError, match=message):
+        sample.sample_sequence(model, **kwargs)
