@@ -127,7 +127,8 @@ REWARD_EXPERIMENTS: Dict[str, Bindings] = {
     "test": combine(
         test_task,
         bind("labels.type", "best_of_4"),
-        bind("labels.source", None),  # set --labels.source FILE, or let `demo`-style labelling make one
+        bind("labels.source", None),  # labels made by the synthetic judge below; or --labels.source FILE
+        bind("labels.judge", "letter_e"),
         bind("labels.num_train", 16),
         bind("batch_size", 8),
         bind("lr", 1e-3),

@@ -1,10 +1,20 @@
 """PPO fine-tuning of a policy against a reward model (SPEC section 8): `./launch.py train_policy`."""
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lm_human_preferences import lm_tasks, ppo, train_reward
-from lm_human_preferences.utils import hyperparams
+import numpy as np
+import tensorflow.compat.v1 as tf
+from tqdm import tqdm
+
+from lm_human_preferences import labeler, lm_tasks, ppo, rewards, train_reward
+from lm_human_preferences.language import trained_models
+from lm_human_preferences.language.trained_models import TrainedModel
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.ppo import PpoHParams
+from lm_human_preferences.utils import hyperparams, mpi, stats, train_ops
 from lm_human_preferences.utils.hyperparams import require
 
 
@@ -26,7 +36,7 @@ class HParams(hyperparams.HParams):
     run: train_reward.RunHParams = field(default_factory=train_reward.RunHParams)
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
     rewards: RewardHParams = field(default_factory=RewardHParams)
-    ppo: ppo.PpoHParams = field(default_factory=ppo.PpoHParams)
+    ppo: PpoHParams = field(default_factory=PpoHParams)
 
     def check(self, prefix):
         reward_hparams = self.rewards.train_new_model
@@ -39,5 +49,223 @@ class HParams(hyperparams.HParams):
                     f"set both --task.X and --rewards.train_new_model.task.X")
 
 
+class PPOTrainer:
+    """The graph and session of a PPO run. `update()` is one PPO update, written out in order."""
+
+    def __init__(self, hparams: HParams, policy_model: TrainedModel, reward_model: TrainedModel, encoder):
+        self.hparams = hparams
+        task, ppo_hp = hparams.task, hparams.ppo
+        self.batch_per_rank = mpi.exact_div(ppo_hp.batch_size, mpi.size(), "ppo.batch_size")
+        self.minibatch = mpi.exact_div(self.batch_per_rank, ppo_hp.nminibatches,
+                                       f"the per-rank batch (ppo.batch_size / {mpi.size()} ranks)",
+                                       parts_what="ppo.nminibatches")
+        self.micro_batch = mpi.exact_div(self.minibatch, ppo_hp.micro_batches,
+                                         "the per-rank minibatch (ppo.batch_size / ranks / ppo.nminibatches)",
+                                         parts_what="ppo.micro_batches")
+        self.num_updates = ppo_hp.total_episodes // ppo_hp.batch_size
+        if self.num_updates < 1:
+            raise ValueError(f"ppo.total_episodes={ppo_hp.total_episodes} is less than one update of "
+                             f"ppo.batch_size={ppo_hp.batch_size} episodes")
+        self.kl_controller = (ppo.AdaptiveKLController(hparams.rewards.kl_coef, hparams.rewards.adaptive_kl.target,
+                                                       hparams.rewards.adaptive_kl.horizon)
+                              if hparams.rewards.adaptive_kl else ppo.FixedKLController(hparams.rewards.kl_coef))
+        seed = mpi.rank_seed(hparams.run.seed)
+        if seed is not None:
+            tf.set_random_seed(seed)
+        self.rng = np.random.RandomState(seed)
+        self.encoder = encoder
+        self.judge = None if hparams.run.judge is None else labeler.get_judge(hparams.run.judge)
+
+        embed_queries = lm_tasks.query_formatter(task, encoder)
+        self.policy = Policy(policy_model, scope="policy", temperature=task.policy.temperature,
+                             embed_queries=embed_queries)
+        self.ref_policy = Policy(policy_model, scope="ref_policy", temperature=task.policy.temperature,
+                                 embed_queries=embed_queries)
+        self.reward_model = rewards.RewardModelTrainer(reward_model, scope="reward_model")
+        R = task.response_length
+
+        # Rollout, reference log-probs and scores: [b, query_length] / [b, R] in, per-episode arrays out.
+        self.queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
+        self.responses = tf.placeholder(tf.int32, [None, R], name="responses")
+        self.rollout_op = self.policy.respond_op(self.queries, R)
+        self.ref_logprobs_op = self.ref_policy.analyze_responses_op(self.queries, self.responses)["logprobs"]
+        self.score_op = self.reward_model.get_rewards_op(self.queries, self.responses)  # [b]
+
+        # Per-token rewards and advantages of a minibatch (no model involved).
+        self.logprobs = tf.placeholder(tf.float32, [None, R], name="logprobs")
+        self.ref_logprobs = tf.placeholder(tf.float32, [None, R], name="ref_logprobs")
+        self.scores = tf.placeholder(tf.float32, [None], name="scores")
+        self.kl_coef = tf.placeholder(tf.float32, [], name="kl_coef")
+        self.rewards_op = ppo.kl_penalized_rewards(self.logprobs, self.ref_logprobs, self.scores, self.kl_coef)
+        self.token_rewards = tf.placeholder(tf.float32, [None, R], name="token_rewards")
+        self.values = tf.placeholder(tf.float32, [None, R], name="values")
+        self.advantages_op = ppo.advantages_and_returns(self.token_rewards, self.values, ppo_hp)
+
+        # The loss of one micro-batch, given the minibatch's advantages and returns.
+        self.advantages = tf.placeholder(tf.float32, [None, R], name="advantages")
+        self.returns = tf.placeholder(tf.float32, [None, R], name="returns")
+        outputs = self.policy.analyze_responses_op(self.queries, self.responses)
+        self.loss, self.train_stats = ppo.ppo_loss(
+            logprobs=outputs["logprobs"], vpred=outputs["values"], entropies=outputs["entropies"],
+            old_logprobs=self.logprobs, old_values=self.values, advantages=self.advantages,
+            returns=self.returns, hparams=ppo_hp)
+        self.lr = tf.placeholder(tf.float32, [], name="lr")
+        self.optimizer = train_ops.Optimizer(self.loss, self.policy.get_params(), self.lr, epsilon=1e-5,
+                                             micro_batches=ppo_hp.micro_batches)
+        self.saver = tf.train.Saver(self.policy.get_params(), max_to_keep=2)
+        self.sess = tf.Session()
+        self.sess.run(tf.global_variables_initializer())
+        mpi.broadcast_variables(self.sess, tf.global_variables())
+
+    def update(self, queries, update_index):
+        """One PPO update on this rank's `queries` [batch_per_rank, query_length]; returns its statistics."""
+        hp, task, sess = self.hparams.ppo, self.hparams.task, self.sess
+        timings, start = {}, time.time()
+        # 1. The policy answers the queries, recording log-probs and values.
+        rollout = sess.run(self.rollout_op, {self.queries: queries})
+        responses = rollout["responses"]  # [b, R]
+        timings["rollout"] = time.time() - start
+        # 2. The frozen reference policy's log-probs of the same responses.
+        start = time.time()
+        ref_logprobs = sess.run(self.ref_logprobs_op, {self.queries: queries, self.responses: responses})
+        timings["ref_logprobs"] = time.time() - start
+        # 3. Post-process (truncate) and score; responses that never end take the penalty.
+        start = time.time()
+        scored = lm_tasks.postprocess_responses(responses, task, self.policy.padding_token)
+        raw_scores = sess.run(self.score_op, {self.queries: queries, self.responses: scored})
+        scores = lm_tasks.apply_penalty(raw_scores, lm_tasks.responses_are_valid(responses, task), task)
+        timings["score"] = time.time() - start
+        # 4. Per-token rewards: -kl_coef * (logp - ref_logp), the score added at the last token.
+        judge_scores = (None if self.judge is None else
+                        labeler.judge_scores(self.judge, self.encoder, queries, scored))  # the true objective (demo)
+        kl_coef = self.kl_controller.value
+        token_rewards, kl = sess.run([self.rewards_op["rewards"], self.rewards_op["kl"]], {
+            self.logprobs: rollout["logprobs"], self.ref_logprobs: ref_logprobs, self.scores: scores,
+            self.kl_coef: kl_coef})
+        # 5. Epochs of shuffled minibatches; each minibatch is one Adam step over its micro-batches.
+        start = time.time()
+        lr = hp.lr * (1.0 - update_index / self.num_updates)  # annealed linearly to 0 over the run
+        episode = dict(queries=queries, responses=responses, logprobs=rollout["logprobs"],
+                       values=rollout["values"], token_rewards=token_rewards)
+        train_stats = []
+        for _ in range(hp.noptepochs):
+            order = self.rng.permutation(self.batch_per_rank)
+            for mb_start in range(0, self.batch_per_rank, self.minibatch):
+                mb = {k: v[order[mb_start:mb_start + self.minibatch]] for k, v in episode.items()}
+                advantages, returns = sess.run(self.advantages_op, {self.token_rewards: mb["token_rewards"],
+                                                                    self.values: mb["values"]})
+                for micro_start in range(0, self.minibatch, self.micro_batch):
+                    part = slice(micro_start, micro_start + self.micro_batch)
+                    step_stats, _ = sess.run([self.train_stats, self.optimizer.accumulate_op], {
+                        self.queries: mb["queries"][part], self.responses: mb["responses"][part],
+                        self.logprobs: mb["logprobs"][part], self.values: mb["values"][part],
+                        self.advantages: advantages[part], self.returns: returns[part], self.lr: lr})
+                    train_stats.append(step_stats)
+                sess.run(self.optimizer.apply_op, {self.lr: lr})
+        timings["ppo_epochs"] = time.time() - start
+        # 6. Statistics, averaged over ranks; then the KL controller sees the mean KL.
+        start = time.time()
+        mean_kl = float(np.mean(kl.sum(axis=1)))
+        update_stats = {
+            "objective/kl": mean_kl,
+            "objective/kl_coef": kl_coef,
+            "objective/entropy": float(np.mean(-rollout["logprobs"].sum(axis=1))),
+            "objective/score": float(np.mean(scores)),
+            "objective/score_total": float(np.mean(scores - kl_coef * kl.sum(axis=1))),
+            "objective/lr": lr,
+        }
+        if judge_scores is not None:
+            update_stats["objective/judge"] = float(np.mean(judge_scores))
+        for key in train_stats[0]:
+            update_stats[key] = float(np.mean([s[key] for s in train_stats]))
+        update_stats = mpi.mean_dict(update_stats)
+        update_stats["ppo/val/var_explained"] = ppo.var_explained(update_stats)
+        self.kl_controller.update(update_stats["objective/kl"], self.hparams.ppo.batch_size)
+        timings["stats"] = time.time() - start
+        return update_stats, dict(responses=responses, scores=scores, kl=kl.sum(axis=1), timings=timings)
+
+    def save(self, save_dir, step):
+        if mpi.is_root():
+            model_dir = os.path.join(save_dir, "policy")
+            trained_models.write_model_files(model_dir, self.policy.model_hparams,
+                                             self.policy.trained_model.encoding.name)
+            self.saver.save(self.sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
+
+
+def compact_line(update_stats) -> str:
+    """One line per update on rank 0: the numbers a researcher watches."""
+    judge = f" judge {update_stats['objective/judge']:.4f}" if "objective/judge" in update_stats else ""
+    return (f"update {update_stats['elapsed/updates']:>5} | score {update_stats['objective/score']:+.3f}{judge} | "
+            f"kl {update_stats['objective/kl']:.3f} | kl_coef {update_stats['objective/kl_coef']:.4f} | "
+            f"entropy {update_stats['objective/entropy']:.2f} | "
+            f"{update_stats['elapsed/episodes_per_second']:.1f} episodes/s")
+
+
+def log_samples(encoder, queries, details, count=3):
+    """A few decoded episodes with their score and KL (rank 0)."""
+    if not mpi.is_root():
+        return
+    for i in range(min(count, len(queries))):
+        tqdm.write("=" * 80)
+        tqdm.write(f"query:    {encoder.decode(queries[i])!r}")
+        tqdm.write(f"response: {encoder.decode(details['responses'][i])!r}")
+        tqdm.write(f"score {details['scores'][i]:+.3f}  kl {details['kl'][i]:.3f}")
+
+
+def reward_model_source(hparams: HParams) -> TrainedModel:
+    """The reward model to train against: a saved one, or one trained now into SAVE_DIR/reward_model."""
+    if hparams.rewards.train_new_model is not None:
+        reward_hparams = hparams.rewards.train_new_model
+        reward_hparams.run.save_dir = hparams.run.save_dir
+        train_reward.train(reward_hparams)
+        path = os.path.join(hparams.run.save_dir, "reward_model")
+    else:
+        path = hparams.rewards.trained_model
+    return TrainedModel("reward_model", savedir=path, scope="reward_model")
+
+
 def train(hparams: HParams):
-    raise NotImplementedError("PPO training lands with issue 5")
+    """PPO against the reward model (SPEC section 8); saves SAVE_DIR/policy and TensorBoard logs."""
+    save_dir = hparams.run.save_dir
+    task = hparams.task
+    reward_model = reward_model_source(hparams)
+    policy_model = TrainedModel(task.policy.initial_model)
+    encoder = policy_model.encoding.get_encoder()
+    with tf.Graph().as_default():
+        trainer = PPOTrainer(hparams, policy_model, reward_model, encoder)
+        if mpi.is_root():
+            os.makedirs(save_dir, exist_ok=True)
+            hparams.save_json(os.path.join(save_dir, "train_policy_hparams.json"))
+        logger = stats.StatsLogger(os.path.join(save_dir, "tb"))
+        query_batches = lm_tasks.query_batches(task, encoder, trainer.batch_per_rank, mode="train",
+                                               seed=hparams.run.seed or 0)
+        start_time = last_time = time.time()
+        progress = tqdm(range(trainer.num_updates), desc="ppo", disable=not mpi.is_root())
+        for update_index in progress:
+            queries = next(query_batches)
+            update_stats, details = trainer.update(queries, update_index)
+            updates_done = update_index + 1
+            now = time.time()
+            update_time, last_time = now - last_time, now
+            update_stats.update({
+                "elapsed/updates": updates_done,
+                "elapsed/episodes": updates_done * hparams.ppo.batch_size,
+                # as in 2019, fps counts response tokens (all ranks) per second of the last update
+                "elapsed/fps": hparams.ppo.batch_size * task.response_length / update_time,
+                "elapsed/episodes_per_second": hparams.ppo.batch_size / update_time,
+                "elapsed/time": now - start_time,
+                **{f"time/{k}": v for k, v in details["timings"].items()},
+            })
+            logger.write(updates_done, update_stats)
+            if mpi.is_root():
+                tqdm.write(compact_line(update_stats))
+            if updates_done % hparams.run.log_interval == 0 or updates_done == trainer.num_updates:
+                log_samples(encoder, queries, details)
+            if updates_done % hparams.run.save_interval == 0 and updates_done != trainer.num_updates:
+                trainer.save(save_dir, updates_done)
+        mpi.check_identical_across_ranks(trainer.sess, trainer.policy.get_params(), "policy")
+        trainer.save(save_dir, trainer.num_updates)
+        logger.close()
+        if mpi.is_root():
+            tqdm.write(f"saved the policy to {os.path.join(save_dir, 'policy')}")
+        return trainer
