@@ -141,11 +141,12 @@ REWARD_EXPERIMENTS: Dict[str, Bindings] = {
     "demo": combine(
         demo_task,
         bind("labels.type", "best_of_4"),
-        bind("labels.source", None),  # made by the synthetic labeler when not given
-        bind("labels.judge", "letter_e"),
-        bind("labels.num_train", 640),
-        bind("labels.num_valid", 160),
-        bind("batch_size", 16),
+        bind("labels.source", None),  # made by the synthetic labeler: samples of the initial policy, judged
+        bind("labels.judge", "letter_e"),  # prefers responses with many e's
+        bind("labels.judge_temperature", 0.03),  # a little human-like noise in its choices
+        bind("labels.num_train", 2048),
+        bind("labels.num_valid", 512),
+        bind("batch_size", 32),
         bind("lr", 1e-3),
         bind("rollout_batch_size", 64),
         bind("normalize_before", True),
@@ -193,14 +194,17 @@ POLICY_EXPERIMENTS: Dict[str, Bindings] = {
                     bind("rewards.kl_coef", 0.1),
                     bind("run.log_interval", 1)),
     "demo": _policy("demo",
-                    bind("ppo.total_episodes", 6_400),
+                    bind("ppo.total_episodes", 12_800),
                     bind("ppo.batch_size", 64),
                     bind("ppo.nminibatches", 2),
                     bind("ppo.lr", 1e-3),
                     bind("rewards.kl_coef", 0.05),
-                    bind("run.log_interval", 10),
-                    bind("run.save_interval", 50),
-                    bind("run.judge", "letter_e")),
+                    bind("rewards.adaptive_kl", "on"),
+                    bind("rewards.adaptive_kl.target", 6.0),
+                    bind("rewards.adaptive_kl.horizon", 3_000),  # short: the demo has 12,800 episodes
+                    bind("run.log_interval", 25),
+                    bind("run.save_interval", 100),
+                    bind("run.judge", "letter_e")),  # log the judge's true score of every rollout
 }
 
 EXPERIMENTS = {"train_reward": REWARD_EXPERIMENTS, "train_policy": POLICY_EXPERIMENTS}

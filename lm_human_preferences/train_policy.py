@@ -7,7 +7,6 @@ from typing import Optional
 
 import numpy as np
 import tensorflow.compat.v1 as tf
-from tqdm import tqdm
 
 from lm_human_preferences import labeler, lm_tasks, ppo, rewards, train_reward
 from lm_human_preferences.language import trained_models
@@ -203,13 +202,11 @@ def compact_line(update_stats) -> str:
 
 def log_samples(encoder, queries, details, count=3):
     """A few decoded episodes with their score and KL (rank 0)."""
-    if not mpi.is_root():
-        return
     for i in range(min(count, len(queries))):
-        tqdm.write("=" * 80)
-        tqdm.write(f"query:    {encoder.decode(queries[i])!r}")
-        tqdm.write(f"response: {encoder.decode(details['responses'][i])!r}")
-        tqdm.write(f"score {details['scores'][i]:+.3f}  kl {details['kl'][i]:.3f}")
+        stats.log("=" * 80)
+        stats.log(f"query:    {encoder.decode(queries[i])!r}")
+        stats.log(f"response: {encoder.decode(details['responses'][i])!r}")
+        stats.log(f"score {details['scores'][i]:+.3f}  kl {details['kl'][i]:.3f}")
 
 
 def reward_model_source(hparams: HParams) -> TrainedModel:
@@ -240,7 +237,7 @@ def train(hparams: HParams):
         query_batches = lm_tasks.query_batches(task, encoder, trainer.batch_per_rank, mode="train",
                                                seed=hparams.run.seed or 0)
         start_time = last_time = time.time()
-        progress = tqdm(range(trainer.num_updates), desc="ppo", disable=not mpi.is_root())
+        progress = stats.progress_bar(range(trainer.num_updates), "ppo")
         for update_index in progress:
             queries = next(query_batches)
             update_stats, details = trainer.update(queries, update_index)
@@ -257,8 +254,7 @@ def train(hparams: HParams):
                 **{f"time/{k}": v for k, v in details["timings"].items()},
             })
             logger.write(updates_done, update_stats)
-            if mpi.is_root():
-                tqdm.write(compact_line(update_stats))
+            stats.log(compact_line(update_stats))
             if updates_done % hparams.run.log_interval == 0 or updates_done == trainer.num_updates:
                 log_samples(encoder, queries, details)
             if updates_done % hparams.run.save_interval == 0 and updates_done != trainer.num_updates:
@@ -266,6 +262,5 @@ def train(hparams: HParams):
         mpi.check_identical_across_ranks(trainer.sess, trainer.policy.get_params(), "policy")
         trainer.save(save_dir, trainer.num_updates)
         logger.close()
-        if mpi.is_root():
-            tqdm.write(f"saved the policy to {os.path.join(save_dir, 'policy')}")
+        stats.log(f"saved the policy to {os.path.join(save_dir, 'policy')}")
         return trainer

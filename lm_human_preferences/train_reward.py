@@ -6,7 +6,6 @@ from typing import Optional
 
 import numpy as np
 import tensorflow.compat.v1 as tf
-from tqdm import tqdm
 
 from lm_human_preferences import label_types, labeler, lm_tasks, rewards
 from lm_human_preferences.language import trained_models
@@ -59,6 +58,9 @@ class HParams(hyperparams.HParams):
     def check(self, prefix):
         require(self.batch_size > 0, f"{prefix}batch_size must be positive, got {self.batch_size}")
         require(self.lr >= 0, f"{prefix}lr must be >= 0, got {self.lr}")
+        require(self.labels.num_train % self.batch_size == 0,
+                f"{prefix}labels.num_train={self.labels.num_train} must be a multiple of "
+                f"{prefix}batch_size={self.batch_size} (one pass over the labels in whole batches)")
         require(self.rollout_batch_size > 0,
                 f"{prefix}rollout_batch_size must be positive, got {self.rollout_batch_size}")
         require(self.normalize_samples >= 0, f"{prefix}normalize_samples must be >= 0")
@@ -142,7 +144,7 @@ class RewardTraining:
         mean, std = rewards.mean_and_std_over_ranks(samples)
         self.reward_model.set_reward_norm(self.sess, measured_mean=mean, measured_std=std,
                                           target_mean=target_mean, target_std=target_std)
-        log(f"rewards {when}: mean {mean:.4f} ± std {std:.4f} on {self.hparams.normalize_samples} policy "
+        stats.log(f"rewards {when}: mean {mean:.4f} ± std {std:.4f} on {self.hparams.normalize_samples} policy "
             f"samples; normalised to mean {target_mean:.4f}, std {target_std:.4f}")
 
     # -- optimisation
@@ -178,11 +180,6 @@ class RewardTraining:
             self.saver.save(self.sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
 
 
-def log(message):
-    if mpi.is_root():
-        tqdm.write(message)
-
-
 def load_or_make_labels(hparams: HParams, training: "RewardTraining", label_type, encoding, encoder):
     """The label set: read and validated from `labels.source`, or made by the synthetic judge (demo)."""
     task = hparams.task
@@ -194,7 +191,7 @@ def load_or_make_labels(hparams: HParams, training: "RewardTraining", label_type
     if mpi.is_root():
         records = make_synthetic_labels(training, label_type, hparams, encoder, count)
         labeler.write_label_file(path, records)
-        log(f"wrote {count} {label_type.name} labels from judge {hparams.labels.judge!r} to {path}")
+        stats.log(f"wrote {count} {label_type.name} labels from judge {hparams.labels.judge!r} to {path}")
     mpi.barrier()
     return label_types.load_labels(path, label_type, query_length=task.query_length,
                                    response_length=task.response_length, encoding=encoding)
@@ -220,10 +217,7 @@ def train(hparams: HParams):
     save_dir = hparams.run.save_dir
     task = hparams.task
     label_type = label_types.get(hparams.labels.type)
-    num_steps = hparams.labels.num_train // hparams.batch_size
-    if num_steps * hparams.batch_size != hparams.labels.num_train:
-        raise ValueError(f"labels.num_train={hparams.labels.num_train} must be a multiple of "
-                         f"batch_size={hparams.batch_size} (one pass in whole batches)")
+    num_steps = hparams.labels.num_train // hparams.batch_size  # exact: checked by HParams.check
     trained_model = TrainedModel(task.policy.initial_model)
     encoding = trained_model.encoding
     encoder = encoding.get_encoder()
@@ -250,7 +244,7 @@ def train(hparams: HParams):
                                                                          float(np.std(scales)))
             training.normalize(query_batches, target_mean, target_std, "before training")
 
-        progress = tqdm(range(num_steps), desc="reward model", disable=not mpi.is_root())
+        progress = stats.progress_bar(range(num_steps), "reward model")
         for step in progress:
             lr = hparams.lr * (1 - step / num_steps)  # linear decay to 0 over the pass
             global_ids = np.arange(step * hparams.batch_size, (step + 1) * hparams.batch_size)
@@ -262,6 +256,9 @@ def train(hparams: HParams):
             if hparams.labels.num_valid and (last or (step + 1) % hparams.run.log_interval == 0):
                 record.update({f"valid/{k}": v for k, v in training.evaluate(valid_labels).items()})
             logger.write(step + 1, record)
+            if last or (step + 1) % hparams.run.log_interval == 0:
+                stats.log(f"reward model step {step + 1}/{num_steps} | " + " | ".join(
+                    f"{name} {value:.4f}" for name, value in sorted(record.items())))
             progress.set_postfix({k.split("/", 1)[1] + ("" if k.startswith("train") else "(valid)"): f"{v:.3f}"
                                   for k, v in record.items() if k != "train/lr"})
 
@@ -270,9 +267,9 @@ def train(hparams: HParams):
         if hparams.debug_normalize:
             mean, std = rewards.mean_and_std_over_ranks(
                 training.rewards_on_policy_samples(query_batches, hparams.debug_normalize))
-            log(f"rewards on {hparams.debug_normalize} fresh samples: mean {mean:.4f} ± std {std:.4f}")
+            stats.log(f"rewards on {hparams.debug_normalize} fresh samples: mean {mean:.4f} ± std {std:.4f}")
         mpi.check_identical_across_ranks(training.sess, training.reward_model.get_params(), "reward_model")
         training.save(save_dir, num_steps)
         logger.close()
-        log(f"saved the reward model to {os.path.join(save_dir, 'reward_model')}")
+        stats.log(f"saved the reward model to {os.path.join(save_dir, 'reward_model')}")
         return training

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import json
 import typing
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 _NONE_STRINGS = {"none", "null"}
 _TRUE_STRINGS = {"true", "on", "yes", "1"}

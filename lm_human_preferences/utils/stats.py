@@ -46,3 +46,19 @@ def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
             for value in event.summary.value:
                 scalars[value.tag].append((event.step, value.simple_value))
     return {tag: sorted(values) for tag, values in scalars.items()}
+
+
+# ----- console ---------------------------------------------------------------------------------------------------
+
+def progress_bar(iterable, desc: str):
+    """A tqdm bar on rank 0 when stderr is a terminal; none in logs (the per-step lines say it all there)."""
+    import sys
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, disable=not (mpi.is_root() and sys.stderr.isatty()), dynamic_ncols=True)
+
+
+def log(message: str):
+    """Print on rank 0 without breaking a progress bar."""
+    if mpi.is_root():
+        from tqdm import tqdm
+        tqdm.write(message)

@@ -1,0 +1,143 @@
+"""The offline demo: the whole method on a CPU with no network (`./launch.py demo`, `make demo`).
+
+A synthetic judge with a known preference plays the human labeler: it labels samples of the initial
+policy, a reward model learns those labels, and PPO fine-tunes the policy against the reward model under
+the KL penalty. Because the judge's preference is known, the report can say what no real run can: how
+much the policy improved by the true objective, and how well the reward model agrees with it.
+"""
+
+import math
+import os
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+from lm_human_preferences import labeler, launcher, lm_tasks, rewards, train_policy
+from lm_human_preferences.language.trained_models import TrainedModel
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.utils import files, stats
+
+
+def mean_and_stderr(values):
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int = 12345):
+    """The judge's true score of the initial and the trained policy on the same held-out queries, the reward
+    model's agreement with the judge on pairs of initial-policy samples, and the trained policy's KL."""
+    task, save_dir = hparams.task, hparams.run.save_dir
+    judge = labeler.get_judge(hparams.run.judge)
+    initial_model = TrainedModel(task.policy.initial_model)
+    trained_model = TrainedModel("policy", savedir=files.join(save_dir, "policy"), scope="policy")
+    reward_source = (files.join(save_dir, "reward_model") if hparams.rewards.trained_model is None
+                     else hparams.rewards.trained_model)
+    reward_model_files = TrainedModel("reward_model", savedir=reward_source, scope="reward_model")
+    encoder = initial_model.encoding.get_encoder()
+    padding = initial_model.encoding.padding_token
+    queries = next(lm_tasks.query_batches(task, encoder, num_queries, mode="test", seed=seed, rank=0, size=1))
+
+    with tf.Graph().as_default():
+        tf.set_random_seed(seed)
+        embed = lm_tasks.query_formatter(task, encoder)
+        initial = Policy(initial_model, scope="ref_policy", temperature=task.policy.temperature, embed_queries=embed)
+        trained = Policy(trained_model, scope="policy", temperature=task.policy.temperature, embed_queries=embed)
+        reward_model = rewards.RewardModelTrainer(reward_model_files, scope="reward_model")
+        queries_ph = tf.placeholder(tf.int32, [None, task.query_length])
+        responses_ph = tf.placeholder(tf.int32, [None, task.response_length])
+        initial_op = initial.respond_op(queries_ph, task.response_length)
+        trained_op = trained.respond_op(queries_ph, task.response_length)
+        ref_logprobs_op = initial.analyze_responses_op(queries_ph, responses_ph)["logprobs"]
+        rewards_op = reward_model.get_rewards_op(queries_ph, responses_ph)
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+
+            def judged(responses):
+                return labeler.judge_scores(judge, encoder, queries, lm_tasks.postprocess_responses(responses, task, padding))
+
+            initial_a = sess.run(initial_op, {queries_ph: queries})["responses"]
+            initial_b = sess.run(initial_op, {queries_ph: queries})["responses"]
+            after = sess.run(trained_op, {queries_ph: queries})
+            ref_logprobs = sess.run(ref_logprobs_op, {queries_ph: queries, responses_ph: after["responses"]})
+            reward_a, reward_b = (sess.run(rewards_op, {queries_ph: queries,
+                                                        responses_ph: lm_tasks.postprocess_responses(r, task, padding)})
+                                  for r in (initial_a, initial_b))
+
+    judge_a, judge_b, judge_after = judged(initial_a), judged(initial_b), judged(after["responses"])
+    decided = judge_a != judge_b
+    agreement = float(np.mean(np.sign(reward_b - reward_a)[decided] == np.sign(judge_b - judge_a)[decided]))
+    return {
+        "judge": hparams.run.judge,
+        "queries": num_queries,
+        "initial_judge_score": mean_and_stderr(judge_a),
+        "trained_judge_score": mean_and_stderr(judge_after),
+        "reward_model_agreement": agreement,
+        "agreement_pairs": int(decided.sum()),
+        "kl_to_reference": mean_and_stderr((after["logprobs"] - ref_logprobs).sum(axis=1)),
+        "trained_examples": [encoder.decode(r) for r in lm_tasks.postprocess_responses(after["responses"][:4], task, padding)],
+        "initial_examples": [encoder.decode(r) for r in lm_tasks.postprocess_responses(initial_a[:4], task, padding)],
+    }
+
+
+def format_report(report) -> str:
+    (m0, s0), (m1, s1) = report["initial_judge_score"], report["trained_judge_score"]
+    kl, kl_se = report["kl_to_reference"]
+    lines = [
+        "=" * 80,
+        f"Demo report: judge {report['judge']!r}, {report['queries']} held-out queries",
+        f"  judge's true score, initial policy: {m0:.4f} ± {s0:.4f} (standard error)",
+        f"  judge's true score, trained policy: {m1:.4f} ± {s1:.4f}   "
+        f"(change {m1 - m0:+.4f} = {(m1 - m0) / math.hypot(s0, s1):+.1f} standard errors)",
+        f"  reward model agrees with the judge on {100 * report['reward_model_agreement']:.1f}% of "
+        f"{report['agreement_pairs']} pairs of initial-policy samples (chance: 50%)",
+        f"  KL(trained || initial) per response: {kl:.3f} ± {kl_se:.3f} nats",
+        "  initial samples: " + " | ".join(report["initial_examples"]),
+        "  trained samples: " + " | ".join(report["trained_examples"]),
+    ]
+    return "\n".join(lines)
+
+
+PLOTS = [
+    ("objective/judge", "judge's true score (rollouts)"),
+    ("objective/score", "reward-model score (rollouts)"),
+    ("objective/kl", "KL to the reference (nats)"),
+    ("objective/kl_coef", "kl_coef"),
+    ("train/loss", "reward model: training loss"),
+    ("train/accuracy", "reward model: training accuracy"),
+]
+
+
+def plot_learning_curves(save_dir: str) -> str:
+    """Learning curves from the run's TensorBoard events, as a PNG in the run directory."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scalars = stats.read_scalars(os.path.join(save_dir, "tb"))
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for axis, (tag, title) in zip(axes.flat, PLOTS):
+        steps, values = zip(*scalars[tag]) if scalars.get(tag) else ((), ())
+        axis.plot(steps, values)
+        if tag.startswith("train/") and scalars.get(tag.replace("train/", "valid/")):
+            axis.plot(*zip(*scalars[tag.replace("train/", "valid/")]), "o-", label="held out")
+            axis.legend()
+        axis.set_title(title)
+        axis.set_xlabel("reward-model step" if tag.startswith("train/") else "PPO update")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = os.path.join(save_dir, "learning_curves.png")
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def run_demo(name: str = "demo", save_dir: str = "/tmp/save/demo", overrides=None):
+    """Train with the `demo` experiment, then print the report and the path of the learning curves."""
+    hparams = launcher.resolve_hparams("train_policy", "demo", name, save_dir=save_dir, overrides=overrides)
+    train_policy.train(hparams)
+    report = evaluate(hparams)
+    print(format_report(report))
+    path = plot_learning_curves(hparams.run.save_dir)
+    print(f"learning curves: {path}")
+    print(f"TensorBoard: tensorboard --logdir {os.path.join(hparams.run.save_dir, 'tb')}")
+    return report, path
