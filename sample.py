@@ -44,7 +44,7 @@ def sample(save_dir, savescope="policy", temperature=None, nsamples=10, batch_si
     from lm_human_preferences import lm_tasks, train_policy
     from lm_human_preferences.language.trained_models import TrainedModel
     from lm_human_preferences.policy import Policy
-    from lm_human_preferences.utils import files
+    from lm_human_preferences.utils import devices, files
     from lm_human_preferences.utils import mpi as mpi_utils
 
     tf.compat.v1.disable_eager_execution()
@@ -68,7 +68,7 @@ def sample(save_dir, savescope="policy", temperature=None, nsamples=10, batch_si
         queries_ph = tf.compat.v1.placeholder(tf.int32, [None, task.query_length])
         responses_op = policy.respond_op(queries_ph, task.response_length)["responses"]
         query_batches = lm_tasks.query_batches(task, encoder, batch_size, mode="test", seed=seed or 0)
-        with tf.compat.v1.Session() as sess:
+        with devices.new_session() as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
             printed = 0
             while not per_rank or printed < per_rank:

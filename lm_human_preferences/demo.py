@@ -15,7 +15,7 @@ import tensorflow.compat.v1 as tf
 from lm_human_preferences import labeler, launcher, lm_tasks, rewards, train_policy
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.utils import files, stats
+from lm_human_preferences.utils import devices, files, stats
 
 
 def mean_and_stderr(values):
@@ -49,7 +49,7 @@ def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int
         trained_op = trained.respond_op(queries_ph, task.response_length)
         ref_logprobs_op = initial.analyze_responses_op(queries_ph, responses_ph)["logprobs"]
         rewards_op = reward_model.get_rewards_op(queries_ph, responses_ph)
-        with tf.Session() as sess:
+        with devices.new_session() as sess:
             sess.run(tf.global_variables_initializer())
 
             def judged(responses):

@@ -13,7 +13,7 @@ from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.ppo import PpoHParams
-from lm_human_preferences.utils import hyperparams, mpi, stats, train_ops
+from lm_human_preferences.utils import devices, hyperparams, mpi, stats, train_ops
 from lm_human_preferences.utils.hyperparams import require
 
 
@@ -112,7 +112,7 @@ class PPOTrainer:
         self.optimizer = train_ops.Optimizer(self.loss, self.policy.get_params(), self.lr, epsilon=1e-5,
                                              micro_batches=ppo_hp.micro_batches)
         self.saver = tf.train.Saver(self.policy.get_params(), max_to_keep=2)
-        self.sess = tf.Session()
+        self.sess = devices.new_session(xla=hparams.run.xla)
         self.sess.run(tf.global_variables_initializer())
         mpi.broadcast_variables(self.sess, tf.global_variables())
 

@@ -11,7 +11,7 @@ from lm_human_preferences import label_types, labeler, lm_tasks, rewards
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.utils import hyperparams, mpi, stats, train_ops
+from lm_human_preferences.utils import devices, hyperparams, mpi, stats, train_ops
 from lm_human_preferences.utils.hyperparams import require
 
 
@@ -22,6 +22,7 @@ class RunHParams(hyperparams.HParams):
     save_interval: int = 50  # write a checkpoint every this many updates (and always at the end)
     save_dir: Optional[str] = None  # where the run is saved: SAVE_DIR/NAME from the command line
     judge: Optional[str] = None  # a synthetic judge (labeler) whose true score of each rollout is logged as objective/judge
+    xla: bool = False  # compile with XLA auto-clustering (see the README's Performance section)
 
 
 @dataclass
@@ -119,7 +120,7 @@ class RewardTraining:
         self.optimizer = train_ops.Optimizer(self.loss, self.reward_model.get_params(), self.lr,
                                              epsilon=1e-5)
         self.saver = tf.train.Saver(self.reward_model.get_params(), max_to_keep=1)
-        self.sess = tf.Session()
+        self.sess = devices.new_session(xla=hparams.run.xla)
         self.sess.run(tf.global_variables_initializer())
         mpi.broadcast_variables(self.sess, tf.global_variables())
 
