@@ -17,7 +17,7 @@ test: $(PY)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests
 
 demo: $(PY)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) launch.py train_policy demo demo --save_dir /tmp/save/lm-human-preferences-demo
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) launch.py demo
 
 bench: $(PY)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) bench.py

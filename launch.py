@@ -3,6 +3,7 @@
 
     ./launch.py train_reward EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--some.hparam VALUE ...]
     ./launch.py train_policy EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--some.hparam VALUE ...]
+    ./launch.py demo [NAME] [--save_dir DIR] [--some.hparam VALUE ...]   the offline demo, with a report
     ./launch.py label ...            write a label file with a synthetic judge (see README, "Offline demo")
     ./launch.py experiments          list the registered experiments
 
@@ -32,6 +33,14 @@ def train_policy(experiment, name, mpi=1, save_dir=None, dry_run=False, **overri
                     overrides=overrides)
 
 
+def demo(name="demo", save_dir="/tmp/save/demo", **overrides):
+    """The offline demo: synthetic labels -> reward model -> PPO, then a report and learning curves."""
+    import tensorflow as tf
+    from lm_human_preferences import demo as demo_module
+    tf.compat.v1.disable_eager_execution()
+    demo_module.run_demo(name, save_dir, overrides=overrides)
+
+
 def list_experiments():
     """Print the registered experiments of each command."""
     for command, registry in experiments.EXPERIMENTS.items():
@@ -40,8 +49,8 @@ def list_experiments():
 
 def main():
     try:
-        fire.Fire({"train_reward": train_reward, "train_policy": train_policy, "experiments": list_experiments},
-                  name="launch.py")
+        fire.Fire({"train_reward": train_reward, "train_policy": train_policy, "demo": demo,
+                   "experiments": list_experiments}, name="launch.py")
     except ValueError as error:  # user errors (bad hparams, label files, paths): one clear line
         if os.environ.get("LMHP_TRACEBACK"):
             raise
