@@ -1,13 +1,22 @@
 """A synthetic labeler for the offline demo: a programmatic judge with a known preference plays the human.
 
-A judge maps a response's text to a score. `make_records` turns queries and policy samples into label records
-in exactly the released JSON format (best_of_N, scalar_rating, scalar_compare); with a temperature > 0 the
-judge chooses like a noisy human, by a softmax over its scores. `./launch.py label` writes such a file.
+A judge maps (query text, response text) to a score. `make_records` turns queries and policy samples into
+label records in exactly the released JSON format (SPEC section 7):
+
+* best_of_N:      {"query": [...], "sample0": [...], ..., "sample{N-1}": [...], "best": int}
+* scalar_rating:  {"query": [...], "sample": [...], "score": float}
+* scalar_compare: {"query": [...], "sample0": [...], "sample1": [...], "difference": float}  # judge(s1) − judge(s0)
+
+`temperature` is the judge's noise, in judge-score units: a best_of_N choice is drawn from a softmax over
+the scores at that temperature (0: always the best, ties broken at random), as a human who sometimes picks
+a worse sample; scalar labels get Gaussian noise with that standard deviation (0: exact).
+
+No TensorFlow here: the sampling of queries and responses from a policy is the caller's (train_reward.py).
 """
 
 import json
 import re
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -15,76 +24,121 @@ from lm_human_preferences.utils import files
 
 Judge = Callable[[str, str], float]  # (query text, response text) -> score
 
+VOWELS = "aeiou"
+
 
 def letter_density(letter: str) -> Judge:
-    """Prefers responses in which `letter` is frequent: the fraction of the response's characters that are it."""
+    """A judge that prefers responses in which `letter` is frequent: the fraction of the response's characters
+    that are `letter`, either case (0 for an empty response)."""
+    letter = letter.lower()
+
     def judge(query: str, response: str) -> float:
-        return response.count(letter) / len(response) if response else 0.0
+        return response.lower().count(letter) / len(response) if response else 0.0
     judge.__name__ = f"letter_{letter}"
     return judge
 
 
 def vowel_density(query: str, response: str) -> float:
-    """Prefers responses rich in vowels (a, e, i, o, u)."""
-    return sum(response.count(v) for v in "aeiou") / len(response) if response else 0.0
+    """A judge that prefers vowel-rich responses: the fraction of the response's characters that are a, e,
+    i, o or u, either case (0 for an empty response)."""
+    if not response:
+        return 0.0
+    lowered = response.lower()
+    return sum(lowered.count(vowel) for vowel in VOWELS) / len(response)
 
 
-JUDGES: Dict[str, str] = {
-    "letter_X": "fraction of the response's characters that are the letter X (e.g. letter_e)",
-    "vowels": "fraction of the response's characters that are vowels",
+# name pattern -> (judge factory given the pattern's match, what it prefers)
+JUDGES: Dict[str, Tuple[Callable[[re.Match], Judge], str]] = {
+    r"letter_([a-zA-Z])": (lambda match: letter_density(match.group(1)),
+                           "letter_X: the fraction of the response's characters that are the letter X (e.g. letter_e)"),
+    r"vowels": (lambda match: vowel_density, "vowels: the fraction of the response's characters that are vowels"),
 }
 
 
 def get_judge(name: str) -> Judge:
-    match = re.fullmatch(r"letter_(\w)", name or "")
-    if match:
-        return letter_density(match.group(1))
-    if name == "vowels":
-        return vowel_density
-    raise ValueError(f"unknown judge {name!r}; known judges: "
-                     + "; ".join(f"{judge} ({what})" for judge, what in JUDGES.items()))
+    """The judge called `name` (see JUDGES); a ValueError lists the known ones."""
+    for pattern, (make_judge, _) in JUDGES.items():
+        match = re.fullmatch(pattern, name or "")
+        if match:
+            return make_judge(match)
+    raise ValueError(f"unknown judge {name!r}; known judges: " + "; ".join(what for _, what in JUDGES.values()))
 
 
 def judge_scores(judge: Judge, encoder, queries: np.ndarray, responses: np.ndarray) -> np.ndarray:
-    """The judge's scores of decoded responses [b] (padding decodes to nothing)."""
-    return np.array([judge(encoder.decode(q), encoder.decode(r)) for q, r in zip(queries, responses)], np.float64)
+    """The judge's scores of decoded responses. queries [b, query_length], responses [b, response_length]
+    -> [b] float64 (padding decodes to nothing)."""
+    return np.array([judge(encoder.decode(query), encoder.decode(response))
+                     for query, response in zip(queries, responses)], np.float64)
 
 
-def choose(scores: np.ndarray, temperature: float, rng: np.random.RandomState) -> int:
-    """The judge's pick among samples: the best (ties at random) at temperature 0, else a softmax draw."""
+def choose(scores: Sequence[float], temperature: float, rng: np.random.RandomState) -> int:
+    """The judge's pick among samples with these scores: at temperature 0 the best (ties at random, so that
+    equal samples show no position bias), else a draw from softmax(scores / temperature)."""
     scores = np.asarray(scores, np.float64)
+    if temperature < 0:
+        raise ValueError(f"the judge's temperature must be >= 0 (0 = always its best), got {temperature}")
     if temperature == 0:
         return int(rng.choice(np.flatnonzero(scores == scores.max())))
-    logits = (scores - scores.max()) / temperature
+    logits = (scores - scores.max()) / temperature  # shifted so that exp cannot overflow
     probabilities = np.exp(logits) / np.exp(logits).sum()
     return int(rng.choice(len(scores), p=probabilities))
 
 
+def _record_layout(label_type) -> Tuple[str, int]:
+    """('best_of_N' | 'scalar_rating' | 'scalar_compare', samples per record) from a label type or its name."""
+    name = label_type if isinstance(label_type, str) else getattr(label_type, "name", None)
+    match = re.fullmatch(r"best_of_(\d+)", name or "")
+    if match and int(match.group(1)) >= 2:
+        return "best_of_N", int(match.group(1))
+    if name == "scalar_rating":
+        return name, 1
+    if name == "scalar_compare":
+        return name, 2
+    raise ValueError(f"the labeler cannot make {name!r} labels; accepted label types: best_of_N (N >= 2, "
+                     "e.g. best_of_4), scalar_rating, scalar_compare")
+
+
+def _tokens(row) -> List[int]:
+    return [int(token) for token in row]  # numpy ints are not JSON; the released files hold plain ints
+
+
 def make_records(label_type, queries: np.ndarray, samples: Sequence[np.ndarray], judge: Judge, encoder,
                  temperature: float, rng: np.random.RandomState) -> List[dict]:
-    """Label records in the released format. queries [b, query_length]; samples: label_type.num_samples arrays
-    [b, response_length] (sample i of every query)."""
-    if len(samples) != label_type.num_samples:
-        raise ValueError(f"{label_type.name} needs {label_type.num_samples} samples per query, got {len(samples)}")
-    scores = np.stack([judge_scores(judge, encoder, queries, s) for s in samples], axis=1)  # [b, num_samples]
-    noise = (lambda: rng.gumbel() * temperature) if temperature > 0 else (lambda: 0.0)
+    """Label records in the released format, one per query.
+
+    label_type: a `label_types.LabelType` or its name; queries: [b, query_length] token ids;
+    samples: the label type's number of samples per record, each [b, response_length] (sample i of every
+    query), e.g. 4 arrays for best_of_4; judge: see `get_judge`; encoder: decodes tokens for the judge;
+    temperature: the judge's noise (module docstring); rng: all randomness (ties, choices, noise)."""
+    layout, num_samples = _record_layout(label_type)
+    if temperature < 0:
+        raise ValueError(f"the judge's temperature must be >= 0 (0 = no noise), got {temperature}")
+    queries = np.asarray(queries)
+    samples = [np.asarray(sample) for sample in samples]
+    if len(samples) != num_samples:
+        raise ValueError(f"{layout} records need {num_samples} samples per query, got {len(samples)}")
+    for index, sample in enumerate(samples):
+        if sample.ndim != 2 or sample.shape[0] != queries.shape[0]:
+            raise ValueError(f"sample {index} must be [batch={queries.shape[0]}, response_length] token ids, "
+                             f"got shape {sample.shape}")
+    scores = np.stack([judge_scores(judge, encoder, queries, sample) for sample in samples], axis=1)  # [b, N]
+
     records = []
     for i, query in enumerate(queries):
-        record = {"query": [int(t) for t in query]}
-        fields = label_type.sample_fields()
-        for field, sample in zip(fields, samples):
-            record[field] = [int(t) for t in sample[i]]
-        answer, kind = next(iter(label_type.label_fields().items()))
-        if kind == "index":
-            record[answer] = choose(scores[i], temperature, rng)
-        elif label_type.num_samples == 1:
-            record[answer] = float(scores[i, 0] + noise())
-        else:
-            record[answer] = float(scores[i, 1] - scores[i, 0] + noise())
+        record = {"query": _tokens(query)}
+        if layout == "best_of_N":
+            record.update({f"sample{n}": _tokens(sample[i]) for n, sample in enumerate(samples)})
+            record["best"] = choose(scores[i], temperature, rng)
+        elif layout == "scalar_rating":
+            record["sample"] = _tokens(samples[0][i])
+            record["score"] = float(scores[i, 0] + temperature * rng.standard_normal())
+        else:  # scalar_compare
+            record["sample0"], record["sample1"] = _tokens(samples[0][i]), _tokens(samples[1][i])
+            record["difference"] = float(scores[i, 1] - scores[i, 0] + temperature * rng.standard_normal())
         records.append(record)
     return records
 
 
 def write_label_file(path: str, records: List[dict]):
-    """Write records as a JSON list, atomically (a reader never sees half a file)."""
+    """Write records as a JSON list, atomically (temporary file + rename: a reader never sees half a file)."""
     files.write_text_atomic(path, json.dumps(records) + "\n")

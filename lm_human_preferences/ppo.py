@@ -1,10 +1,18 @@
 """PPO for language models (SPEC section 8): hyperparameters, the KL controllers, and the pure graph functions
 of one update — KL-penalised rewards, whitening, GAE, the clipped losses and their statistics.
 
-The trainer (`train_policy.py`) computes advantages and returns over a whole minibatch first
-(`advantages_and_returns`), then the loss over micro-batches of it (`ppo_loss`): every term of the loss is a
-mean over tokens, so with equal micro-batches the summed gradients of loss/micro_batches equal the gradient
-of the minibatch loss, and gradient accumulation changes memory, not the update.
+An episode is one query and its `T = response_length` response tokens; every tensor here is [batch, T] unless
+said otherwise, and each response token is one PPO time step.
+
+The trainer (`train_policy.py`) splits a minibatch step in two:
+
+1. `advantages_and_returns` over the whole minibatch (reward whitening and advantage whitening are minibatch
+   statistics, so they must not be computed per micro-batch), then
+2. `ppo_loss` over each micro-batch of it. Every term of the loss is a mean over tokens, so with equal-sized
+   micro-batches the sum over micro-batches of grad(loss) / micro_batches equals the gradient of the minibatch
+   loss: gradient accumulation changes the memory needed, not the update.
+
+`minibatch_loss` chains the two for a minibatch taken whole.
 """
 
 from dataclasses import dataclass
@@ -14,6 +22,8 @@ import tensorflow.compat.v1 as tf
 
 from lm_human_preferences.utils import hyperparams
 from lm_human_preferences.utils.hyperparams import require
+
+WHITEN_EPSILON = 1e-8  # inside the rsqrt, so constant inputs whiten to 0 instead of NaN
 
 
 @dataclass
@@ -25,8 +35,8 @@ class PpoHParams(hyperparams.HParams):
     lr: float = 5e-6  # Adam learning rate at the start; annealed linearly to 0 over all updates
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     cliprange: float = 0.2  # policy ratio clip: ratio in [1 - c, 1 + c]
-    cliprange_value: float = 0.2  # value clip: new values within old values ± c
-    gamma: float = 1.0  # discount per token
+    cliprange_value: float = 0.2  # value clip: new values within old values ± c (reward units)
+    gamma: float = 1.0  # discount per response token
     lam: float = 0.95  # GAE lambda
     whiten_rewards: bool = True  # rescale per-token rewards to unit variance per minibatch (mean kept)
     micro_batches: int = 1  # split each minibatch into this many micro-batches whose gradients are summed
@@ -36,111 +46,137 @@ class PpoHParams(hyperparams.HParams):
         for name in ("total_episodes", "batch_size", "nminibatches", "noptepochs", "micro_batches"):
             require(getattr(self, name) > 0, f"{prefix}{name} must be positive, got {getattr(self, name)}")
         require(self.lr >= 0, f"{prefix}lr must be >= 0, got {self.lr}")
-        require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
-                f"{prefix}gamma and {prefix}lam must be in [0, 1], got {self.gamma} and {self.lam}")
-        require(self.cliprange > 0 and self.cliprange_value > 0,
-                f"{prefix}cliprange and {prefix}cliprange_value must be positive")
+        require(self.vf_coef >= 0, f"{prefix}vf_coef must be >= 0, got {self.vf_coef}")
+        for name in ("gamma", "lam"):
+            require(0 <= getattr(self, name) <= 1, f"{prefix}{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("cliprange", "cliprange_value"):
+            require(getattr(self, name) > 0, f"{prefix}{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
 class AdaptiveKLParams(hyperparams.HParams):
-    target: float = None  # the KL (nats per response) that kl_coef is steered toward
-    horizon: int = 10000  # episodes over which a proportional error of 1 would change kl_coef by e-fold
+    target: float = None  # the KL to the reference policy (nats per response) that kl_coef steers toward
+    horizon: int = 10000  # episodes over which a proportional error of 1 would change kl_coef e-fold
 
     def check(self, prefix):
-        require(self.target > 0, f"{prefix}target must be positive, got {self.target}")
-        require(self.horizon > 0, f"{prefix}horizon must be positive, got {self.horizon}")
+        require(self.target > 0, f"{prefix}target must be positive (nats), got {self.target}")
+        require(self.horizon > 0, f"{prefix}horizon must be positive (episodes), got {self.horizon}")
 
 
-# ----- KL controllers --------------------------------------------------------------------------------------------
+# ----- KL controllers (host side, updated once per PPO update) ----------------------------------------------------
 
 class FixedKLController:
+    """A constant kl_coef."""
+
     def __init__(self, kl_coef: float):
-        self.value = kl_coef
+        self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int):
-        pass
+        """Nothing to adapt."""
 
 
 class AdaptiveKLController:
-    """kl_coef ← kl_coef · (1 + clip(KL/target − 1, ±0.2) · n_steps / horizon): a clipped proportional rule."""
+    """A proportional controller that steers the KL toward `target` (Ziegler et al. 2019, section 2.2):
+    error = clip(KL / target − 1, −0.2, 0.2); kl_coef ← kl_coef · (1 + error · n_steps / horizon).
+
+    The clip bounds how fast kl_coef moves when the KL is far off, e.g. right at the start."""
+
+    ERROR_CLIP = 0.2
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value = init_kl_coef
-        self.target = target
+        if not target or target <= 0:
+            raise ValueError(f"rewards.adaptive_kl.target must be a positive KL in nats, got {target!r}")
+        if horizon <= 0:
+            raise ValueError(f"rewards.adaptive_kl.horizon must be a positive number of episodes, got {horizon!r}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
         self.horizon = horizon
 
     def update(self, current_kl: float, n_steps: int):
-        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+        """`current_kl`: mean KL per episode of the last update; `n_steps`: episodes in that update."""
+        proportional_error = float(np.clip(current_kl / self.target - 1, -self.ERROR_CLIP, self.ERROR_CLIP))
         self.value *= 1 + proportional_error * n_steps / self.horizon
 
 
-# ----- graph functions ------------------------------------------------------------------------------------------
+# ----- graph functions --------------------------------------------------------------------------------------------
 
 def whiten(values, shift_mean=True):
-    """Normalise to unit variance over all elements; with shift_mean=False the mean is kept (rewards)."""
+    """(values − mean) / std over all elements. With shift_mean=False the mean is added back: the values are
+    rescaled to unit variance but keep their mean (reward whitening, as in 2019)."""
     mean, variance = tf.nn.moments(values, axes=list(range(values.shape.ndims)))
-    whitened = (values - mean) * tf.rsqrt(variance + 1e-8)
+    whitened = (values - mean) * tf.rsqrt(variance + WHITEN_EPSILON)
     return whitened if shift_mean else whitened + mean
 
 
 def kl_penalized_rewards(logprobs, ref_logprobs, scores, kl_coef):
-    """Per-token rewards: −kl_coef·(logp − ref_logp), plus the episode's score at its last token.
-    logprobs, ref_logprobs [b, T]; scores [b] -> dict rewards, kl, non_score_rewards, each [b, T]."""
+    """Per-token rewards −kl_coef·(logp − ref_logp), with the episode's score added at its last token.
+
+    logprobs, ref_logprobs: [b, T] of the sampled tokens; scores: [b]; kl_coef: scalar.
+    Returns a dict of [b, T] tensors: `rewards`, `kl` (logp − ref_logp, whose sum over T estimates the
+    episode's KL) and `non_score_rewards` (the KL penalty alone)."""
     kl = logprobs - ref_logprobs  # [b, T]
-    non_score_rewards = -kl_coef * kl
+    non_score_rewards = -kl_coef * kl  # [b, T]
     length = tf.shape(kl)[1]
-    at_last_token = tf.one_hot(length - 1, length, dtype=scores.dtype)[None, :]  # [1, T]
-    rewards = non_score_rewards + scores[:, None] * at_last_token
+    at_last_token = tf.one_hot(length - 1, length, dtype=kl.dtype)[None, :]  # [1, T]
+    rewards = non_score_rewards + tf.cast(scores, kl.dtype)[:, None] * at_last_token  # [b, T]
     return {"rewards": rewards, "kl": kl, "non_score_rewards": non_score_rewards}
 
 
 def gae_advantages(rewards, values, gamma, lam):
-    """Generalised advantage estimation, backwards over the T tokens (static T), with value 0 after the end.
-    rewards, values [b, T] -> advantages [b, T]."""
-    length = rewards.shape.as_list()[1]
-    last_advantage = tf.zeros_like(rewards[:, 0])
-    advantages_reversed = []
-    for t in reversed(range(length)):
-        next_value = values[:, t + 1] if t < length - 1 else tf.zeros_like(values[:, t])
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_advantage = delta + gamma * lam * last_advantage
-        advantages_reversed.append(last_advantage)
-    return tf.stack(advantages_reversed[::-1], axis=1)
+    """Generalised advantage estimation. rewards, values: [b, T] -> advantages [b, T].
+
+    delta_t = r_t + γ·V_{t+1} − V_t with V_T = 0 (the episode ends after its last token), and
+    A_t = delta_t + γλ·A_{t+1}: a discounted cumulative sum of the deltas, run backwards over T."""
+    next_values = tf.concat([values[:, 1:], tf.zeros_like(values[:, :1])], axis=1)  # [b, T]
+    deltas = rewards + gamma * next_values - values  # [b, T]
+    advantages_time_major = tf.scan(lambda later_advantage, delta: delta + gamma * lam * later_advantage,
+                                    tf.transpose(deltas), initializer=tf.zeros_like(deltas[:, 0]),
+                                    reverse=True)  # [T, b]
+    return tf.transpose(advantages_time_major)  # [b, T]
 
 
 def advantages_and_returns(rewards, values, hparams: PpoHParams):
-    """Over one minibatch: optionally whiten rewards (scale only), GAE, returns = advantages + values, then
-    whiten the advantages. rewards, values [b, T] -> (advantages, returns), each [b, T]."""
+    """Over one whole minibatch: optionally whiten the rewards (scale only), GAE, returns = advantages + values,
+    then whiten the advantages. rewards, values: [b, T] -> (advantages, returns), each [b, T], no gradient."""
     if hparams.whiten_rewards:
         rewards = whiten(rewards, shift_mean=False)
-    advantages = gae_advantages(rewards, values, hparams.gamma, hparams.lam)
-    returns = advantages + values
+    advantages = gae_advantages(rewards, values, hparams.gamma, hparams.lam)  # [b, T]
+    returns = advantages + values  # [b, T]: the value head's regression target
     return tf.stop_gradient(whiten(advantages)), tf.stop_gradient(returns)
 
 
+def _fraction(condition):
+    return tf.reduce_mean(tf.cast(condition, tf.float32))
+
+
 def clipped_value_loss(vpred, old_values, returns, cliprange_value):
-    """0.5·mean(max((v − R)², (clip(v, v_old ± c) − R)²)) and the fraction of tokens where the clip binds."""
+    """0.5·mean(max((v − R)², (clip(v, v_old ± c) − R)²)) and the fraction of tokens where the clipped term is
+    the larger one (where the clip binds). All inputs [b, T]; outputs are scalars."""
     vpred_clipped = tf.clip_by_value(vpred, old_values - cliprange_value, old_values + cliprange_value)
-    losses, losses_clipped = tf.square(vpred - returns), tf.square(vpred_clipped - returns)
+    losses = tf.square(vpred - returns)  # [b, T]
+    losses_clipped = tf.square(vpred_clipped - returns)  # [b, T]
     loss = 0.5 * tf.reduce_mean(tf.maximum(losses, losses_clipped))
-    clipfrac = tf.reduce_mean(tf.cast(tf.greater(losses_clipped, losses), tf.float32))
-    return loss, clipfrac
+    return loss, _fraction(losses_clipped > losses)
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, cliprange):
-    """mean(max(−A·ratio, −A·clip(ratio, 1 ± c))), the clip fraction, and approxkl = 0.5·mean((Δ logp)²)."""
-    ratio = tf.exp(logprobs - old_logprobs)
-    losses = -advantages * ratio
-    losses_clipped = -advantages * tf.clip_by_value(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    """mean(max(−A·ratio, −A·clip(ratio, 1 ± c))) with ratio = exp(logp − old_logp), the fraction of tokens
+    where the clip binds, and approxkl = 0.5·mean((logp − old_logp)²). All inputs [b, T]; outputs scalars."""
+    log_ratio = logprobs - old_logprobs  # [b, T]
+    ratio = tf.exp(log_ratio)
+    losses = -advantages * ratio  # [b, T]
+    losses_clipped = -advantages * tf.clip_by_value(ratio, 1.0 - cliprange, 1.0 + cliprange)  # [b, T]
     loss = tf.reduce_mean(tf.maximum(losses, losses_clipped))
-    clipfrac = tf.reduce_mean(tf.cast(tf.greater(losses_clipped, losses), tf.float32))
-    approxkl = 0.5 * tf.reduce_mean(tf.square(logprobs - old_logprobs))
-    return loss, clipfrac, approxkl
+    approxkl = 0.5 * tf.reduce_mean(tf.square(log_ratio))
+    return loss, _fraction(losses_clipped > losses), approxkl
 
 
 def ppo_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, advantages, returns, hparams: PpoHParams):
-    """The PPO loss of a (micro-)batch and its statistics (SPEC section 8 names). All inputs [b, T]."""
+    """The PPO loss pg + vf_coef·vf of a (micro-)batch and its statistics, named as in SPEC section 8.
+
+    logprobs, vpred, entropies: the current policy's, [b, T]; old_logprobs, old_values: the rollout's, [b, T];
+    advantages, returns: from `advantages_and_returns` over the enclosing minibatch, [b, T].
+    `ppo/val/var_explained` is left to `var_explained`, computed once the statistics are averaged."""
     vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values, returns, hparams.cliprange_value)
     pg_loss, pg_clipfrac, approxkl = clipped_policy_loss(logprobs, old_logprobs, advantages, hparams.cliprange)
     loss = pg_loss + hparams.vf_coef * vf_loss
@@ -165,5 +201,18 @@ def ppo_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, advantages
 
 
 def var_explained(stats):
-    """1 − error / var(returns), from statistics already averaged over minibatches and ranks (as in 2019)."""
-    return 1.0 - stats["ppo/val/error"] / max(stats["ppo/returns/var"], 1e-8)
+    """1 − error / var(returns): the share of the returns' variance the value head explains. Works on floats
+    (statistics already averaged over minibatches and ranks, as in 2019) and on scalar tensors."""
+    if isinstance(stats["ppo/val/error"], tf.Tensor):
+        return 1.0 - stats["ppo/val/error"] / tf.maximum(stats["ppo/returns/var"], WHITEN_EPSILON)
+    return 1.0 - stats["ppo/val/error"] / max(stats["ppo/returns/var"], WHITEN_EPSILON)
+
+
+def minibatch_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, rewards, hparams: PpoHParams):
+    """The PPO loss and statistics of one minibatch taken whole: `advantages_and_returns` then `ppo_loss`.
+    rewards: per-token rewards from `kl_penalized_rewards`; all inputs [b, T]."""
+    advantages, returns = advantages_and_returns(rewards, old_values, hparams)
+    loss, stats = ppo_loss(logprobs=logprobs, vpred=vpred, entropies=entropies, old_logprobs=old_logprobs,
+                           old_values=old_values, advantages=advantages, returns=returns, hparams=hparams)
+    stats["ppo/val/var_explained"] = var_explained(stats)
+    return loss, stats

@@ -23,6 +23,12 @@ class RunHParams(hyperparams.HParams):
     save_dir: Optional[str] = None  # where the run is saved: SAVE_DIR/NAME from the command line
     judge: Optional[str] = None  # a synthetic judge (labeler) whose true score of each rollout is logged as objective/judge
     xla: bool = False  # compile with XLA auto-clustering (see the README's Performance section)
+    mixed_precision: bool = False  # compute the transformers in bfloat16 (float32 weights); a GPU speed switch
+
+    def check(self, prefix):
+        require(self.save_dir is None or "://" not in self.save_dir,
+                f"{prefix}save_dir={self.save_dir!r}: runs are saved to a local directory (remote URLs are "
+                "read-only here); save locally, then copy it, e.g. with `gsutil -m cp -r`")
 
 
 @dataclass
@@ -102,10 +108,12 @@ class RewardTraining:
         if seed is not None:
             tf.set_random_seed(seed)
         embed_queries = lm_tasks.query_formatter(task, encoder)
-        self.reward_model = rewards.RewardModelTrainer(trained_model, scope="reward_model")
+        compute_dtype = tf.bfloat16 if hparams.run.mixed_precision else tf.float32
+        self.reward_model = rewards.RewardModelTrainer(trained_model, scope="reward_model",
+                                                       compute_dtype=compute_dtype)
         # The initial policy: what the labelers were shown, and what the normalisation is measured on.
         self.policy = Policy(trained_model, scope="ref_policy", temperature=task.policy.temperature,
-                             embed_queries=embed_queries)
+                             embed_queries=embed_queries, compute_dtype=compute_dtype)
 
         self.queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
         self.responses = tf.placeholder(tf.int32, [None, task.response_length], name="responses")

@@ -1,44 +1,92 @@
-"""Statistics logging, in one place: TensorBoard event files (rank 0) and reading them back.
+"""Statistics logging, in one place: averaging over MPI ranks, TensorBoard event files and a compact console
+line (rank 0), and reading event files back (the demo's plot, tests) without TensorBoard.
 
-Trainers average their statistics over MPI ranks first (`mpi.mean_dict`) and hand the result to
-`StatsLogger.write`; only rank 0 writes. `read_scalars` reads a run's event files back (the demo's plot,
-tests) without TensorBoard.
+    logger = StatsLogger(os.path.join(save_dir, "tb"), console_keys=["objective/score", "objective/kl"])
+    averaged = logger.record(step, stats)   # collective: every rank calls it; rank 0 writes and prints
+    ...
+    logger.close()
+
+TensorFlow and MPI are imported only when needed: a single process never touches MPI.
 """
 
 import glob
 import os
+import sys
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from lm_human_preferences.utils import mpi
+
+def _is_root() -> bool:
+    from lm_human_preferences.utils import mpi
+    return mpi.is_root()
+
+
+def mean_over_ranks(stats: Dict[str, float]) -> Dict[str, float]:
+    """Each statistic averaged over MPI ranks (collective: every rank passes the same keys). One rank: floats."""
+    from lm_human_preferences.utils import mpi
+    return mpi.mean_dict(stats)
+
+
+def compact_line(step: int, stats: Dict[str, float], keys: Sequence[str], *, step_name: str = "step") -> str:
+    """One console line: `step 12 | objective/score 0.1234 | objective/kl 1.5`. Keys not in `stats` are
+    skipped (e.g. a judge's score exists only in the demo); numbers keep 4 significant digits."""
+    parts = [f"{step_name} {step}"] + [f"{key} {stats[key]:.4g}" for key in keys if key in stats]
+    return " | ".join(parts)
 
 
 class StatsLogger:
-    """Scalars to `logdir` as TensorBoard events (Summary protos, no graph ops); a no-op off rank 0."""
+    """Scalars to `logdir` as TensorBoard events (Summary protos, no graph ops) and, for `console_keys`, one
+    compact line per step on the console. Only an enabled logger (by default: on rank 0) writes or prints."""
 
-    def __init__(self, logdir: str, *, enabled: bool = None):
-        self.enabled = mpi.is_root() if enabled is None else enabled
+    def __init__(self, logdir: str, *, enabled: Optional[bool] = None, console_keys: Sequence[str] = (),
+                 step_name: str = "step"):
+        self.logdir = logdir
+        self.enabled = _is_root() if enabled is None else enabled
+        self.console_keys = list(console_keys)
+        self.step_name = step_name
         self.writer = None
         if self.enabled:
             import tensorflow.compat.v1 as tf
-            self.tf = tf
-            self.writer = tf.summary.FileWriter(logdir)
+            self._tf = tf
+            # FileWriter refuses eager mode; built under a throwaway graph it works in either mode and
+            # adds nothing to the caller's graph (we write protos, not summary ops).
+            with tf.Graph().as_default():
+                self.writer = tf.summary.FileWriter(logdir)
 
     def write(self, step: int, scalars: Dict[str, float]):
+        """Write statistics already averaged over ranks (no collective); a no-op when disabled."""
         if self.writer is None:
             return
-        summary = self.tf.Summary(value=[self.tf.Summary.Value(tag=tag, simple_value=float(value))
-                                         for tag, value in sorted(scalars.items())])
+        tf = self._tf
+        summary = tf.Summary(value=[tf.Summary.Value(tag=tag, simple_value=float(value))
+                                    for tag, value in sorted(scalars.items())])
         self.writer.add_summary(summary, global_step=step)
-        self.writer.flush()
+        self.writer.flush()  # the run may be killed at any time; what was logged should be on disk
+
+    def record(self, step: int, stats: Dict[str, float]) -> Dict[str, float]:
+        """Average `stats` over ranks (collective: every rank must call, enabled or not), write them, print the
+        console line of `console_keys`; return the averaged statistics."""
+        averaged = mean_over_ranks(stats)
+        self.write(step, averaged)
+        if self.enabled and self.console_keys:
+            from tqdm import tqdm
+            tqdm.write(compact_line(step, averaged, self.console_keys, step_name=self.step_name))  # keeps a bar intact
+        return averaged
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
 def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
-    """{tag: [(step, value), ...] in step order} from every event file under `logdir`."""
+    """{tag: [(step, value), ...] in step order} from every event file under `logdir` (recursively)."""
     import tensorflow.compat.v1 as tf
     scalars = defaultdict(list)
     for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)):
@@ -52,13 +100,12 @@ def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
 
 def progress_bar(iterable, desc: str):
     """A tqdm bar on rank 0 when stderr is a terminal; none in logs (the per-step lines say it all there)."""
-    import sys
     from tqdm import tqdm
-    return tqdm(iterable, desc=desc, disable=not (mpi.is_root() and sys.stderr.isatty()), dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, disable=not (_is_root() and sys.stderr.isatty()), dynamic_ncols=True)
 
 
 def log(message: str):
     """Print on rank 0 without breaking a progress bar."""
-    if mpi.is_root():
+    if _is_root():
         from tqdm import tqdm
         tqdm.write(message)

@@ -1,0 +1,223 @@
+"""The synthetic labeler: judges, the noisy choice, records in exactly the released format, the label file."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lm_human_preferences import label_types, labeler
+from lm_human_preferences.language import encodings
+
+ENCODING = encodings.get("test")  # one token per character of "abcdefghijklmnopqrstuvwxyz."; padding 27
+ENCODER = ENCODING.get_encoder()
+QUERY_LENGTH, RESPONSE_LENGTH = 5, 6
+
+
+def tokens(text):
+    return ENCODER.encode(text)
+
+
+# ----- judges -----------------------------------------------------------------------------------------------------
+
+def test_letter_density_counts_the_letter_in_the_response_only():
+    judge = labeler.get_judge("letter_e")
+    assert judge("eeee", "seen") == 0.5
+    assert judge("", "EeXe") == 0.75  # either case
+    assert judge("eee", "") == 0.0
+    assert labeler.get_judge("letter_z")("", "zzz.") == 0.75
+
+
+def test_vowel_density():
+    judge = labeler.get_judge("vowels")
+    assert judge("", "aeiou") == 1.0
+    assert judge("", "bcd.") == 0.0
+    assert judge("", "Tea.") == 0.5
+    assert judge("", "") == 0.0
+
+
+@pytest.mark.parametrize("name", ["letter_", "letter_ee", "letter_1", "vowel", None])
+def test_unknown_judges_are_rejected_with_the_known_ones(name):
+    with pytest.raises(ValueError, match=r"unknown judge .*known judges: letter_X: .*; vowels: "):
+        labeler.get_judge(name)
+
+
+def test_judge_scores_decode_tokens_and_padding_decodes_to_nothing():
+    responses = np.array([tokens("eeab") + [27, 27], tokens("abcdef")])
+    queries = np.array([tokens("eeeee"), tokens("eeeee")])
+    scores = labeler.judge_scores(labeler.get_judge("letter_e"), ENCODER, queries, responses)
+    np.testing.assert_allclose(scores, [2 / 4, 1 / 6])  # the padded response is four characters long
+
+
+# ----- the choice ---------------------------------------------------------------------------------------------------
+
+def test_temperature_zero_chooses_the_best():
+    rng = np.random.RandomState(0)
+    for _ in range(200):
+        scores = rng.randn(4)
+        assert labeler.choose(scores, 0.0, rng) == int(np.argmax(scores))
+
+
+def test_temperature_zero_breaks_ties_at_random():
+    rng = np.random.RandomState(1)
+    picks = [labeler.choose([0.3, 0.1, 0.3, 0.3], 0.0, rng) for _ in range(600)]
+    assert set(picks) == {0, 2, 3}
+    assert min(np.bincount(picks, minlength=4)[[0, 2, 3]]) > 150  # about 200 each
+
+
+def proportions(scores, temperature, draws, seed):
+    rng = np.random.RandomState(seed)
+    picks = [labeler.choose(scores, temperature, rng) for _ in range(draws)]
+    return np.bincount(picks, minlength=len(scores)) / draws
+
+
+def test_high_temperature_is_near_uniform():
+    draws = 8000
+    observed = proportions([0.0, 0.2, 0.5, 1.0], 1000.0, draws, seed=2)
+    standard_error = np.sqrt(0.25 * 0.75 / draws)
+    assert np.all(np.abs(observed - 0.25) < 5 * standard_error), observed
+
+
+def test_choices_follow_the_softmax_of_the_scores():
+    scores, temperature, draws = np.array([0.0, 0.1, 0.3]), 0.1, 8000
+    expected = np.exp(scores / temperature) / np.exp(scores / temperature).sum()  # about [0.09, 0.24, 0.67]
+    observed = proportions(scores, temperature, draws, seed=3)
+    assert np.all(np.abs(observed - expected) < 5 * np.sqrt(expected * (1 - expected) / draws)), (observed, expected)
+
+
+def test_the_choice_is_reproducible_from_the_seed():
+    assert np.array_equal(proportions([0, 1, 2], 1.0, 300, seed=4), proportions([0, 1, 2], 1.0, 300, seed=4))
+
+
+def test_negative_temperature_is_rejected():
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        labeler.choose([0.0, 1.0], -1.0, np.random.RandomState(0))
+
+
+# ----- records ------------------------------------------------------------------------------------------------------
+
+def batch(seed, count, batch_size=8):
+    """Queries [b, QUERY_LENGTH] and `count` samples [b, RESPONSE_LENGTH] of random tokens, some padded."""
+    rng = np.random.RandomState(seed)
+    queries = rng.randint(0, 27, (batch_size, QUERY_LENGTH)).astype(np.int32)
+    samples = [rng.randint(0, 27, (batch_size, RESPONSE_LENGTH)).astype(np.int64) for _ in range(count)]
+    samples[0][0, 4:] = ENCODING.padding_token
+    return queries, samples
+
+
+def assert_token_list(value, length):
+    assert isinstance(value, list) and len(value) == length
+    assert all(type(token) is int for token in value)  # plain ints (JSON), not numpy integers
+
+
+def check_against_label_types(records, label_type_name):
+    """The records pass the reward trainer's own validation of label files."""
+    label_types.validate_records(records, label_types.get(label_type_name), query_length=QUERY_LENGTH,
+                                 response_length=RESPONSE_LENGTH, encoding=ENCODING, source="made by the labeler")
+
+
+def test_best_of_n_records_have_the_released_fields_and_the_judges_choice():
+    judge = labeler.get_judge("letter_e")
+    queries, samples = batch(5, 4)
+    records = labeler.make_records(label_types.get("best_of_4"), queries, samples, judge, ENCODER, 0.0,
+                                   np.random.RandomState(0))
+    assert len(records) == len(queries)
+    for i, record in enumerate(records):
+        assert list(record) == ["query", "sample0", "sample1", "sample2", "sample3", "best"]
+        assert_token_list(record["query"], QUERY_LENGTH)
+        assert record["query"] == queries[i].tolist()
+        for n in range(4):
+            assert_token_list(record[f"sample{n}"], RESPONSE_LENGTH)
+            assert record[f"sample{n}"] == samples[n][i].tolist()
+        assert type(record["best"]) is int
+        scores = [judge(ENCODER.decode(queries[i]), ENCODER.decode(samples[n][i])) for n in range(4)]
+        assert scores[record["best"]] == max(scores)
+    check_against_label_types(records, "best_of_4")
+
+
+def test_scalar_rating_records():
+    judge = labeler.get_judge("vowels")
+    queries, samples = batch(6, 1)
+    records = labeler.make_records("scalar_rating", queries, samples, judge, ENCODER, 0.0, np.random.RandomState(0))
+    for i, record in enumerate(records):
+        assert list(record) == ["query", "sample", "score"]
+        assert_token_list(record["sample"], RESPONSE_LENGTH)
+        assert type(record["score"]) is float
+        assert record["score"] == judge("", ENCODER.decode(samples[0][i]))
+    check_against_label_types(records, "scalar_rating")
+
+
+def test_scalar_compare_records_hold_the_difference_sample1_minus_sample0():
+    judge = labeler.get_judge("letter_a")
+    queries, samples = batch(7, 2)
+    records = labeler.make_records(label_types.get("scalar_compare"), queries, samples, judge, ENCODER, 0.0,
+                                   np.random.RandomState(0))
+    for i, record in enumerate(records):
+        assert list(record) == ["query", "sample0", "sample1", "difference"]
+        expected = judge("", ENCODER.decode(samples[1][i])) - judge("", ENCODER.decode(samples[0][i]))
+        assert type(record["difference"]) is float and record["difference"] == pytest.approx(expected)
+    check_against_label_types(records, "scalar_compare")
+
+
+def test_scalar_labels_get_gaussian_noise_of_the_temperature():
+    judge = labeler.get_judge("letter_e")
+    queries, samples = batch(8, 2, batch_size=2000)
+    exact = labeler.make_records("scalar_compare", queries, samples, judge, ENCODER, 0.0, np.random.RandomState(0))
+    noisy = labeler.make_records("scalar_compare", queries, samples, judge, ENCODER, 0.5, np.random.RandomState(0))
+    noise = np.array([n["difference"] - e["difference"] for n, e in zip(noisy, exact)])
+    assert abs(noise.mean()) < 5 * 0.5 / np.sqrt(len(noise))
+    assert noise.std() == pytest.approx(0.5, rel=0.1)
+
+
+def test_noisy_best_of_n_sometimes_picks_a_worse_sample_but_mostly_a_better_one():
+    judge = labeler.get_judge("letter_e")
+    queries, samples = batch(9, 2, batch_size=2000)
+    records = labeler.make_records("best_of_2", queries, samples, judge, ENCODER, 0.1, np.random.RandomState(0))
+    scores = np.stack([labeler.judge_scores(judge, ENCODER, queries, s) for s in samples], axis=1)
+    decided = scores[:, 0] != scores[:, 1]
+    agrees = np.array([r["best"] for r in records])[decided] == np.argmax(scores, axis=1)[decided]
+    assert 0.5 < agrees.mean() < 0.95, agrees.mean()
+
+
+@pytest.mark.parametrize("label_type, count, message", [
+    ("best_of_4", 3, "best_of_N records need 4 samples per query, got 3"),
+    ("scalar_rating", 2, "scalar_rating records need 1 samples per query, got 2"),
+    ("best_of_1", 1, r"cannot make 'best_of_1' labels; accepted label types: best_of_N \(N >= 2"),
+    ("pairwise", 2, "cannot make 'pairwise' labels"),
+])
+def test_bad_requests_are_rejected(label_type, count, message):
+    queries, samples = batch(10, count)
+    with pytest.raises(ValueError, match=message):
+        labeler.make_records(label_type, queries, samples, labeler.get_judge("vowels"), ENCODER, 0.0,
+                             np.random.RandomState(0))
+
+
+def test_samples_must_match_the_queries():
+    queries, samples = batch(11, 2)
+    with pytest.raises(ValueError, match=r"sample 1 must be \[batch=8, response_length\]"):
+        labeler.make_records("scalar_compare", queries, [samples[0], samples[1][:3]], labeler.get_judge("vowels"),
+                             ENCODER, 0.0, np.random.RandomState(0))
+
+
+# ----- the label file -----------------------------------------------------------------------------------------------
+
+def test_label_file_round_trips_through_json_and_loads_for_training(tmp_path):
+    queries, samples = batch(12, 4)
+    records = labeler.make_records("best_of_4", queries, samples, labeler.get_judge("letter_e"), ENCODER, 1.0,
+                                   np.random.RandomState(3))
+    path = tmp_path / "labels" / "offline.json"
+    labeler.write_label_file(str(path), records)
+    assert json.loads(path.read_text()) == records
+    assert os.listdir(path.parent) == ["offline.json"]  # no temporary file left behind
+    loaded = label_types.load_labels(str(path), label_types.get("best_of_4"), query_length=QUERY_LENGTH,
+                                     response_length=RESPONSE_LENGTH, encoding=ENCODING)
+    np.testing.assert_array_equal(loaded["best"], [r["best"] for r in records])
+    np.testing.assert_array_equal(loaded["sample2"], samples[2])
+
+
+def test_rewriting_a_label_file_replaces_it_whole(tmp_path):
+    path = str(tmp_path / "labels.json")
+    labeler.write_label_file(path, [{"query": [1]}] * 50)
+    labeler.write_label_file(path, [])
+    with open(path) as f:
+        assert json.load(f) == []
