@@ -4,14 +4,17 @@
     ./launch.py train_reward EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--some.hparam VALUE ...]
     ./launch.py train_policy EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--some.hparam VALUE ...]
     ./launch.py demo [NAME] [--save_dir DIR] [--some.hparam VALUE ...]   the offline demo, with a report
-    ./launch.py label ...            write a label file with a synthetic judge (see README, "Offline demo")
     ./launch.py experiments          list the registered experiments
 
 Outputs go to SAVE_DIR/NAME (default /tmp/save/train_reward or /tmp/save/train_policy).
+`--dry_run` prints every hyperparameter with its resolved value. A hyperparameter flag without a value
+means true (`--normalize_before`); optional groups take on/off (`--rewards.adaptive_kl off`).
 """
 
 import os
+import re
 import sys
+from typing import List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -20,17 +23,88 @@ import fire  # noqa: E402
 
 from lm_human_preferences import experiments, launcher  # noqa: E402
 
+# ----- how fire turns the command line into arguments ----------------------------------------------------------
+# fire evaluates every value as a Python literal: `--task.query_suffix '"x"'` would lose its quotes, `1,2`
+# become a tuple, a run NAME `7` an int, and a string field given `1e5` read "100000.0". The hyperparameters
+# parse strings by their declared types themselves, so `prepare_argv` hands fire each value as a quoted
+# Python string literal, which fire evaluates back to exactly the text typed. (fire's own way, its
+# SetParseFn decorators, lists a bogus FIRE_METADATA group in every --help.)
+
+_OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run"}
+# fire's help offers these short forms, but with **overrides in the signature fire takes `-m` for a
+# hyperparameter named m; so they are spelled out here.
+_SHORT_FLAGS = {"-m": "--mpi", "-s": "--save_dir", "-d": "--dry_run"}
+
+
+def _is_flag(arg: str) -> bool:
+    """fire's rule: `--name...` or `-x...`, but not a negative number."""
+    return arg.startswith("--") or re.match(r"^-[a-zA-Z]", arg) is not None
+
+
+def prepare_argv(argv: List[str]) -> List[str]:
+    """The command line as fire should see it: every value quoted (see above), and
+
+    * a bare hyperparameter flag (followed by another flag or nothing) means true: `--normalize_before`
+      (fire reads a bare `--noX` as X=False, so it made that `rmalize_before=False`);
+    * `--help` or `-h` anywhere before fire's `--` separator shows the command's help and runs nothing
+      (fire took it for a hyperparameter named help).
+    """
+    argv = list(argv)
+    separator = argv.index("--") if "--" in argv else len(argv)
+    ours, fire_flags = argv[:separator], argv[separator:]
+    if any(arg in ("--help", "-h") for arg in ours):
+        return [arg for arg in ours[:1] if arg in COMMANDS] + ["--", "--help"]
+    prepared = ours[:1]  # the command's name
+    for index in range(1, len(ours)):
+        arg = ours[index]
+        if not _is_flag(arg):
+            prepared.append(repr(arg))
+            continue
+        name, equals, value = arg.partition("=")
+        name = _SHORT_FLAGS.get(name, name)
+        bare = not equals and (index + 1 == len(ours) or _is_flag(ours[index + 1]))
+        if equals:
+            prepared.append(f"{name}={value!r}")
+        elif bare and name.lstrip("-").replace("-", "_") not in _OWN_FLAGS:
+            prepared.append(f"{name}={'true'!r}")
+        else:
+            prepared.append(name)  # its value is the next argument
+    return prepared + fire_flags
+
+
+def _positive_int(value) -> int:
+    try:
+        number = int(value) if not isinstance(value, bool) else 0
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"--mpi: got {value!r}, expected a positive number of processes")
+    return number
+
+
+def _flag(value, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "on", "yes", "1"):
+        return True
+    if lowered in ("false", "off", "no", "0"):
+        return False
+    raise ValueError(f"--{what}: got {value!r}, expected true or false")
+
+
+# ----- commands --------------------------------------------------------------------------------------------------
 
 def train_reward(experiment, name, mpi=1, save_dir=None, dry_run=False, **overrides):
     """Train a reward model from preference labels (SPEC section 7)."""
-    launcher.launch("train_reward", experiment, name, mpi=mpi, save_dir=save_dir, dry_run=dry_run,
-                    overrides=overrides)
+    launcher.launch("train_reward", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
+                    dry_run=_flag(dry_run, "dry_run"), overrides=overrides)
 
 
 def train_policy(experiment, name, mpi=1, save_dir=None, dry_run=False, **overrides):
     """Fine-tune a policy with PPO against a reward model (SPEC section 8)."""
-    launcher.launch("train_policy", experiment, name, mpi=mpi, save_dir=save_dir, dry_run=dry_run,
-                    overrides=overrides)
+    launcher.launch("train_policy", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
+                    dry_run=_flag(dry_run, "dry_run"), overrides=overrides)
 
 
 def demo(name="demo", save_dir="/tmp/save/demo", **overrides):
@@ -47,10 +121,14 @@ def list_experiments():
         print(f"{command}: {', '.join(sorted(registry))}")
 
 
-def main():
+COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": demo,
+            "experiments": list_experiments}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        fire.Fire({"train_reward": train_reward, "train_policy": train_policy, "demo": demo,
-                   "experiments": list_experiments}, name="launch.py")
+        fire.Fire(COMMANDS, command=prepare_argv(argv), name="launch.py")
     except ValueError as error:  # user errors (bad hparams, label files, paths): one clear line
         if os.environ.get("LMHP_TRACEBACK"):
             raise

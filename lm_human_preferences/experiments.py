@@ -6,6 +6,7 @@ An experiment is a list of bindings, (dotted hyperparameter name, value) pairs, 
 be reshaped by appending to it, and command-line overrides are applied after all of them.
 """
 
+import difflib
 from typing import Any, Dict, List, Tuple
 
 Bindings = List[Tuple[str, Any]]
@@ -212,7 +213,12 @@ EXPERIMENTS = {"train_reward": REWARD_EXPERIMENTS, "train_policy": POLICY_EXPERI
 
 def get(command: str, name: str) -> Dict[str, Any]:
     """The resolved bindings of experiment `name` for `command`; unknown names list the known ones."""
+    if command not in EXPERIMENTS:
+        raise ValueError(f"unknown command {command!r}; known commands: {', '.join(EXPERIMENTS)}")
     registry = EXPERIMENTS[command]
     if name not in registry:
-        raise ValueError(f"unknown {command} experiment {name!r}; known experiments: {', '.join(sorted(registry))}")
+        close = difflib.get_close_matches(str(name), registry, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown {command} experiment {name!r}{hint}; "
+                         f"known experiments: {', '.join(sorted(registry))}")
     return resolve(registry[name])

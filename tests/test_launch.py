@@ -1,0 +1,246 @@
+"""The command line (launch.py through fire) and the launcher: overrides, --dry_run, --save_dir, errors,
+the MPI re-launch command and the ranks' entry point, and aborting the job on one rank's sys.exit."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lm_human_preferences import launcher
+from lm_human_preferences.utils import mpi
+
+from mpi_programs import run as run_mpi
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("launch_cli", os.path.join(REPO_ROOT, "launch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = load_cli()
+
+
+def run_cli(*argv, cwd=REPO_ROOT, env=None, timeout=120):
+    """A real subprocess; stdout and stderr kept apart (TensorFlow logs to stderr)."""
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    full_env.pop("LMHP_TRACEBACK", None)
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def dry_run(capsys, *argv):
+    """launch.py's main in this process with --dry_run: the printed hyperparameters as a dict."""
+    cli.main([*argv, "--dry_run"])
+    return json.loads(capsys.readouterr().out)
+
+
+def cli_error(capsys, *argv) -> str:
+    """The one-line error launch.py exits with."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(argv))
+    assert isinstance(info.value.code, str), f"expected an error message, got exit code {info.value.code!r}"
+    assert info.value.code.startswith("error: ")
+    return info.value.code
+
+
+# ----- real subprocesses (each imports TensorFlow: few of them) -----------------------------------------------
+
+def test_dry_run_subprocess_prints_the_resolved_hparams_with_overrides(tmp_path):
+    result = run_cli("launch.py", "train_policy", "descriptiveness", "x", "--dry_run", "--save_dir", str(tmp_path),
+                     "--ppo.lr", "3e-6", "--rewards.adaptive_kl", "off", "--task.response_length", "10",
+                     "--task.query_suffix", " TL;DR:", "--task.start_text", ".")
+    assert result.returncode == 0, result.stderr[-3000:]
+    hparams = json.loads(result.stdout)
+    assert hparams["run"]["save_dir"] == os.path.join(str(tmp_path), "x")
+    assert hparams["ppo"]["lr"] == 3e-6
+    assert hparams["ppo"]["total_episodes"] == 1_000_000 and hparams["ppo"]["batch_size"] == 512
+    assert hparams["rewards"]["adaptive_kl"] is None and hparams["rewards"]["kl_coef"] == 0.15
+    for task in (hparams["task"], hparams["rewards"]["train_new_model"]["task"]):
+        assert (task["response_length"], task["query_suffix"], task["start_text"]) == (10, " TL;DR:", ".")
+    reward = hparams["rewards"]["train_new_model"]
+    assert (reward["batch_size"], reward["lr"], reward["labels"]["num_train"]) == (32, 5e-5, 4_992)
+
+
+def test_fast_subprocesses_unknown_experiment_and_listing():
+    """Neither needs TensorFlow: the registry is checked before a training module is imported."""
+    result = run_cli("launch.py", "train_policy", "nosuch", "x", "--dry_run")
+    assert result.returncode != 0
+    assert "unknown train_policy experiment 'nosuch'" in result.stderr
+    assert "known experiments: cnndm, demo, descriptiveness, sentiment, test, tldr" in result.stderr
+    assert result.stdout == ""
+    listing = run_cli("launch.py", "experiments")
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.splitlines() == ["train_reward: cnndm, demo, descriptiveness, sentiment, test, tldr",
+                                           "train_policy: cnndm, demo, descriptiveness, sentiment, test, tldr"]
+
+
+def test_rank_entry_point_rejects_a_bad_value_clearly_from_any_directory(tmp_path):
+    """`python -m lm_human_preferences.launcher COMMAND JSON`, with the environment the ranks get, started
+    outside the repository; the hyperparameters are checked before anything runs."""
+    hparams = launcher.resolve_hparams("train_reward", "test", "x", save_dir=str(tmp_path))
+    argv, env = launcher.rank_command("train_reward", hparams, 2)
+    data = json.loads(argv[-1])
+    data["labels"]["num_train"] = "many"
+    result = run_cli("-m", "lm_human_preferences.launcher", "train_reward", json.dumps(data), cwd=str(tmp_path),
+                     env={"PYTHONPATH": env["PYTHONPATH"]})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: labels.num_train: got 'many', expected an integer"
+    assert os.listdir(tmp_path) == []  # nothing was trained or written
+
+
+# ----- the command line in this process -------------------------------------------------------------------------
+
+def test_overrides_reach_the_launcher_as_typed_text(monkeypatch):
+    """fire would evaluate values as Python literals; every value must arrive as the text typed."""
+    calls = []
+    monkeypatch.setattr(launcher, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
+    cli.main(["train_policy", "tldr", "7", "-m", "2", "--save_dir=2024", "--task.query_suffix", " TL;DR:",
+              "--task.start_text", ".", "--task.query_prefix", '"quoted"', "--task.end_text", "1,2",
+              "--task.policy.initial_model", "1e5", "--ppo.lr=3e-6", "--task.penalty_reward_value", "-3",
+              "--rewards.train_new_model.normalize_before", "--ppo.whiten_rewards", "off", "--dry_run"])
+    [(args, kwargs)] = calls
+    assert args == ("train_policy", "tldr", "7")
+    assert (kwargs["mpi"], kwargs["save_dir"], kwargs["dry_run"]) == (2, "2024", True)
+    assert kwargs["overrides"] == {
+        "task.query_suffix": " TL;DR:", "task.start_text": ".", "task.query_prefix": '"quoted"',
+        "task.end_text": "1,2", "task.policy.initial_model": "1e5", "ppo.lr": "3e-6",
+        "task.penalty_reward_value": "-3", "rewards.train_new_model.normalize_before": "true",
+        "ppo.whiten_rewards": "off"}
+
+
+def test_a_bare_hparam_flag_means_true_and_own_flags_keep_their_meaning(capsys):
+    # fire alone read a bare `--normalize_before` as `--rmalize_before False` (its `--noX` syntax)
+    hparams = dry_run(capsys, "train_reward", "test", "x", "--normalize_after", "off", "--normalize_before")
+    assert (hparams["normalize_before"], hparams["normalize_after"]) == (True, False)
+    hparams = dry_run(capsys, "train_reward", "test", "12", "-s", "/runs")
+    assert hparams["run"]["save_dir"] == "/runs/12"
+
+
+def test_save_dir_and_its_defaults(capsys, tmp_path):
+    assert dry_run(capsys, "train_reward", "test", "r")["run"]["save_dir"] == "/tmp/save/train_reward/r"
+    assert dry_run(capsys, "train_policy", "test", "p")["run"]["save_dir"] == "/tmp/save/train_policy/p"
+    assert dry_run(capsys, "train_policy", "test", "p", "--save_dir", str(tmp_path))["run"]["save_dir"] == \
+        os.path.join(str(tmp_path), "p")
+    hparams = launcher.resolve_hparams("train_reward", "test", "r", save_dir="~/runs")
+    assert hparams.run.save_dir == os.path.join(os.path.expanduser("~"), "runs", "r")
+    explicit = launcher.resolve_hparams("train_reward", "test", "r", overrides={"run.save_dir": "/exact"})
+    assert explicit.run.save_dir == "/exact"
+
+
+def test_a_saved_reward_model_replaces_training_one(capsys):
+    hparams = dry_run(capsys, "train_policy", "descriptiveness", "x", "--rewards.train_new_model", "off",
+                      "--rewards.trained_model", "/some/path")
+    assert hparams["rewards"]["trained_model"] == "/some/path"
+    assert hparams["rewards"]["train_new_model"] is None
+
+
+def test_task_overrides_reach_the_reward_model_unless_set_there(capsys):
+    hparams = dry_run(capsys, "train_policy", "test", "x", "--task.response_length", "2")
+    assert hparams["task"]["response_length"] == hparams["rewards"]["train_new_model"]["task"]["response_length"] == 2
+    message = cli_error(capsys, "train_policy", "test", "x", "--rewards.train_new_model.task.response_length", "2")
+    assert "task and the new reward model's task differ in task.response_length" in message
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--ppo.lrr", "1"], "unknown hyperparameter 'ppo.lrr'; did you mean ppo.lr"),
+    (["--ppo.lr", "fast"], "ppo.lr: got 'fast', expected a number"),
+    (["--task.response_length", "1.5"], "task.response_length: got '1.5', expected an integer"),
+    (["--rewards.trained_model", "X"], "set exactly one of rewards.trained_model and rewards.train_new_model "
+                                       "(to use a saved reward model: --rewards.train_new_model off "
+                                       "--rewards.trained_model PATH)"),
+    (["--mpi", "0"], "--mpi: got '0', expected a positive number of processes"),
+    (["--mpi", "two"], "--mpi: got 'two', expected a positive number of processes"),
+    (["--dry_run", "maybe"], "--dry_run: got 'maybe', expected true or false"),
+])
+def test_user_errors_exit_with_one_clear_line(capsys, argv, expected):
+    message = cli_error(capsys, "train_policy", "descriptiveness", "x", "--dry_run", *argv)
+    assert expected in message, message
+    assert capsys.readouterr().out == ""  # nothing half-printed
+
+
+def test_unknown_experiment_message_in_process(capsys):
+    message = cli_error(capsys, "train_reward", "sentimnt", "x", "--dry_run")
+    assert "unknown train_reward experiment 'sentimnt' (did you mean sentiment?)" in message
+
+
+def test_help_shows_the_command_and_runs_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(launcher, "launch", lambda *args, **kwargs: pytest.fail("--help ran the command"))
+    assert cli.prepare_argv(["train_policy", "test", "x", "--ppo.lr", "1", "--help"]) == \
+        ["train_policy", "--", "--help"]
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train_policy", "test", "x", "--help"])
+    assert info.value.code == 0
+    help_text = capsys.readouterr().err  # fire writes its help to stderr
+    assert "launch.py train_policy EXPERIMENT NAME" in help_text and "--dry_run" in help_text
+
+
+def test_fire_flags_after_the_separator_are_left_alone():
+    assert cli.prepare_argv(["train_reward", "test", "x", "--", "--trace"]) == \
+        ["train_reward", "'test'", "'x'", "--", "--trace"]
+
+
+# ----- launcher --------------------------------------------------------------------------------------------------
+
+def test_mpi_relaunch_command_round_trips_the_hparams(monkeypatch):
+    overrides = {"task.query_suffix": "\n\nTL;DR: 'q' \"x\"", "ppo.lr": "3e-6", "rewards.adaptive_kl": "off"}
+    hparams = launcher.resolve_hparams("train_policy", "descriptiveness", "x", overrides=overrides)
+    argv, env = launcher.rank_command("train_policy", hparams, 2)
+    assert argv[:-1] == mpi.mpiexec_command(2) + [sys.executable, "-m", "lm_human_preferences.launcher",
+                                                  "train_policy"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO_ROOT
+    received = launcher.hparams_from_json("train_policy", argv[-1])
+    assert received == hparams and received.task.query_suffix == "\n\nTL;DR: 'q' \"x\""
+
+    calls = []
+    monkeypatch.setattr(launcher.subprocess, "call", lambda argv, env: calls.append(argv) or 0)
+    assert launcher.launch("train_policy", "descriptiveness", "x", mpi=2, overrides=overrides) == hparams
+    assert calls == [argv]
+    monkeypatch.setattr(launcher.subprocess, "call", lambda argv, env: 5)
+    with pytest.raises(SystemExit) as info:  # a failed job fails launch.py with the job's exit code
+        launcher.launch("train_policy", "descriptiveness", "x", mpi=2, overrides=overrides)
+    assert info.value.code == 5
+
+
+def test_rank_entry_point_errors():
+    with pytest.raises(ValueError, match=r"train_reward hyperparameters are not valid JSON \(Expecting"):
+        launcher.hparams_from_json("train_reward", "{'lr': 1}")
+    with pytest.raises(ValueError, match=r"unknown hyperparameter 'labels.num_trian'; did you mean labels.num_train"):
+        launcher.hparams_from_json("train_reward", json.dumps({"labels": {"num_trian": 8}}))
+    with pytest.raises(ValueError, match="unknown command 'train'; known commands: train_reward, train_policy"):
+        launcher.hparams_from_json("train", "{}")
+    with pytest.raises(SystemExit) as info:
+        launcher.main(["train_reward"])
+    assert info.value.code == launcher.USAGE
+    with pytest.raises(SystemExit) as info:
+        launcher.main(["train_reward", "[]"])
+    assert info.value.code == "error: hyperparameters: expected a JSON object, got list"
+
+
+def test_mpi_is_checked_before_a_dry_run():
+    with pytest.raises(ValueError, match="--mpi: got 0, expected a positive number of processes"):
+        launcher.launch("train_reward", "test", "x", mpi=0, dry_run=True)
+
+
+def test_exit_in_a_single_process_is_an_ordinary_exit():
+    with pytest.raises(SystemExit) as info:
+        with launcher.abort_job_on_exit():
+            sys.exit(3)
+    assert info.value.code == 3
+
+
+def test_sys_exit_on_one_rank_ends_the_whole_job():
+    start = time.time()
+    result = run_mpi(2, "exit_on_rank1.py", timeout=90)
+    elapsed = time.time() - start
+    assert result.returncode == 3, result.stdout[-3000:]
+    assert "[rank 1 of 2] exited with code 3; aborting the job" in result.stdout
+    assert "rank 0 got past the barrier" not in result.stdout
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
