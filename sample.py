@@ -77,9 +77,9 @@ def sample(save_dir, savescope="policy", temperature=None, nsamples=10, batch_si
                 for query, response in zip(queries, np.asarray(responses)):
                     if per_rank and printed >= per_rank:
                         break
-                    print(SEPARATOR)
-                    print(show(encoder.decode(query)))
-                    print(show(encoder.decode(response)), flush=True)
+                    # one write per sample, so that ranks sampling side by side never interleave lines
+                    print(f"{SEPARATOR}\n{show(encoder.decode(query))}\n{show(encoder.decode(response))}",
+                          flush=True)
                     printed += 1
 
 
