@@ -4,6 +4,7 @@
     ./launch.py train_reward EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--some.hparam VALUE ...]
     ./launch.py train_policy EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--some.hparam VALUE ...]
     ./launch.py demo [NAME] [--save_dir DIR] [--some.hparam VALUE ...]   the offline demo, with a report
+    ./launch.py label EXPERIMENT OUTPUT.json --count N --judge letter_e [--temperature T] [--label_type best_of_4]
     ./launch.py experiments          list the registered experiments
 
 Outputs go to SAVE_DIR/NAME (default /tmp/save/train_reward or /tmp/save/train_policy).
@@ -30,7 +31,7 @@ from lm_human_preferences import experiments, launcher  # noqa: E402
 # Python string literal, which fire evaluates back to exactly the text typed. (fire's own way, its
 # SetParseFn decorators, lists a bogus FIRE_METADATA group in every --help.)
 
-_OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run"}
+_OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "count", "judge", "temperature", "label_type", "seed"}
 # fire's help offers these short forms, but with **overrides in the signature fire takes `-m` for a
 # hyperparameter named m; so they are spelled out here.
 _SHORT_FLAGS = {"-m": "--mpi", "-s": "--save_dir", "-d": "--dry_run"}
@@ -115,13 +116,20 @@ def demo(name="demo", save_dir="/tmp/save/demo", **overrides):
     demo_module.run_demo(name, save_dir, overrides=overrides)
 
 
+def label(experiment, output, count, judge, temperature=0.0, label_type=None, seed=0, **overrides):
+    """Write a label file: samples of a train_reward EXPERIMENT's initial policy, chosen by a synthetic judge."""
+    from lm_human_preferences import labeler
+    labeler.label_command(experiment, output, count=count, judge=judge, temperature=temperature,
+                          label_type=label_type, seed=seed, **overrides)
+
+
 def list_experiments():
     """Print the registered experiments of each command."""
     for command, registry in experiments.EXPERIMENTS.items():
         print(f"{command}: {', '.join(sorted(registry))}")
 
 
-COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": demo,
+COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": demo, "label": label,
             "experiments": list_experiments}
 
 

@@ -11,12 +11,13 @@ label records in exactly the released JSON format (SPEC section 7):
 the scores at that temperature (0: always the best, ties broken at random), as a human who sometimes picks
 a worse sample; scalar labels get Gaussian noise with that standard deviation (0: exact).
 
-No TensorFlow here: the sampling of queries and responses from a policy is the caller's (train_reward.py).
+`label_samples` runs the labelling loop over any sampler; `label_command` (`./launch.py label`) samples an
+experiment's initial policy and writes a label file. TensorFlow is imported only inside `label_command`.
 """
 
 import json
 import re
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -142,3 +143,83 @@ def make_records(label_type, queries: np.ndarray, samples: Sequence[np.ndarray],
 def write_label_file(path: str, records: List[dict]):
     """Write records as a JSON list, atomically (temporary file + rename: a reader never sees half a file)."""
     files.write_text_atomic(path, json.dumps(records) + "\n")
+
+
+# ----- labelling policy samples -----------------------------------------------------------------------------------
+
+def label_samples(sample: Callable[[np.ndarray], np.ndarray], query_batches: Iterator[np.ndarray], label_type,
+                  judge: Judge, encoder, count: int, temperature: float, rng: np.random.RandomState) -> List[dict]:
+    """`count` records: for each batch of queries [b, query_length], the label type's number of samples drawn
+    with `sample(queries) -> [b, response_length]` (already post-processed, as the labelers saw them), judged."""
+    _, num_samples = _record_layout(label_type)
+    records = []
+    while len(records) < count:
+        queries = next(query_batches)  # [b, query_length]
+        samples = [sample(queries) for _ in range(num_samples)]  # each [b, response_length]
+        records.extend(make_records(label_type, queries, samples, judge, encoder, temperature, rng))
+    return records[:count]
+
+
+def _parse_number(value, kind, flag: str, accepted: str, minimum):
+    """A command-line number of `kind` (int or float), at least `minimum`: the CLI hands values over as text."""
+    try:
+        number = None if isinstance(value, bool) else kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum or (kind is int and number != float(value)):  # int(2.5) would be 2
+        raise ValueError(f"{flag}: got {value!r}, expected {accepted}")
+    return number
+
+
+def label_command(experiment: str, output: str, *, count, judge: str, temperature=0.0,
+                  label_type: Optional[str] = None, seed=0, **overrides):
+    """`./launch.py label EXPERIMENT OUTPUT.json --count N --judge NAME [--temperature T] [--label_type TYPE]
+    [--seed S] [--some.hparam VALUE ...]`: write `count` label records in the released format.
+
+    EXPERIMENT is a `train_reward` experiment (overrides apply as for `train_reward`); its task gives the
+    queries (train split) and its initial policy, sampled at the task's temperature, the responses,
+    post-processed as for scoring. `judge` plays the human (see JUDGES); `temperature` is its noise (module
+    docstring); `label_type` defaults to the experiment's `labels.type`; `seed` fixes queries, samples and
+    noise. The file is written atomically to the local path `output`."""
+    from lm_human_preferences import label_types, launcher, lm_tasks
+
+    count = _parse_number(count, int, "--count", "a positive number of labels", 1)
+    temperature = _parse_number(temperature, float, "--temperature", "a judge noise >= 0 (0 = exact)", 0.0)
+    seed = _parse_number(seed, int, "--seed", "an integer >= 0", 0)
+    if not output or files.is_remote(str(output)):
+        raise ValueError(f"label output {output!r}: expected a local file path (write locally, then upload)")
+    judge_fn = get_judge(judge)  # fail before any model is built
+    hparams = launcher.resolve_hparams("train_reward", experiment, "label", overrides=overrides)
+    label_type = label_types.get(label_type or hparams.labels.type)
+    task = hparams.task
+
+    import tensorflow.compat.v1 as tf
+    from lm_human_preferences.language.trained_models import TrainedModel
+    from lm_human_preferences.policy import Policy
+    from lm_human_preferences.utils import devices
+
+    trained_model = TrainedModel(task.policy.initial_model)
+    encoding = trained_model.encoding
+    encoder = encoding.get_encoder()
+    batch_size = min(count, hparams.rollout_batch_size)
+    with tf.Graph().as_default():
+        tf.set_random_seed(seed)
+        # The labelers saw samples of the initial policy: the reference policy of a later PPO run.
+        policy = Policy(trained_model, scope="ref_policy", temperature=task.policy.temperature,
+                        embed_queries=lm_tasks.query_formatter(task, encoder))
+        queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
+        responses = policy.respond_op(queries, task.response_length)["responses"]  # [b, response_length]
+        with devices.new_session() as sess:
+            sess.run(tf.global_variables_initializer())
+
+            def sample(query_batch):  # [b, query_length] -> [b, response_length]
+                raw = sess.run(responses, {queries: query_batch})
+                return lm_tasks.postprocess_responses(raw, task, encoding.padding_token)
+
+            query_batches = lm_tasks.query_batches(task, encoder, batch_size, mode="train", seed=seed, rank=0,
+                                                   size=1)
+            records = label_samples(sample, query_batches, label_type, judge_fn, encoder, count, temperature,
+                                    np.random.RandomState(seed))
+    write_label_file(output, records)
+    print(f"wrote {count} {label_type.name} labels of experiment {experiment!r} by judge {judge!r} "
+          f"(temperature {temperature}) to {output}")

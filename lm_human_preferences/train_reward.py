@@ -38,7 +38,7 @@ class LabelHParams(hyperparams.HParams):
     source: Optional[str] = None  # label file: local path, https:// or gs:// URL (released JSON format)
     num_valid: int = 0  # labels held out after the training ones to report validation loss/accuracy (0 in 2019)
     judge: Optional[str] = None  # offline demo: without `source`, label samples of the initial policy with this synthetic judge
-    judge_temperature: float = 0.0  # noise of the synthetic judge: softmax temperature over its scores (0 = always its best)
+    judge_temperature: float = 0.0  # judge's noise: softmax temperature of a best_of_N choice, std of scalar labels' noise
 
     def check(self, prefix):
         require(self.source is not None or self.judge is not None,
@@ -208,17 +208,11 @@ def load_or_make_labels(hparams: HParams, training: "RewardTraining", label_type
 
 def make_synthetic_labels(training: "RewardTraining", label_type, hparams: HParams, encoder, count):
     """Records of the released format: queries from the task, samples from the initial policy, the judge's choice."""
-    judge = labeler.get_judge(hparams.labels.judge)
-    rng = np.random.RandomState(hparams.run.seed or 0)
     query_batches = lm_tasks.query_batches(hparams.task, encoder, training.rollout_per_rank, mode="train",
                                            seed=(hparams.run.seed or 0) + 1, rank=0, size=1)
-    records = []
-    while len(records) < count:
-        queries = next(query_batches)  # [b, query_length]
-        samples = [training.sample(queries)[1] for _ in range(label_type.num_samples)]  # each [b, response_length]
-        records.extend(labeler.make_records(label_type, queries, samples, judge, encoder,
-                                            hparams.labels.judge_temperature, rng))
-    return records[:count]
+    return labeler.label_samples(lambda queries: training.sample(queries)[1], query_batches, label_type,
+                                 labeler.get_judge(hparams.labels.judge), encoder, count,
+                                 hparams.labels.judge_temperature, np.random.RandomState(hparams.run.seed or 0))
 
 
 def train(hparams: HParams):

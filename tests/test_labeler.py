@@ -221,3 +221,122 @@ def test_rewriting_a_label_file_replaces_it_whole(tmp_path):
     labeler.write_label_file(path, [])
     with open(path) as f:
         assert json.load(f) == []
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda r: r.update(best=4), r"record 3, field 'best': 4 is out of range \[0, 4\)"),
+    (lambda r: r.pop("sample2"), r"record 3: field 'sample2' is missing"),
+    (lambda r: r["sample1"].append(0), r"record 3, field 'sample1': expected 6 token ids, got 7"),
+    (lambda r: r["query"].__setitem__(2, 99), r"record 3, field 'query'\[2\]: token id 99 is out of range"),
+    (lambda r: r.update(best=1.0), r"record 3, field 'best': expected an integer index"),
+])
+def test_a_corrupted_label_file_is_rejected_naming_the_file_record_and_field(tmp_path, corrupt, message):
+    queries, samples = batch(13, 4)
+    records = labeler.make_records("best_of_4", queries, samples, labeler.get_judge("letter_e"), ENCODER, 0.0,
+                                   np.random.RandomState(0))
+    corrupt(records[3])
+    path = str(tmp_path / "corrupted.json")
+    labeler.write_label_file(path, records)
+    with pytest.raises(label_types.LabelFileError, match=message) as error:
+        label_types.load_labels(path, label_types.get("best_of_4"), query_length=QUERY_LENGTH,
+                                response_length=RESPONSE_LENGTH, encoding=ENCODING)
+    assert str(error.value).startswith(path)
+
+
+def test_label_samples_draws_the_label_types_samples_per_batch_and_stops_at_count():
+    rng = np.random.RandomState(14)
+    batches = iter([rng.randint(0, 27, (4, QUERY_LENGTH)) for _ in range(3)])
+    calls = []
+
+    def sample(queries):  # a stand-in policy: one fresh random response per query
+        calls.append(queries)
+        return rng.randint(0, 27, (len(queries), RESPONSE_LENGTH))
+
+    records = labeler.label_samples(sample, batches, label_types.get("best_of_3"), labeler.get_judge("vowels"),
+                                    ENCODER, 10, 0.0, np.random.RandomState(0))
+    assert len(records) == 10  # 3 batches of 4, cut to the count
+    assert len(calls) == 9 and all(calls[i] is calls[3 * (i // 3)] for i in range(9))  # 3 samples per batch
+    assert [r["query"] for r in records] == [q.tolist() for batch in calls[::3] for q in batch][:10]
+    check_against_label_types(records, "best_of_3")
+
+
+# ----- the `label` command ------------------------------------------------------------------------------------------
+
+def demo_task(**overrides):
+    """The `demo` experiment's task (query_length 8, response_length 12, the `test` encoding)."""
+    from lm_human_preferences import launcher
+    return launcher.resolve_hparams("train_reward", "demo", "label", overrides=overrides).task
+
+
+def load(path, label_type, task):
+    return label_types.load_labels(str(path), label_types.get(label_type), query_length=task.query_length,
+                                   response_length=task.response_length, encoding=ENCODING)
+
+
+def test_label_command_writes_a_valid_file_of_the_demo_policys_samples_judged(tmp_path, capsys):
+    from lm_human_preferences import lm_tasks
+    path = tmp_path / "out" / "labels.json"
+    labeler.label_command("demo", str(path), count=6, judge="letter_e", seed=3)  # the CLI passes text, too
+    assert "wrote 6 best_of_4 labels" in capsys.readouterr().out
+    task = demo_task()
+    loaded = load(path, "best_of_4", task)  # the experiment's label type, validated as reward training will
+    records = json.loads(path.read_text())
+    assert len(records) == 6 and list(records[0]) == ["query", "sample0", "sample1", "sample2", "sample3", "best"]
+    # the queries are the task's training queries in the seed's order
+    expected_queries = next(lm_tasks.query_batches(task, ENCODER, 6, mode="train", seed=3, rank=0, size=1))
+    np.testing.assert_array_equal(loaded["query"], expected_queries)
+    # the samples differ (the policy samples, it does not repeat itself), and the judge picked the best one
+    judge = labeler.get_judge("letter_e")
+    for record in records:
+        assert len({tuple(record[f"sample{n}"]) for n in range(4)}) == 4
+        scores = [judge("", ENCODER.decode(record[f"sample{n}"])) for n in range(4)]
+        assert scores[record["best"]] == max(scores)
+
+
+def test_label_command_takes_the_label_type_overrides_and_postprocesses_responses(tmp_path):
+    path = tmp_path / "compare.json"
+    # as the command line hands them over: text
+    labeler.label_command("demo", str(path), count="10", judge="vowels", temperature="0.5",
+                          label_type="scalar_compare", seed="1", **{"task.response_length": "7",
+                                                                   "task.truncate_token": "26",
+                                                                   "task.truncate_after": "2"})
+    task = demo_task(**{"task.response_length": 7})
+    loaded = load(path, "scalar_compare", task)
+    assert loaded["sample0"].shape == (10, 7) and loaded["difference"].dtype == np.float32
+    truncated = 0
+    for sample in np.concatenate([loaded["sample0"], loaded["sample1"]]):
+        ends = [i for i, token in enumerate(sample) if token == 26 and i >= 2]  # "." at index >= 2 ends it
+        if ends:
+            assert np.all(sample[ends[0] + 1:] == ENCODING.padding_token), sample
+            truncated += ends[0] < 6
+    assert truncated > 0  # the check above saw real truncations
+
+
+def test_label_command_is_reproducible_from_its_seed(tmp_path):
+    paths = [tmp_path / name for name in ("a.json", "b.json", "c.json")]
+    for path, seed in zip(paths, (5, 5, 6)):
+        labeler.label_command("demo", str(path), count=4, judge="letter_a", label_type="scalar_rating",
+                              temperature=0.1, seed=seed)
+    first, again, other = (json.loads(path.read_text()) for path in paths)
+    assert first == again
+    assert first != other
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(count=0), r"--count: got 0, expected a positive number of labels"),
+    (dict(count="many"), r"--count: got 'many'"),
+    (dict(count=2.5), r"--count: got 2.5"),
+    (dict(temperature=-1), r"--temperature: got -1, expected a judge noise >= 0"),
+    (dict(judge="letter_ab"), r"unknown judge 'letter_ab'; known judges: letter_X"),
+    (dict(label_type="pairs"), r"unknown label type 'pairs'; accepted: best_of_N"),
+    (dict(experiment="nonesuch"), r"unknown train_reward experiment 'nonesuch'; known experiments: .*demo"),
+    (dict(output="gs://bucket/labels.json"), r"expected a local file path"),
+    (dict(**{"task.query_lenght": 3}), r"unknown hyperparameter 'task.query_lenght'; did you mean task.query_length"),
+])
+def test_label_command_rejects_bad_arguments_before_writing(tmp_path, arguments, message):
+    output = str(tmp_path / "labels.json")
+    call = dict(experiment="demo", output=output, count=4, judge="letter_e")
+    call.update(arguments)
+    with pytest.raises(ValueError, match=message):
+        labeler.label_command(call.pop("experiment"), call.pop("output"), **call)
+    assert not os.path.exists(output)

@@ -116,10 +116,10 @@ def test_advantages_and_returns_whiten_as_specified(whiten_rewards):
 
 # ----- losses -------------------------------------------------------------------------------------------------------
 
-def loss_inputs(seed=4):
-    """Inputs where both clips bind on some tokens and not on others."""
+def loss_inputs(seed=4, batch=B):
+    """Inputs [batch, T] where both clips bind on some tokens and not on others."""
     old_logprobs, log_ratio, advantages, old_values, value_step, returns, entropies = arrays(
-        seed, *[(B, T)] * 7)
+        seed, *[(batch, T)] * 7)
     logprobs = old_logprobs + 0.3 * log_ratio  # ratios from ~0.4 to ~2.5: many outside [0.8, 1.2]
     vpred = old_values + 0.4 * value_step  # moves up to ~±1: many beyond the ±0.2 value clip
     return dict(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, vpred=vpred,
@@ -194,13 +194,14 @@ def test_minibatch_loss_chains_advantages_and_loss_and_adds_var_explained():
 
 # ----- the micro-batch split ---------------------------------------------------------------------------------------
 
-def test_micro_batches_give_the_minibatch_loss_and_gradient():
-    """Advantages over the whole minibatch, then the loss over 3 equal micro-batches, each scaled by 1/3 and
-    summed: the same loss and the same gradient as the minibatch taken whole."""
-    x = loss_inputs(seed=7)
-    rewards, = arrays(8, (B, T))
+@pytest.mark.parametrize("batch, micro_batches", [(6, 3), (8, 4)])
+def test_micro_batches_give_the_minibatch_loss_and_gradient(batch, micro_batches):
+    """Advantages over the whole minibatch, then the loss over equal micro-batches, each scaled by
+    1/micro_batches and summed (the mean of the micro-batch losses): the same loss and the same gradient as the
+    minibatch taken whole."""
+    x = loss_inputs(seed=7, batch=batch)
+    rewards, = arrays(8, (batch, T))
     hparams = ppo.PpoHParams(gamma=0.9, lam=0.95)
-    micro_batches = 3
     # trainable stand-ins for the policy's outputs, so there is a gradient to compare
     logprobs = tf.Variable(x["logprobs"])
     vpred = tf.Variable(x["vpred"])
@@ -209,10 +210,11 @@ def test_micro_batches_give_the_minibatch_loss_and_gradient():
     full_loss, _ = ppo.minibatch_loss(logprobs=logprobs, vpred=vpred, **old, rewards=tf.constant(rewards),
                                       hparams=hparams)
     advantages, returns = ppo.advantages_and_returns(tf.constant(rewards), old["old_values"], hparams)
-    size = B // micro_batches
+    size = batch // micro_batches
+    parts = [slice(start, start + size) for start in range(0, batch, size)]
+    assert len(parts) == micro_batches
     micro_losses = []
-    for start in range(0, B, size):
-        part = slice(start, start + size)
+    for part in parts:
         loss, _ = ppo.ppo_loss(logprobs=logprobs[part], vpred=vpred[part], entropies=old["entropies"][part],
                                old_logprobs=old["old_logprobs"][part], old_values=old["old_values"][part],
                                advantages=advantages[part], returns=returns[part], hparams=hparams)
@@ -222,12 +224,9 @@ def test_micro_batches_give_the_minibatch_loss_and_gradient():
     full_grads = tf.gradients(full_loss, [logprobs, vpred])
 
     # the wrong split, advantages whitened per micro-batch, must differ (so the comparison can fail)
-    wrong = []
-    for start in range(0, B, size):
-        part = slice(start, start + size)
-        wrong.append(ppo.minibatch_loss(logprobs=logprobs[part], vpred=vpred[part],
-                                        **{k: v[part] for k, v in old.items()}, rewards=tf.constant(rewards[part]),
-                                        hparams=hparams)[0] / micro_batches)
+    wrong = [ppo.minibatch_loss(logprobs=logprobs[part], vpred=vpred[part], **{k: v[part] for k, v in old.items()},
+                                rewards=tf.constant(rewards[part]), hparams=hparams)[0] / micro_batches
+             for part in parts]
     out = run(dict(full=full_loss, accumulated=accumulated, full_grads=full_grads,
                    accumulated_grads=accumulated_grads, wrong=tf.add_n(wrong)))
     np.testing.assert_allclose(out["accumulated"], out["full"], rtol=1e-5)
@@ -235,6 +234,14 @@ def test_micro_batches_give_the_minibatch_loss_and_gradient():
         assert np.abs(full_grad).max() > 0
         np.testing.assert_allclose(accumulated_grad, full_grad, rtol=1e-4, atol=1e-7)
     assert abs(out["wrong"] - out["full"]) > 1e-3
+
+    # and the same number from numpy: mean over the parts of each part's loss with the minibatch's advantages
+    np_returns = np_gae(np_whiten(rewards, shift_mean=False), x["old_values"], 0.9, 0.95) + x["old_values"]
+    np_advantages = np_whiten(np_returns - x["old_values"])
+    np_part_losses = [np_policy_loss(x["logprobs"][part], x["old_logprobs"][part], np_advantages[part], 0.2)[0]
+                      + 0.1 * np_value_loss(x["vpred"][part], x["old_values"][part], np_returns[part], 0.2)[0]
+                      for part in parts]
+    np.testing.assert_allclose(out["accumulated"], np.mean(np_part_losses), rtol=1e-4)
 
 
 # ----- KL controllers and hyperparameters -------------------------------------------------------------------------
@@ -248,21 +255,26 @@ def test_fixed_kl_controller_stays_fixed():
 
 def test_adaptive_kl_controller_moves_toward_the_target_from_both_sides():
     above, below = ppo.AdaptiveKLController(0.15, 6.0, 10000), ppo.AdaptiveKLController(0.15, 6.0, 10000)
-    above.update(6.6, 512)  # KL 10% too high: raise the coefficient by 0.1 * 512 / 10000
-    below.update(5.7, 512)  # 5% too low: lower it
-    assert above.value == pytest.approx(0.15 * (1 + 0.1 * 512 / 10000))
-    assert below.value == pytest.approx(0.15 * (1 - 0.05 * 512 / 10000))
+    above.update(6.6, 512)  # KL 10% too high: error 0.1, factor 1 + 0.1 * 512 / 10000 = 1.00512
+    below.update(5.7, 512)  # 5% too low: error -0.05, factor 1 - 0.05 * 0.0512 = 0.99744
+    assert above.value == pytest.approx(0.150768, abs=1e-12)
+    assert below.value == pytest.approx(0.149616, abs=1e-12)
+    above.update(6.6, 512)  # the factors compound: 0.150768 * 1.00512
+    assert above.value == pytest.approx(0.1515399322, abs=1e-10)
     on_target = ppo.AdaptiveKLController(0.15, 6.0, 10000)
     on_target.update(6.0, 512)
-    assert on_target.value == pytest.approx(0.15)
+    assert on_target.value == 0.15
 
 
 def test_adaptive_kl_controller_clips_the_error_at_0_2():
     far_above, far_below = ppo.AdaptiveKLController(0.1, 2.0, 1000), ppo.AdaptiveKLController(0.1, 2.0, 1000)
-    far_above.update(20.0, 100)  # error 9 -> 0.2
-    far_below.update(0.0, 100)  # error -1 -> -0.2
-    assert far_above.value == pytest.approx(0.1 * 1.02)
-    assert far_below.value == pytest.approx(0.1 * 0.98)
+    far_above.update(20.0, 100)  # error 9 -> 0.2: factor 1 + 0.2 * 100 / 1000 = 1.02
+    far_below.update(0.0, 100)  # error -1 -> -0.2: factor 0.98
+    assert far_above.value == pytest.approx(0.102, abs=1e-12)
+    assert far_below.value == pytest.approx(0.098, abs=1e-12)
+    just_inside = ppo.AdaptiveKLController(0.1, 2.0, 1000)
+    just_inside.update(2.3, 100)  # error 0.15, inside the clip: factor 1.015
+    assert just_inside.value == pytest.approx(0.1015, abs=1e-12)
 
 
 def test_adaptive_kl_controller_converges_on_a_kl_that_falls_with_the_coefficient():

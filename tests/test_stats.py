@@ -25,6 +25,14 @@ def test_written_scalars_read_back_in_step_order(tmp_path):
     assert [step for step, _ in scalars["n"]] == [1, 2, 3]
 
 
+def test_read_scalars_returns_each_tag_in_step_order_whatever_the_write_order(tmp_path):
+    with stats.StatsLogger(str(tmp_path), enabled=True) as logger:
+        for step in (3, 1, 2):  # e.g. a resumed run that logs earlier steps again
+            logger.write(step, {"loss": 10.0 * step})
+        logger.write(4, {"other": 1.0})  # tags need not share steps
+    assert stats.read_scalars(str(tmp_path)) == {"loss": [(1, 10.0), (2, 20.0), (3, 30.0)], "other": [(4, 1.0)]}
+
+
 def test_values_are_stored_as_float32_summaries(tmp_path):
     with stats.StatsLogger(str(tmp_path), enabled=True) as logger:
         logger.write(5, {"lr": 1e-5, "kl": 6.123456789})
@@ -45,9 +53,12 @@ def test_a_disabled_logger_writes_and_prints_nothing_but_still_averages(tmp_path
     logdir = tmp_path / "tb"
     logger = stats.StatsLogger(str(logdir), enabled=False, console_keys=["a"])
     assert logger.record(1, {"a": 2}) == {"a": 2.0}
+    logger.write(2, {"a": 1.0})  # write, too, is a no-op on a disabled logger
     logger.close()
     assert not glob.glob(str(logdir / "**" / "events.*"), recursive=True)
     assert capsys.readouterr().out == ""
+    assert not logdir.exists()
+    assert stats.read_scalars(str(logdir)) == {}
 
 
 def test_enabled_defaults_to_rank_0_in_a_single_process(tmp_path):
