@@ -132,7 +132,8 @@ def get(name: str) -> LabelType:
 
 # ----- label files -----------------------------------------------------------------------------------------------
 
-def _tokens(value, length, where, valid_token):
+def _tokens(value, length: int, where: str, encoding) -> list:
+    """A list of `length` token ids of the encoding (0..n_vocab-1, or its padding token)."""
     if not isinstance(value, list):
         raise LabelFileError(f"{where}: expected a list of {length} token ids, got {type(value).__name__}")
     if len(value) != length:
@@ -140,60 +141,62 @@ def _tokens(value, length, where, valid_token):
     for position, token in enumerate(value):
         if isinstance(token, bool) or not isinstance(token, int):
             raise LabelFileError(f"{where}[{position}]: token ids are integers, got {token!r}")
-        if not valid_token(token):
-            raise LabelFileError(f"{where}[{position}]: token id {token} is out of range")
+        if not (0 <= token < encoding.n_vocab or token == encoding.padding_token):
+            raise LabelFileError(f"{where}[{position}]: token id {token} is out of range (valid ids of encoding "
+                                 f"{encoding.name!r}: 0..{encoding.n_vocab - 1}, or the padding token "
+                                 f"{encoding.padding_token})")
+    return value
+
+
+def _label_value(value, kind: str, where: str, label_type: "LabelType"):
+    """`best` (kind 'index'): an integer in [0, N); scores and differences (kind 'float'): finite numbers."""
+    if kind == "index":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LabelFileError(f"{where}: expected an integer index in [0, {label_type.num_samples}), "
+                                 f"got {value!r}")
+        if not 0 <= value < label_type.num_samples:
+            raise LabelFileError(f"{where}: {value} is out of range [0, {label_type.num_samples})")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LabelFileError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 
 def validate_records(records, label_type: LabelType, *, query_length: int, response_length: int, encoding,
                      source: str) -> Dict[str, np.ndarray]:
-    """Check every record; return {field: array [n, ...]}. Errors name the file, record index and field."""
+    """Check every record; return {field: array [n, ...]}. Errors name the file, record index and field.
+    Fields other than the label type's are allowed and ignored."""
     if not isinstance(records, list):
         raise LabelFileError(f"{source}: a label file is a JSON list of records, got {type(records).__name__}")
-
-    def valid_token(token):
-        return 0 <= token < encoding.n_vocab or token == encoding.padding_token
-
-    token_range = f"valid ids: 0..{encoding.n_vocab - 1} or the padding token {encoding.padding_token}"
-    columns = {"query": [], **{f: [] for f in label_type.sample_fields()}, **{f: [] for f in label_type.label_fields()}}
+    if not records:
+        raise LabelFileError(f"{source}: the label file holds no records")
+    lengths = {"query": query_length, **{name: response_length for name in label_type.sample_fields()}}
+    kinds = label_type.label_fields()
+    columns = {name: [] for name in [*lengths, *kinds]}
     for index, record in enumerate(records):
         where = f"{source}, record {index}"
         if not isinstance(record, dict):
             raise LabelFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for field in columns:
-            if field not in record:
-                raise LabelFileError(f"{where}: field {field!r} is missing ({label_type.name} records have "
+        for name in columns:
+            if name not in record:
+                raise LabelFileError(f"{where}: field {name!r} is missing ({label_type.name} records have "
                                      f"{', '.join(columns)})")
-        try:
-            columns["query"].append(_tokens(record["query"], query_length, f"{where}, field 'query'", valid_token))
-            for field in label_type.sample_fields():
-                columns[field].append(_tokens(record[field], response_length, f"{where}, field {field!r}",
-                                              valid_token))
-        except LabelFileError as error:
-            raise LabelFileError(f"{error} ({token_range})" if "out of range" in str(error) else str(error)) from None
-        for field, kind in label_type.label_fields().items():
-            value = record[field]
-            if kind == "index":
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise LabelFileError(f"{where}, field {field!r}: expected an integer index, got {value!r}")
-                if not 0 <= value < label_type.num_samples:
-                    raise LabelFileError(f"{where}, field {field!r}: {value} is out of range "
-                                         f"[0, {label_type.num_samples})")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise LabelFileError(f"{where}, field {field!r}: expected a finite number, got {value!r}")
-            columns[field].append(value)
-    if not records:
-        raise LabelFileError(f"{source}: the label file holds no records")
-    kinds = label_type.label_fields()
-    return {field: np.asarray(values, np.float32 if kinds.get(field) == "float" else np.int32)
-            for field, values in columns.items()}
+        for name, length in lengths.items():
+            columns[name].append(_tokens(record[name], length, f"{where}, field {name!r}", encoding))
+        for name, kind in kinds.items():
+            columns[name].append(_label_value(record[name], kind, f"{where}, field {name!r}", label_type))
+    return {name: np.asarray(values, np.float32 if kinds.get(name) == "float" else np.int32)
+            for name, values in columns.items()}
 
 
 def load_labels(path: str, label_type: LabelType, *, query_length: int, response_length: int,
                 encoding) -> Dict[str, np.ndarray]:
-    """Read a label file (local, https:// or gs://) and validate every record."""
+    """Read a label file (local, https:// or gs://) and validate every record: {field: array [n, ...]}."""
     try:
-        records = json.loads(files.read_text(path))
+        text = files.read_text(path)
+    except FileNotFoundError:
+        raise LabelFileError(f"{path}: label file not found") from None
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as error:
         raise LabelFileError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
     return validate_records(records, label_type, query_length=query_length, response_length=response_length,

@@ -1,6 +1,8 @@
 """The language task (SPEC section 6): which queries the policy sees, how they are formatted, and how its
 responses are cut before they are scored."""
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
@@ -51,7 +53,8 @@ def _find(tokens: List[int], pattern: List[int], last: bool = False) -> int:
 
 
 def make_query(text: str, task: TaskHParams, encoder) -> Optional[np.ndarray]:
-    """One query [query_length] from a text, or None when the text has no start/end marker where needed."""
+    """One query [query_length] from a text, or None to skip the text: no start_text in it, no end_text in
+    the query_length tokens after it, or nothing left."""
     tokens = encoder.encode(text)
     if task.start_text:
         start = encoder.encode(task.start_text)
@@ -66,50 +69,71 @@ def make_query(text: str, task: TaskHParams, encoder) -> Optional[np.ndarray]:
         if found < 0:
             return None
         tokens = tokens[:found + len(end)]
+    if not tokens:  # a query of padding only gives the model nothing to condition on
+        return None
     query = np.full(task.query_length, encoder.padding_token, np.int32)
     query[:len(tokens)] = tokens
     return query
 
 
-def _texts_forever(task: TaskHParams, mode: str, seed: int, rank: int, size: int) -> Iterator[str]:
-    """The dataset's texts in a fixed-seed shuffle, repeated forever (a new shuffle each pass), this rank's
-    share only (rank r takes every size-th text). Endless datasets are already random: just sharded."""
-    dataset = datasets.get(task.query_dataset)
-    if getattr(dataset, "endless", False):
-        for index, text in enumerate(dataset(mode, source=task.query_source, seed=seed)):
+def _texts_forever(task: TaskHParams, mode: str, seed: int, rank: int, size: int,
+                   collective: bool) -> Iterator[Optional[str]]:
+    """This rank's texts, forever. A finite dataset is shuffled with a fixed seed (a new order each pass) and
+    rank r takes every size-th text of the order, so ranks never share a text within a pass; only the texts
+    taken are read. An endless dataset is already random: rank r takes every size-th text. `None` marks
+    the end of a pass."""
+    texts = datasets.get(task.query_dataset)(mode, source=task.query_source, seed=seed, collective=collective)
+    if not isinstance(texts, Sequence):
+        for index, text in enumerate(texts):
             if index % size == rank:
                 yield text
         return
-    texts = list(dataset(mode, source=task.query_source, seed=seed))
-    if not texts:
-        raise ValueError(f"dataset {task.query_dataset} ({mode}) has no texts")
-    for epoch in range(1 << 62):
+    if len(texts) < size:
+        raise ValueError(f"dataset {task.query_dataset} ({mode}) has {len(texts)} texts, fewer than the "
+                         f"{size} MPI ranks that share it")
+    for epoch in itertools.count():
         order = np.random.RandomState((seed + epoch) % 2 ** 32).permutation(len(texts))
         for index in order[rank::size]:
             yield texts[index]
+        yield None
 
 
 def query_batches(task: TaskHParams, encoder, batch_size: int, *, mode: str = "train", seed: int = 0,
                   rank: Optional[int] = None, size: Optional[int] = None) -> Iterator[np.ndarray]:
-    """Endless batches of queries, int32 [batch_size, query_length], for this MPI rank."""
+    """Endless batches of queries, int32 [batch_size, query_length], for this MPI rank. Texts are encoded as
+    they are consumed, so a large dataset starts at once.
+
+    Without rank/size, every rank of the MPI world must iterate (remote files are fetched once per machine);
+    with them, the caller may run this on one rank alone (rank=0, size=1) and its files are fetched there."""
+    collective = rank is None and size is None
     if rank is None or size is None:
         from lm_human_preferences.utils import mpi
         rank, size = mpi.rank(), mpi.size()
-    batch, skipped = [], 0
-    for text in _texts_forever(task, mode, seed, rank, size):
+    batch, made, made_this_pass, seen = [], 0, 0, 0
+    for text in _texts_forever(task, mode, seed, rank, size, collective):
+        if text is None:  # the end of a pass over a finite dataset
+            if not made_this_pass:
+                raise ValueError(_no_queries_message(task, mode, "none of this rank's texts"))
+            made_this_pass = 0
+            continue
+        seen += 1
         query = make_query(text, task, encoder)
         if query is None:
-            skipped += 1
-            if skipped > 10_000 and not batch:
-                raise ValueError(f"dataset {task.query_dataset}: 10000 texts in a row had no start_text "
-                                 f"{task.start_text!r} / end_text {task.end_text!r} within query_length "
-                                 f"{task.query_length}; check the task's start_text/end_text")
+            if not made and seen == 10_000:  # an endless dataset never ends a pass
+                raise ValueError(_no_queries_message(task, mode, "none of the first 10000 texts"))
             continue
-        skipped = 0
+        made += 1
+        made_this_pass += 1
         batch.append(query)
         if len(batch) == batch_size:
-            yield np.stack(batch)
+            yield np.stack(batch)  # [batch_size, query_length]
             batch = []
+
+
+def _no_queries_message(task: TaskHParams, mode: str, which: str) -> str:
+    return (f"dataset {task.query_dataset} ({mode}): {which} gave a query: each needs start_text "
+            f"{task.start_text!r} and then end_text {task.end_text!r} within query_length {task.query_length} "
+            f"tokens; check task.start_text / task.end_text / task.query_source")
 
 
 def query_formatter(task: TaskHParams, encoder):

@@ -1,8 +1,13 @@
-"""Query datasets (SPEC section 6): each yields text for a mode (`train` or `test`).
+"""Query datasets (SPEC section 6): the texts queries are cut from, for a mode (`train` or `test`).
 
-`get(name)` returns a function `(mode, *, source=None, seed=0) -> iterator of str`. `source` overrides where the
-files are read from (`--task.query_source`): a local path or a URL, so that datasets whose 2019 storage is gone
-(books) can point at a substitute and every reader is testable offline.
+`get(name)` returns a function `(mode, *, source=None, seed=0, collective=True)`. Finite datasets (books,
+tldr, cnndm) return a random-access sequence of texts, so the query pipeline can shuffle and shard indices
+and only read, clean and encode the texts it uses; `test` returns an endless iterator.
+
+`source` (`--task.query_source`) overrides where files are read from: a local path or a URL, so that datasets
+whose 2019 storage is gone (books) can point at a substitute, and every reader is testable offline. Remote
+files are fetched once per machine when `collective` (every MPI rank reads the dataset, see
+`files.local_path`); pass False from code that only one rank runs.
 """
 
 import hashlib
@@ -10,7 +15,7 @@ import json
 import os
 import random
 import re
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from lm_human_preferences.utils import files
 
@@ -19,39 +24,78 @@ BOOKS_URL = f"{BASE_URL}/datasets/book_passages"
 TLDR_URL = f"{BASE_URL}/tldr"
 CNNDM_URL_LISTS = f"{BASE_URL}/datasets/cnndm/url_lists"
 
-MODES = ("train", "test")
+Texts = Union[Sequence[str], Iterator[str]]
 
 
-def _check_mode(mode: str, dataset: str):
-    if mode not in MODES:
-        raise ValueError(f"dataset {dataset}: unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+class LazyTexts(Sequence):
+    """A sequence whose i-th text is `make_text(items[i])`, made only when it is read."""
+
+    def __init__(self, items: Sequence, make_text: Callable[..., str]):
+        self.items = items
+        self.make_text = make_text
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return LazyTexts(self.items[index], self.make_text)
+        return self.make_text(self.items[index])
 
 
-def _read(path: str, dataset: str, hint: str) -> str:
+def _split_name(dataset: str, mode: str, splits: Dict[str, str]) -> str:
+    """The file split a mode reads (e.g. tldr's test mode reads `valid`)."""
+    if mode not in splits:
+        raise ValueError(f"dataset {dataset}: unknown mode {mode!r}; accepted: {', '.join(splits)}")
+    return splits[mode]
+
+
+def _read(path: str, dataset: str, hint: str, collective: bool) -> str:
     try:
-        return files.read_text(path)
-    except (OSError, files.FileFetchError) as error:
+        return files.read_text(path, collective=collective)
+    except OSError as error:  # FileFetchError is an OSError too
         raise ValueError(f"dataset {dataset}: cannot read {path}: {error}. {hint}") from error
 
 
-# ----- books -----------------------------------------------------------------------------------------------------
-
-BOOKS_HINT = ("The 2019 book passages are no longer served; set --task.query_source to a substitute: a directory "
-              "with train.jsonl/test.jsonl, one .jsonl file (a JSON string or {\"text\": ...} per line), or a "
-              "plain .txt book (split into passages at blank lines).")
+def _is_local_dir(path: str) -> bool:
+    return not files.is_remote(path) and os.path.isdir(os.path.expanduser(path))
 
 
-def split_passages(text: str, max_chars: int = 2000) -> List[str]:
-    """A plain-text book as passages: blank-line separated paragraphs, long ones cut at sentence ends."""
-    passages = []
-    for paragraph in re.split(r"\n\s*\n", text):
-        paragraph = " ".join(paragraph.split())
+# ----- books -----------------------------------------------------------------------------------------------
+
+BOOKS_SOURCES = ("a directory (local or URL) holding train.jsonl and test.jsonl, one .jsonl file (a JSON string "
+                 "or an object with a \"text\" string per line) or a plain .txt book (split into passages at "
+                 "blank lines)")
+BOOKS_GONE_HINT = ("The 2019 book passages are no longer served (404 since 2019); set --task.query_source to a "
+                   f"substitute: {BOOKS_SOURCES}.")
+BOOKS_SOURCE_HINT = f"--task.query_source accepts {BOOKS_SOURCES}."
+
+
+def split_passages(text: str, min_chars: int = 400, max_chars: int = 2000) -> List[str]:
+    """A plain-text book as passages: blank-line separated paragraphs with their line breaks joined; short
+    consecutive paragraphs (dialogue, headings) are joined until a passage holds `min_chars` (so that a query
+    of 64 tokens after the first "." can fill), never beyond `max_chars`; longer paragraphs are cut at
+    sentence ends."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    pieces = []
+    for paragraph in filter(None, paragraphs):
         while len(paragraph) > max_chars:
-            cut = paragraph.rfind(". ", 0, max_chars) + 1 or max_chars
-            passages.append(paragraph[:cut].strip())
+            cut = paragraph.rfind(". ", 0, max_chars) + 1 or max_chars  # no sentence end: a hard cut
+            pieces.append(paragraph[:cut].strip())
             paragraph = paragraph[cut:].strip()
         if paragraph:
-            passages.append(paragraph)
+            pieces.append(paragraph)
+    passages, current = [], ""
+    for piece in pieces:
+        if current and len(current) + 1 + len(piece) > max_chars:
+            passages.append(current)
+            current = ""
+        current = f"{current} {piece}" if current else piece
+        if len(current) >= min_chars:
+            passages.append(current)
+            current = ""
+    if current:
+        passages.append(current)
     return passages
 
 
@@ -63,7 +107,7 @@ def _jsonl_texts(text: str, path: str) -> List[str]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
+            raise ValueError(f"{path}, line {number}: not JSON ({error.msg}); {BOOKS_SOURCE_HINT}") from None
         if isinstance(item, dict) and isinstance(item.get("text"), str):
             item = item["text"]
         if not isinstance(item, str):
@@ -73,100 +117,155 @@ def _jsonl_texts(text: str, path: str) -> List[str]:
     return texts
 
 
-def books(mode: str, *, source: Optional[str] = None, seed: int = 0) -> Iterator[str]:
-    _check_mode(mode, "books")
-    if source is None:
-        path = f"{BOOKS_URL}/{mode}.jsonl"
-    elif not files.is_remote(source) and os.path.isdir(source):
-        path = os.path.join(source, f"{mode}.jsonl")
-    else:
-        path = source
-    text = _read(path, "books", BOOKS_HINT)
-    yield from (split_passages(text) if path.endswith(".txt") else _jsonl_texts(text, path))
+def _books_path(source: str, mode: str) -> str:
+    """A file source serves both modes; a directory (local, or a URL that does not name a file) holds one
+    file per mode."""
+    if _is_local_dir(source):
+        return os.path.join(os.path.expanduser(source), f"{mode}.jsonl")
+    if files.is_remote(source) and not source.endswith((".jsonl", ".json", ".txt")):
+        return files.join(source, f"{mode}.jsonl")
+    return source
 
 
-# ----- tldr ------------------------------------------------------------------------------------------------------
+def books(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True) -> List[str]:
+    """Book passages: `{mode}.jsonl` of the 2019 release, or a substitute from `source`."""
+    _split_name("books", mode, {"train": "train", "test": "test"})
+    path = f"{BOOKS_URL}/{mode}.jsonl" if source is None else _books_path(source, mode)
+    text = _read(path, "books", BOOKS_GONE_HINT if source is None else BOOKS_SOURCE_HINT, collective)
+    passages = split_passages(text) if path.endswith(".txt") else _jsonl_texts(text, path)
+    if not passages:
+        raise ValueError(f"dataset books: {path} holds no passages; {BOOKS_SOURCE_HINT}")
+    return passages
+
+
+# ----- tldr ------------------------------------------------------------------------------------------------
 
 def clean_tldr(text: str) -> str:
+    """ftfy-fixed text with runs of 3+ newlines made 2, stripped (the 2019 cleaning)."""
     import ftfy
     return re.sub(r"\n{3,}", "\n\n", ftfy.fix_text(text)).strip()
 
 
-def tldr(mode: str, *, source: Optional[str] = None, seed: int = 0) -> Iterator[str]:
-    _check_mode(mode, "tldr")
-    split = "train" if mode == "train" else "valid"
-    path = files.join(source or TLDR_URL, f"{split}-subset.json")
-    items = json.loads(_read(path, "tldr", "Set --task.query_source to a directory holding "
-                                           "train-subset.json and valid-subset.json."))
+def tldr(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True) -> Sequence[str]:
+    """Reddit posts from `{train,valid}-subset.json`; test mode reads `valid` (there is no test split)."""
+    split = _split_name("tldr", mode, {"train": "train", "test": "valid", "valid": "valid"})
+    base = TLDR_URL if source is None else source
+    path = base if base.endswith(".json") else files.join(base, f"{split}-subset.json")
+    hint = "Set --task.query_source to a directory (local or URL) holding train-subset.json and valid-subset.json."
+    try:
+        items = json.loads(_read(path, "tldr", hint, collective))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"dataset tldr: {path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"dataset tldr: {path} should hold a JSON list of {{\"content\": ...}} objects, "
+                         f"got {type(items).__name__}")
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("content"), str):
-            raise ValueError(f"{path}: item {index} has no \"content\" string")
-        yield clean_tldr(item["content"])
+            raise ValueError(f"dataset tldr: {path}, item {index} has no \"content\" string")
+    return LazyTexts([item["content"] for item in items], clean_tldr)  # ftfy is slow: clean on use
 
 
-# ----- cnndm -----------------------------------------------------------------------------------------------------
+# ----- cnndm -----------------------------------------------------------------------------------------------
 
-def story_path(stories_dir: str, url: str) -> Optional[str]:
-    """CNN/DailyMail stories are named by the SHA1 of their URL, under cnn/stories or dailymail/stories."""
-    name = hashlib.sha1(url.strip().encode("utf-8")).hexdigest() + ".story"
-    for site in ("cnn", "dailymail"):
-        path = os.path.join(stories_dir, site, "stories", name)
-        if os.path.exists(path):
-            return path
-    return None
+SITES = ("cnn", "dailymail")
+# Daily Mail headers end with a time stamp: "UPDATED: . 15:36 EST, 25 October 2013 ." or
+# "Last updated at 4:02 PM on 12th January 2012".
+DAILYMAIL_TIMESTAMP = re.compile(r"(?:PUBLISHED|UPDATED):[\s.|]*\d{1,2}:\d{2}\b[^\n]*?\b\d{4}\b[ \t.|]*"
+                                 r"|Last updated at [^\n]*?\b\d{4}\b[ \t.|]*")
+HEADER_CHARS = 1000  # headers sit at the very start; time stamps further in are article text
+CNN_OPENER = re.compile(r"\(CNN\)\s*(?:--|—|–)?\s*")  # "WASHINGTON (CNN) -- ", "(CNN)"
+
+
+def story_name(url: str) -> str:
+    """CNN/DailyMail story files are named by the SHA1 of their URL."""
+    return hashlib.sha1(url.strip().encode("utf-8")).hexdigest() + ".story"
+
+
+def _drop_byline(paragraphs: List[str]) -> List[str]:
+    """"By" + author as their own paragraphs, "By Name" alone, or "By . Name . " before the text."""
+    first = paragraphs[0]
+    if first in ("By", "By ."):
+        rest = paragraphs[1:]
+        return rest[1:] if rest and len(rest[0]) <= 80 else rest  # the author's name
+    if first.startswith("By ") and len(first) <= 80:
+        return paragraphs[1:]
+    joined = re.match(r"By \. [^\n]{1,80}? \. ", first)
+    if joined:
+        return [first[joined.end():], *paragraphs[1:]]
+    return paragraphs
 
 
 def clean_story(text: str) -> str:
-    """The article before the first @highlight, without bylines and "(CNN) --" openers."""
+    """A story's article: the text before the first @highlight without the Daily Mail byline and time
+    stamps or the "(CNN) --" opener; paragraphs separated by one blank line; ftfy-fixed (quotes made
+    straight), as in 2019."""
+    import ftfy
     article = text.split("@highlight")[0]
-    lines = [line.strip() for line in article.splitlines() if line.strip()]
-    lines = [line for line in lines if not re.match(r"^(By \. |By\s+[A-Z].*\. (PUBLISHED|UPDATED)|"
-                                                    r"Last updated at|PUBLISHED:|UPDATED:)", line)]
-    article = "\n".join(lines)
-    article = re.sub(r"^.{0,80}?\(CNN\)\s*(--)?\s*", "", article)
-    return article.strip()
+    stamps = list(DAILYMAIL_TIMESTAMP.finditer(article[:HEADER_CHARS]))
+    if stamps:
+        article = article[stamps[-1].end():]
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", article.strip()) if p.strip()]
+    if paragraphs:
+        paragraphs = _drop_byline(paragraphs) or [""]
+        opener = CNN_OPENER.search(paragraphs[0][:120])
+        if opener:
+            paragraphs[0] = paragraphs[0][opener.end():]
+    return ftfy.fix_text("\n\n".join(paragraphs)).strip()
 
 
-def cnndm(mode: str, *, source: Optional[str] = None, seed: int = 0) -> Iterator[str]:
-    _check_mode(mode, "cnndm")
-    if source is None or files.is_remote(source) or not os.path.isdir(source):
-        raise ValueError("dataset cnndm: set --task.query_source to a local directory of CNN/DailyMail stories "
-                         "(cnn/stories/*.story, dailymail/stories/*.story); they cannot be downloaded here")
-    split = {"train": "train", "test": "test"}[mode]
-    local_list = os.path.join(source, f"all_{split}.txt")
-    url_list = local_list if os.path.exists(local_list) else f"{CNNDM_URL_LISTS}/all_{split}.txt"
-    urls = [u for u in _read(url_list, "cnndm", "Put all_train.txt/all_test.txt next to the stories.").splitlines()
-            if u.strip()]
-    found = 0
-    for url in urls:
-        path = story_path(source, url)
-        if path is not None:
-            found += 1
-            with open(path, encoding="utf-8") as f:
-                yield clean_story(f.read())
-    if not found:
-        raise ValueError(f"dataset cnndm: none of the {len(urls)} stories of {url_list} is in {source}")
+def _story_files(stories_dir: str) -> Dict[str, str]:
+    """{story file name: path} for both sites; listed once, as checking 300k paths one by one is slow."""
+    found = {}
+    for site in SITES:
+        directory = os.path.join(stories_dir, site, "stories")
+        if os.path.isdir(directory):
+            found.update({name: os.path.join(directory, name) for name in os.listdir(directory)})
+    return found
 
 
-# ----- test ------------------------------------------------------------------------------------------------------
+def _read_story(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return clean_story(f.read())
+
+
+def cnndm(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True) -> Sequence[str]:
+    """CNN/DailyMail articles of the 2019 URL list of the split, from a local directory of stories."""
+    split = _split_name("cnndm", mode, {"train": "train", "test": "test", "valid": "val"})
+    layout = "cnn/stories/<sha1 of url>.story and dailymail/stories/<sha1 of url>.story"
+    if source is None or not _is_local_dir(source):
+        raise ValueError(f"dataset cnndm: set --task.query_source to a local directory of CNN/DailyMail stories "
+                         f"({layout}); they cannot be downloaded here (got {source!r})")
+    source = os.path.expanduser(source)
+    list_name = f"all_{split}.txt"
+    local_lists = [os.path.join(source, list_name), os.path.join(source, "url_lists", list_name)]
+    url_list = next((p for p in local_lists if os.path.isfile(p)), f"{CNNDM_URL_LISTS}/{list_name}")
+    url_text = _read(url_list, "cnndm", f"Put {list_name} in {source}.", collective)
+    urls = [url.strip() for url in url_text.splitlines() if url.strip()]
+    stories = _story_files(source)
+    paths = [stories[name] for name in map(story_name, urls) if name in stories]
+    if not paths:
+        raise ValueError(f"dataset cnndm: none of the {len(urls)} stories of {url_list} is in {source} "
+                         f"(expected {layout})")
+    return LazyTexts(paths, _read_story)
+
+
+# ----- test ------------------------------------------------------------------------------------------------
 
 TEST_ALPHABET = "abcdefghijklmnopqrstuvwxyz."
 
 
-def test(mode: str, *, source: Optional[str] = None, seed: int = 0) -> Iterator[str]:
-    """Endless random strings of 40 characters of the test alphabet (a different stream per mode)."""
-    _check_mode(mode, "test")
+def test(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True) -> Iterator[str]:
+    """Endless random strings of 40 characters of the test alphabet (a different stream per mode and seed)."""
+    _split_name("test", mode, {"train": "train", "test": "test"})
     rng = random.Random(f"{seed}-{mode}")
     while True:
         yield "".join(rng.choice(TEST_ALPHABET) for _ in range(40))
 
 
-test.endless = True  # never runs out: the query pipeline shards it instead of shuffling a list
-
-DATASETS: Dict[str, Callable[..., Iterator[str]]] = {"books": books, "tldr": tldr, "cnndm": cnndm, "test": test}
+DATASETS: Dict[str, Callable[..., Texts]] = {"books": books, "tldr": tldr, "cnndm": cnndm, "test": test}
 
 
-def get(name: str) -> Callable[..., Iterator[str]]:
+def get(name: str) -> Callable[..., Texts]:
     if name not in DATASETS:
         raise ValueError(f"unknown query dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return DATASETS[name]

