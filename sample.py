@@ -57,7 +57,8 @@ def sample(save_dir, savescope="policy", temperature=None, nsamples=10, batch_si
     temperature = task.policy.temperature if temperature is None else float(temperature)
     trained_model = TrainedModel(savescope, savedir=files.join(save_dir, savescope), scope=savescope)
     encoder = trained_model.encoding.get_encoder()
-    seed = mpi_utils.rank_seed(hparams.run.seed if seed is None else seed)
+    shared_seed = hparams.run.seed if seed is None else int(seed)  # one query shuffle, sharded across ranks
+    seed = mpi_utils.rank_seed(shared_seed)  # ranks sample differently
     per_rank = nsamples and -(-nsamples // mpi_utils.size())  # ceil; 0 stays "forever"
 
     with tf.Graph().as_default():
@@ -67,7 +68,7 @@ def sample(save_dir, savescope="policy", temperature=None, nsamples=10, batch_si
                         embed_queries=lm_tasks.query_formatter(task, encoder))
         queries_ph = tf.compat.v1.placeholder(tf.int32, [None, task.query_length])
         responses_op = policy.respond_op(queries_ph, task.response_length)["responses"]
-        query_batches = lm_tasks.query_batches(task, encoder, batch_size, mode="test", seed=seed or 0)
+        query_batches = lm_tasks.query_batches(task, encoder, batch_size, mode="test", seed=shared_seed or 0)
         with devices.new_session() as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
             printed = 0

@@ -195,6 +195,8 @@ def load_labels(path: str, label_type: LabelType, *, query_length: int, response
         text = files.read_text(path)
     except FileNotFoundError:
         raise LabelFileError(f"{path}: label file not found") from None
+    if not text.strip():  # a download or copy that wrote nothing: say so rather than "Expecting value"
+        raise LabelFileError(f"{path}: the label file is empty; expected a JSON list of records")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:

@@ -1,7 +1,6 @@
 """The language task (SPEC section 6): which queries the policy sees, how they are formatted, and how its
 responses are cut before they are scored."""
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
@@ -91,8 +90,11 @@ def _texts_forever(task: TaskHParams, mode: str, seed: int, rank: int, size: int
     if len(texts) < size:
         raise ValueError(f"dataset {task.query_dataset} ({mode}) has {len(texts)} texts, fewer than the "
                          f"{size} MPI ranks that share it")
-    for epoch in itertools.count():
-        order = np.random.RandomState((seed + epoch) % 2 ** 32).permutation(len(texts))
+    # One generator for all passes: seeding each pass with seed + pass would give seed s + 1 the orders of
+    # seed s one pass later, so runs with neighbouring seeds would see the same query stream.
+    rng = np.random.RandomState(seed % 2 ** 32)
+    while True:
+        order = rng.permutation(len(texts))
         for index in order[rank::size]:
             yield texts[index]
         yield None

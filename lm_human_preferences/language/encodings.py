@@ -25,6 +25,7 @@ ENCODER_FILES = ("encoder.json", "vocab.bpe")
 # GPT-2's pre-tokeniser: contractions, runs of letters / digits / other symbols with an optional leading space,
 # and whitespace (a run of spaces keeps its last space for the next word).
 PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+LONE_SURROGATE = regex.compile("[\ud800-\udfff]")
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +76,13 @@ class BPEEncoder:
 
     def _encode_piece(self, piece: str) -> List[int]:
         """Token ids of one pre-token: its UTF-8 bytes as the table's characters, then BPE."""
-        word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+        try:
+            data = piece.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON such as "\ud83d" loads into one) has no UTF-8 form; GPT-2's encoder
+            # crashed on it mid-run. It is encoded as U+FFFD, which is also what decoding such bytes gives.
+            data = LONE_SURROGATE.sub("\ufffd", piece).encode("utf-8")
+        word = "".join(self.byte_encoder[b] for b in data)
         tokens = [self.encoder[part] for part in self._bpe(word)]
         self._word_cache[piece] = tokens
         return tokens
