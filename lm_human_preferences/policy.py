@@ -22,9 +22,11 @@ def _identity(queries):
 
 
 class Policy:
-    def __init__(self, trained_model, *, scope: str, temperature=1.0, embed_queries: Callable = _identity):
+    def __init__(self, trained_model, *, scope: str, temperature=1.0, embed_queries: Callable = _identity,
+                 compute_dtype=tf.float32):
         """trained_model: a TrainedModel; embed_queries maps queries [b, query_length] to the model's context
-        [b, context_length] (the task adds its prefix and suffix tokens there)."""
+        [b, context_length] (the task adds its prefix and suffix tokens there); compute_dtype: tf.bfloat16
+        for mixed precision (float32 variables, log-probs and values; see language/model.py)."""
         if not temperature > 0:
             raise ValueError(f"Policy: temperature must be > 0 (task.policy.temperature), got {temperature}")
         self.trained_model = trained_model
@@ -36,7 +38,7 @@ class Policy:
         self.graph = tf.get_default_graph()
         with tf.variable_scope(scope) as variable_scope:
             self.scope = variable_scope.name
-            self.model = Model(self.model_hparams, scalar_heads=["value"], scope="model")
+            self.model = Model(self.model_hparams, scalar_heads=["value"], scope="model", compute_dtype=compute_dtype)
         # Build once, outside any loop, so that every variable exists; then route the checkpoint's weights.
         with tf.name_scope(f"{self.scope}_build"):
             self.model(tf.zeros([1, 1], tf.int32), padding_token=self.padding_token)

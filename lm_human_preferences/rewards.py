@@ -19,13 +19,15 @@ from lm_human_preferences.utils import mpi
 class RewardModelTrainer:
     """Owns the reward model's variables; builds reward ops and the normalisation assignments."""
 
-    def __init__(self, trained_model, *, scope="reward_model"):
+    def __init__(self, trained_model, *, scope="reward_model", compute_dtype=tf.float32):
+        """compute_dtype: tf.bfloat16 for mixed precision (float32 variables and rewards; see language/model.py)."""
         self.trained_model = trained_model
         self.model_hparams = trained_model.hparams()
         self.padding_token = trained_model.encoding.padding_token
         self.scope = scope
         with tf.variable_scope(scope):
-            self.model = lm_model.Model(self.model_hparams, scalar_heads=["reward"], scope="model")
+            self.model = lm_model.Model(self.model_hparams, scalar_heads=["reward"], scope="model",
+                                        compute_dtype=compute_dtype)
             with tf.variable_scope("reward_norm"):
                 self.gain = tf.get_variable("gain", shape=(), initializer=tf.ones_initializer())
                 self.bias = tf.get_variable("bias", shape=(), initializer=tf.zeros_initializer())

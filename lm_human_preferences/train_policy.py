@@ -76,11 +76,13 @@ class PPOTrainer:
         self.judge = None if hparams.run.judge is None else labeler.get_judge(hparams.run.judge)
 
         embed_queries = lm_tasks.query_formatter(task, encoder)
+        compute_dtype = tf.bfloat16 if hparams.run.mixed_precision else tf.float32
         self.policy = Policy(policy_model, scope="policy", temperature=task.policy.temperature,
-                             embed_queries=embed_queries)
+                             embed_queries=embed_queries, compute_dtype=compute_dtype)
         self.ref_policy = Policy(policy_model, scope="ref_policy", temperature=task.policy.temperature,
-                                 embed_queries=embed_queries)
-        self.reward_model = rewards.RewardModelTrainer(reward_model, scope="reward_model")
+                                 embed_queries=embed_queries, compute_dtype=compute_dtype)
+        self.reward_model = rewards.RewardModelTrainer(reward_model, scope="reward_model",
+                                                       compute_dtype=compute_dtype)
         R = task.response_length
 
         # Rollout, reference log-probs and scores: [b, query_length] / [b, R] in, per-episode arrays out.

@@ -11,6 +11,12 @@ position, so the output at a pad equals the output at the last real token before
 token sits in the cache (incremental decoding). Pads are never keys, and position ids count real tokens
 only, so a sequence gives the same outputs for its real tokens wherever its pads sit. A pad with no real
 token before it (left padding) is fed token 0 at position 0 and attends only to itself.
+
+Mixed precision. With `compute_dtype=tf.bfloat16` the variables stay float32 (checkpoints are unchanged) and
+are cast at use: the residual stream, the matmuls (the output layer's included), attention scores and GELU
+run in bfloat16, while layer-norm statistics, the attention softmax, the final layer norm (`hidden`) and the
+scalar heads that read it, the output logits and everything computed from them (log-probabilities,
+entropies) are float32. The key/value cache (`present`) is in the compute dtype.
 """
 
 from dataclasses import dataclass
@@ -25,6 +31,8 @@ from lm_human_preferences.utils.hyperparams import require
 LAYER_NORM_EPSILON = 1e-5
 # Added to the attention logits of forbidden keys: exp() of it underflows to exactly 0.
 MASKED_LOGIT = -1e10
+# Dtypes the transformer may compute in; variables are always float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -87,22 +95,25 @@ def dropout(x, rate, do_dropout):
 
 
 def norm(x, scope):
-    """Layer norm over the last axis with a learned gain `g` and bias `b`."""
+    """Layer norm over the last axis with a learned gain `g` and bias `b`. The statistics are taken in
+    float32 whatever x's dtype (a bfloat16 variance loses too much); the result has x's dtype."""
     with tf.variable_scope(scope):
         n_state = x.shape.as_list()[-1]
         g = tf.get_variable("g", [n_state], initializer=tf.ones_initializer())
         b = tf.get_variable("b", [n_state], initializer=tf.zeros_initializer())
-        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-        return (x - mean) * tf.rsqrt(variance + LAYER_NORM_EPSILON) * g + b
+        x32 = tf.cast(x, tf.float32)
+        mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
+        return tf.cast((x32 - mean) * tf.rsqrt(variance + LAYER_NORM_EPSILON) * g + b, x.dtype)
 
 
 def conv1d(x, scope, n_out, *, w_init_stdev=0.02):
-    """Position-wise affine map with GPT-2's variable layout: w [1, n_in, n_out], b [n_out]."""
+    """Position-wise affine map with GPT-2's variable layout: w [1, n_in, n_out], b [n_out] (float32
+    variables, cast to x's dtype at use)."""
     with tf.variable_scope(scope):
         *start, n_in = shape_list(x)
         w = tf.get_variable("w", [1, n_in, n_out], initializer=tf.random_normal_initializer(stddev=w_init_stdev))
         b = tf.get_variable("b", [n_out], initializer=tf.zeros_initializer())
-        out = tf.matmul(tf.reshape(x, [-1, n_in]), w[0]) + b
+        out = tf.matmul(tf.reshape(x, [-1, n_in]), tf.cast(w[0], x.dtype)) + tf.cast(b, x.dtype)
         return tf.reshape(out, start + [n_out])
 
 
@@ -133,8 +144,9 @@ def attn(x, scope, *, past, attention_bias, hparams: HParams, do_dropout):
             k = tf.concat([past_k, k], axis=-2)  # [b, h, p + t, d]
             v = tf.concat([past_v, v], axis=-2)
         q = q * (1 / np.sqrt(hparams.head_size))
-        weights = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) + attention_bias)  # [b, h, t, p + t]
-        weights = dropout(weights, hparams.attn_pdrop, do_dropout)
+        scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)  # [b, h, t, p + t]
+        weights = tf.nn.softmax(scores + attention_bias)  # float32: the mask and the normaliser need the range
+        weights = dropout(tf.cast(weights, v.dtype), hparams.attn_pdrop, do_dropout)
         a = merge_heads(tf.matmul(weights, v))  # [b, t, e]
         a = conv1d(a, "c_proj", hparams.n_embd)
         return dropout(a, hparams.resid_pdrop, do_dropout), present
@@ -195,13 +207,36 @@ def padding_inputs(X, past_tokens, padding_token):
     return tokens, positions, tf.where_v2(visible, 0.0, MASKED_LOGIT)[:, None]
 
 
+def tied_logits(h, wte, *, one_position: bool):
+    """h [n, e] · wteᵀ -> logits [n, n_vocab]. With one position per sequence (a sampling step) n is the batch,
+    and the product is computed as (wte · hᵀ)ᵀ: a pass over wte's rows that was 6x faster than h · wteᵀ on a
+    CPU for GPT-2 124M at batch 2 (Eigen's kernels); the extra transpose of [batch, n_vocab] is small."""
+    if one_position:
+        return tf.transpose(tf.matmul(wte, h, transpose_b=True))  # [n, n_vocab]
+    return tf.matmul(h, wte, transpose_b=True)
+
+
+def checked_compute_dtype(compute_dtype):
+    """tf.float32 or tf.bfloat16 (a dtype or its name); ValueError for anything else."""
+    try:
+        dtype = tf.as_dtype(compute_dtype)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.name not in COMPUTE_DTYPES:
+        raise ValueError(f"Model: compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    return dtype
+
+
 class Model:
     """GPT-2 with optional scalar heads. Variables live under the variable scope current at construction
     plus `scope` (e.g. `policy/model`); every call reuses them."""
 
-    def __init__(self, hparams: HParams, scalar_heads: Sequence[str] = (), scope: Optional[str] = "model"):
+    def __init__(self, hparams: HParams, scalar_heads: Sequence[str] = (), scope: Optional[str] = "model", *,
+                 compute_dtype=tf.float32):
+        """compute_dtype: tf.float32 (default) or tf.bfloat16 for mixed precision (see the module docstring)."""
         self.hparams = hparams
         self.scalar_heads = list(scalar_heads)
+        self.compute_dtype = checked_compute_dtype(compute_dtype)
         with tf.variable_scope(scope, default_name="model") as variable_scope:
             self.scope = variable_scope
 
@@ -216,21 +251,28 @@ class Model:
             need the context's logits, and the output layer is the largest matmul).
 
         Returns a dict: `lm_logits` [b, t or N, n_vocab], `hidden` [b, t, n_embd] (after ln_f),
-        `present` [b, n_layer, 2, n_head, t, head_size], and one [b, t] tensor per scalar head.
+        `present` [b, n_layer, 2, n_head, t, head_size], and one [b, t] tensor per scalar head; all float32
+        except `present`, which is in the compute dtype (feed it back as `past`).
         """
         hp = self.hparams
         if padding_token is not None and past is not None and past_tokens is None:
             raise ValueError("Model: past_tokens (the tokens behind `past`) are required when both `past` and "
                              "`padding_token` are given")
         X = tf.convert_to_tensor(X, dtype=tf.int32)
+        if past is not None:
+            past = tf.cast(past, self.compute_dtype)
         with tf.variable_scope(self.scope, reuse=tf.AUTO_REUSE):
             wte = tf.get_variable("wte", [hp.n_vocab, hp.n_embd], initializer=tf.random_normal_initializer(stddev=0.02))
             wpe = tf.get_variable("wpe", [hp.n_ctx, hp.n_embd], initializer=tf.random_normal_initializer(stddev=0.01))
+            # One dense read of each embedding serves the lookup and the output layer. A lookup straight from
+            # the variable (a sparse read) switches it to copy-on-read, after which every dense read copies it:
+            # 150 MB and ~0.1 s per sampling step for GPT-2 124M on a CPU (measured by bench.py).
+            wte, wpe = tf.convert_to_tensor(wte), tf.convert_to_tensor(wpe)
             if padding_token is None:
                 tokens, positions, attention_bias = plain_inputs(X, past)
             else:
                 tokens, positions, attention_bias = padding_inputs(X, past_tokens, padding_token)
-            h = tf.gather(wte, tokens) + tf.gather(wpe, positions)  # [b, t, e]
+            h = tf.cast(tf.gather(wte, tokens) + tf.gather(wpe, positions), self.compute_dtype)  # [b, t, e]
             h = dropout(h, hp.embd_pdrop, do_dropout)
             pasts = tf.unstack(past, num=hp.n_layer, axis=1) if past is not None else [None] * hp.n_layer
             presents = []
@@ -238,15 +280,18 @@ class Model:
                 h, present = block(h, f"h{layer}", past=layer_past, attention_bias=attention_bias, hparams=hp,
                                    do_dropout=do_dropout)
                 presents.append(present)
-            h = norm(h, "ln_f")  # [b, t, e]
+            hidden = norm(tf.cast(h, tf.float32), "ln_f")  # [b, t, e], float32 for the heads
+            h = tf.cast(hidden, self.compute_dtype)
 
-            results = {"hidden": h, "present": tf.stack(presents, axis=1)}
+            results = {"hidden": hidden, "present": tf.stack(presents, axis=1)}
             logits_h = h if logits_for_last is None else h[:, -logits_for_last:]
             logits_batch, logits_length = shape_list(logits_h)[:2]
-            logits = tf.matmul(tf.reshape(logits_h, [-1, hp.n_embd]), wte, transpose_b=True)  # tied embeddings
-            results["lm_logits"] = tf.reshape(logits, [logits_batch, logits_length, hp.n_vocab])
+            # tied embeddings; the largest matmul, so in the compute dtype
+            logits = tied_logits(tf.reshape(logits_h, [-1, hp.n_embd]), tf.cast(wte, self.compute_dtype),
+                                 one_position=logits_for_last == 1)
+            results["lm_logits"] = tf.reshape(tf.cast(logits, tf.float32), [logits_batch, logits_length, hp.n_vocab])
             for name in self.scalar_heads:
-                results[name] = self._scalar_head(name, dropout(h, hp.head_pdrop, do_dropout))  # [b, t]
+                results[name] = self._scalar_head(name, dropout(hidden, hp.head_pdrop, do_dropout))  # [b, t]
             return results
 
     def _scalar_head(self, name, h):

@@ -2,7 +2,8 @@
 
 `TrainedModel(name, *, savedir=None, scope=None)` names one of:
 
-* a built-in random model (`test`, `demo`): no files, weights drawn with a fixed seed (below);
+* a built-in random model (`test`, `demo`): no files, weights drawn with a fixed seed (below); a random
+  model of any other shape comes from `TrainedModel.random(name, hparams, encoding)` (benchmarks);
 * a released GPT-2 size (`124M`, `355M`, `774M`, `1558M`), fetched from the GPT-2 bucket;
 * a directory or URL holding a model: a GPT-2 model directory (`hparams.json`, `checkpoint`, `model.ckpt.*`)
   or a saved run component such as `SAVE_DIR/policy` (`hparams.json`, `encoding`, `checkpoints/`).
@@ -42,7 +43,7 @@ BUILTIN_MODELS = {
 
 # Seed of the built-in random models' weights (the same in every process and rank).
 RANDOM_MODEL_SEED = 0
-_random_checkpoints: Dict[str, str] = {}  # built-in model name -> checkpoint of its weights, made once per process
+_random_checkpoints: Dict[str, str] = {}  # random model spec (JSON) -> checkpoint of its weights, once per process
 
 # TensorFlow's Saver writes a single data shard unless told otherwise; every released checkpoint has one.
 CHECKPOINT_DATA_SUFFIX = ".data-00000-of-00001"
@@ -83,7 +84,24 @@ class TrainedModel:
             else:
                 raise ValueError(f"unknown model {name!r}: expected one of {_known_names()}, a local directory or "
                                  f"a URL holding hparams.json and a checkpoint")
+        self._set_source(savedir, BUILTIN_MODELS.get(name) if savedir is None else None)
+
+    @classmethod
+    def random(cls, name: str, hparams: HParams, encoding: str) -> "TrainedModel":
+        """A model of any shape with random weights and no files, e.g. a GPT-2 124M-shaped model for benchmarks.
+        Like `test` and `demo`, its weights are drawn once per process with RANDOM_MODEL_SEED, so every scope
+        built from it starts from the same trunk. `name` labels it (it must not be a built-in or GPT-2 name)."""
+        if name in BUILTIN_MODELS or name in GPT2_SIZES:
+            raise ValueError(f"TrainedModel.random: {name!r} names a built-in model; choose another label")
+        model = cls.__new__(cls)
+        model.name, model.scope = name, None
+        model._set_source(None, dict(encoding=encoding, hparams=hparams.to_nested_dict()))
+        return model
+
+    def _set_source(self, savedir: Optional[str], random_spec: Optional[dict]):
+        """Files at `savedir`, or (savedir None) random weights of `random_spec` {encoding, hparams}."""
         self.savedir = savedir
+        self._random_spec = random_spec
         self.encoding = encodings.get(self._encoding_name())
         self._hparams: Optional[HParams] = None
         self._checkpoint: Optional[str] = None
@@ -93,12 +111,12 @@ class TrainedModel:
 
     @property
     def is_random(self) -> bool:
-        """A built-in model: no files; its weights are drawn with RANDOM_MODEL_SEED."""
+        """A built-in or `random()` model: no files; its weights are drawn with RANDOM_MODEL_SEED."""
         return self.savedir is None
 
     def _encoding_name(self) -> str:
         if self.is_random:
-            return BUILTIN_MODELS[self.name]["encoding"]
+            return self._random_spec["encoding"]
         if self.savedir == f"{GPT2_MODELS_URL}/{self.name}":
             return "main"
         path = files.join(self.savedir, "encoding")
@@ -113,7 +131,7 @@ class TrainedModel:
     def hparams(self) -> HParams:
         if self._hparams is None:
             if self.is_random:
-                hparams = HParams(**BUILTIN_MODELS[self.name]["hparams"]).validate()
+                hparams = HParams(**self._random_spec["hparams"]).validate()
             else:
                 path = files.join(self.savedir, "hparams.json")
                 hparams = HParams.from_json_dict(files.read_json(path), where=path)
@@ -161,8 +179,9 @@ class TrainedModel:
         return index[:-len(".index")]
 
     def _random_weights(self) -> str:
-        """A temporary checkpoint (GPT-2 layout) of this built-in model's trunk, drawn with RANDOM_MODEL_SEED."""
-        if self.name not in _random_checkpoints:
+        """A temporary checkpoint (GPT-2 layout) of this random model's trunk, drawn with RANDOM_MODEL_SEED."""
+        key = json.dumps(self._random_spec, sort_keys=True)
+        if key not in _random_checkpoints:
             import tensorflow.compat.v1 as tf
             from lm_human_preferences.language.model import Model
 
@@ -173,9 +192,9 @@ class TrainedModel:
                 Model(self.hparams(), scope="model")(tf.zeros([1, 1], tf.int32))
                 with tf.Session() as session:
                     session.run(tf.global_variables_initializer())
-                    _random_checkpoints[self.name] = tf.train.Saver().save(
+                    _random_checkpoints[key] = tf.train.Saver().save(
                         session, os.path.join(directory, "model.ckpt"), write_meta_graph=False, write_state=False)
-        return _random_checkpoints[self.name]
+        return _random_checkpoints[key]
 
     def _checkpoint_scope(self, available: Dict[str, List[int]], checkpoint: str) -> str:
         """The scope the checkpoint's model sits under ('' for GPT-2's `model/...`)."""

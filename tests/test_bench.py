@@ -1,0 +1,315 @@
+"""bench.py end to end on the `test` size; FLOP counts (lm_human_preferences/flops.py) against a hand
+computation and against TensorFlow's own FLOP statistics of the graph; device peaks; and the bf16
+mixed-precision switch of the model (close to float32, float32 where it has to be)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+from tensorflow.python.framework import ops as tf_ops
+
+from lm_human_preferences import flops
+from lm_human_preferences.language import model as lm_model
+from lm_human_preferences.language.trained_models import TrainedModel
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.rewards import RewardModelTrainer
+from lm_human_preferences.utils import devices
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+
+HP = lm_model.HParams(n_vocab=10, n_ctx=16, n_embd=4, n_head=2, n_layer=2)
+PAD = 27  # the `test` encoding's padding token
+
+
+# ----- FLOP counts ----------------------------------------------------------------------------------------------
+
+def test_forward_flops_match_a_hand_computation():
+    # batch 3, 5 tokens, logits at all 5 positions, one scalar head; n_embd 4, 2 heads of size 2, n_vocab 10.
+    # Per layer and sequence, each matmul as [m, k] x [k, n] = 2·m·k·n FLOPs:
+    qkv = 2 * 5 * 4 * 12  # [5, 4] x [4, 12] = 480
+    attn_proj = 2 * 5 * 4 * 4  # [5, 4] x [4, 4] = 160
+    mlp_fc = 2 * 5 * 4 * 16  # [5, 4] x [4, 16] = 640
+    mlp_proj = 2 * 5 * 16 * 4  # [5, 16] x [16, 4] = 640
+    scores = 2 * (2 * 5 * 2 * 5)  # 2 heads x [5, 2] x [2, 5] = 200
+    values = 2 * (2 * 5 * 5 * 2)  # 2 heads x [5, 5] x [5, 2] = 200
+    per_layer = qkv + attn_proj + mlp_fc + mlp_proj + scores + values  # 2320
+    logits = 2 * 5 * 4 * 10  # [5, 4] x [4, 10] = 400
+    head = 2 * 5 * 4  # [5, 4] x [4, 1] = 40
+    expected = 3 * (2 * per_layer + logits + head)  # 3 x 5080 = 15240
+    assert expected == 15240
+    assert flops.forward_flops(HP, batch=3, tokens=5, logits=5, scalar_heads=1) == expected
+
+
+def test_sampling_flops_match_a_hand_computation():
+    # Context 3, response 3, batch 1: the context in one call (keys 3), then two cached steps (keys 4, then 5);
+    # each call computes one position's logits and the value head at its positions.
+    def layer(tokens, keys):
+        return tokens * 2 * 12 * 4 * 4 + tokens * 2 * 2 * 4 * keys  # 24·e² + 4·e·keys per token
+    first = 2 * layer(3, 3) + 2 * 4 * 10 + 3 * 2 * 4  # 2592 + 80 + 24 = 2696
+    step1 = 2 * layer(1, 4) + 2 * 4 * 10 + 2 * 4  # 896 + 80 + 8 = 984
+    step2 = 2 * layer(1, 5) + 2 * 4 * 10 + 2 * 4  # 928 + 80 + 8 = 1016
+    assert first + step1 + step2 == 4696
+    assert flops.sampling_flops(HP, batch=1, context_length=3, response_length=3) == 4696
+
+
+def test_ppo_update_flops_are_its_parts():
+    parts = flops.ppo_update_flops(HP, HP, batch=2, context_length=4, query_length=3, response_length=3,
+                                   noptepochs=4)
+    analyze = flops.forward_flops(HP, batch=2, tokens=4 + 3 - 1, logits=3, scalar_heads=1)
+    assert parts == {
+        "rollout": flops.sampling_flops(HP, batch=2, context_length=4, response_length=3),
+        "ref_logprobs": analyze,
+        "score": flops.forward_flops(HP, batch=2, tokens=3 + 3, scalar_heads=1),  # no logits, bare query
+        "ppo_epochs": 4 * 3 * analyze,  # forward + backward (2x) per epoch
+        "stats": 0,
+    }
+    assert flops.reward_training_flops(HP, batch=2, num_samples=4, query_length=3, response_length=3) == \
+        3 * 4 * parts["score"]
+
+
+def graph_matmul_flops(graph):
+    """TensorFlow's registered FLOP statistics of the graph's matmuls (an independent count)."""
+    return sum(int(tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value or 0)
+               for op in graph.get_operations() if op.type in ("MatMul", "BatchMatMulV2"))
+
+
+@pytest.mark.parametrize("past_length", [0, 6])
+def test_flop_counts_equal_tensorflows_statistics_of_the_graph(past_length):
+    graph = tf.get_default_graph()
+    model = lm_model.Model(HP, scalar_heads=["value"])
+    past = tf.zeros(lm_model.past_shape(HP, 3, past_length)) if past_length else None
+    tokens = 1 if past_length else 5
+    outputs = model(tf.zeros([3, tokens], tf.int32), past=past, logits_for_last=1 if past_length else 2)
+    forward = graph_matmul_flops(graph)
+    assert forward == flops.forward_flops(HP, batch=3, tokens=tokens, keys=past_length + tokens,
+                                          logits=1 if past_length else 2, scalar_heads=1)
+    if not past_length:
+        # backward = 2 x forward: every matmul's gradient takes two matmuls of the same size. (Only without a
+        # cache: TensorFlow's statistics ignore BatchMatMul's adj_x, which gradients of non-square scores use.)
+        tf.gradients(tf.reduce_sum(outputs["lm_logits"]) + tf.reduce_sum(outputs["value"]), model.get_params())
+        assert graph_matmul_flops(graph) - forward == 2 * forward
+
+
+# ----- device peaks ---------------------------------------------------------------------------------------------
+
+CPUINFO = """processor\t: 0
+model name\t: Some CPU
+cpu MHz\t\t: 2000.000
+flags\t\t: fpu sse sse2 avx fma avx2
+"""
+
+
+def test_cpu_peak_is_cores_times_clock_times_flops_per_cycle():
+    peak, assumptions = flops.cpu_peak_flops(CPUINFO, cores=2)
+    assert peak == 2 * 2.0e9 * 32  # AVX2 + FMA: 8 lanes x 2 (FMA) x 2 units
+    assert "2 cores" in assumptions and "2.00 GHz" in assumptions
+    peak, _ = flops.cpu_peak_flops(CPUINFO.replace("avx2", "avx2 avx512f"), cores=1)
+    assert peak == 2.0e9 * 64
+    peak, why = flops.cpu_peak_flops("processor : 0\n", cores=4)
+    assert peak is None and "--peak_flops" in why
+
+
+def test_gpu_peaks_by_name_and_dtype():
+    assert flops.gpu_peak_flops("NVIDIA A100-SXM4-80GB", dtype="bfloat16", tf32=True)[0] == 312e12
+    assert flops.gpu_peak_flops("NVIDIA A100-SXM4-80GB", dtype="float32", tf32=True)[0] == 156e12
+    assert flops.gpu_peak_flops("NVIDIA A100-SXM4-80GB", dtype="float32", tf32=False)[0] == 19.5e12
+    assert flops.gpu_peak_flops("NVIDIA A10G", dtype="bfloat16", tf32=True)[0] == 125e12  # not an A100
+    assert flops.gpu_peak_flops("NVIDIA H100 PCIe", dtype="bfloat16", tf32=True)[0] == 756e12
+    assert flops.gpu_peak_flops("NVIDIA H100 80GB HBM3", dtype="bfloat16", tf32=True)[0] == 989.4e12
+    assert flops.gpu_peak_flops("Tesla V100-SXM2-16GB", dtype="bfloat16", tf32=True)[0] == 15.7e12  # no bf16 cores
+    peak, why = flops.gpu_peak_flops("Mystery GPU", dtype="float32", tf32=True)
+    assert peak is None and "--peak_flops" in why
+
+
+# ----- the benchmark end to end -----------------------------------------------------------------------------------
+
+STAGE_FIELDS = {"seconds", "repeats_seconds", "flops", "flops_per_second", "mfu", "memory"}
+MEMORY_FIELDS = {"host_peak_rss_bytes", "gpu_peak_bytes"}
+
+
+def test_benchmark_runs_on_the_test_size_and_its_json_has_every_field(tmp_path):
+    output = tmp_path / "bench.json"
+    lines = []
+    # mixed_precision on: the bf16 PPO update and reward training run, and the switch is measured on a CPU too
+    returned = bench.run("test", warmup=0, repeats=1, noptepochs=1, growth_steps=1, mixed_precision=True,
+                         output=str(output), log=lines.append)
+    results = json.loads(output.read_text())
+    assert results == json.loads(json.dumps(returned))
+    assert set(results) == {"config", "device", "sampling", "ppo_update", "reward_model", "growth", "switches",
+                            "memory"}
+    config = results["config"]
+    assert {"size", "model", "model_hparams", "batch", "query_length", "response_length", "warmup", "repeats",
+            "noptepochs", "nminibatches", "xla", "mixed_precision", "tensorflow"} <= set(config)
+    B, Q, R = config["batch"], config["query_length"], config["response_length"]
+    assert (B, Q, R) == (8, 2, 2) and config["mixed_precision"] is True
+    device = results["device"]
+    assert set(device) == {"kind", "name", "count", "compute_dtype", "peak_flops", "peak_flops_source"}
+    assert device["compute_dtype"] == "bfloat16"
+
+    hparams = TrainedModel("test").hparams()
+    sampling = results["sampling"]
+    assert STAGE_FIELDS | {"tokens_per_second"} == set(sampling)
+    assert sampling["tokens_per_second"] == pytest.approx(B * R / sampling["seconds"])
+    assert sampling["flops"] == flops.sampling_flops(hparams, batch=B, context_length=Q, response_length=R)
+    assert set(sampling["memory"]) == MEMORY_FIELDS and sampling["memory"]["host_peak_rss_bytes"] > 0
+
+    update = results["ppo_update"]
+    assert STAGE_FIELDS | {"episodes_per_second", "parts"} == set(update)
+    assert update["episodes_per_second"] == pytest.approx(B / update["seconds"])
+    assert list(update["parts"]) == ["rollout", "ref_logprobs", "score", "ppo_epochs", "stats"]
+    expected_parts = flops.ppo_update_flops(hparams, hparams, batch=B, context_length=Q, query_length=Q,
+                                            response_length=R, noptepochs=1)
+    for part, figures in update["parts"].items():
+        assert set(figures) == {"seconds", "share", "flops", "mfu"}
+        assert figures["flops"] == expected_parts[part]
+        assert 0 < figures["seconds"] <= update["seconds"]
+    assert sum(p["seconds"] for p in update["parts"].values()) <= update["seconds"]
+    assert update["flops"] == sum(expected_parts.values())
+    if device["peak_flops"]:
+        assert update["mfu"] == pytest.approx(update["flops"] / update["seconds"] / device["peak_flops"])
+
+    reward = results["reward_model"]
+    assert reward["label_type"] == "best_of_4"
+    for stage in ("forward", "train"):
+        assert STAGE_FIELDS | {"examples_per_second"} == set(reward[stage])
+    assert reward["train"]["flops"] == 3 * 4 * reward["forward"]["flops"]
+
+    batch_rows, length_rows = results["growth"]["batch"], results["growth"]["response_length"]
+    assert [(row["batch"], row["response_length"]) for row in batch_rows] == [(B, R), (2 * B, R)]
+    assert [(row["batch"], row["response_length"]) for row in length_rows] == [(B, R), (B, 2 * R)]
+    for rows in (batch_rows, length_rows):
+        assert set(rows[1]) == {"batch", "response_length", "seconds", "ratio", "episodes_per_second", "mfu", "parts",
+                            "memory"}
+        assert rows[0]["ratio"] is None and rows[0]["seconds"] == update["seconds"]
+        assert rows[1]["ratio"] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"])
+
+    for switch in ("xla", "mixed_precision"):
+        entry = results["switches"][switch]
+        for stage in ("sampling", "ppo_update"):
+            assert set(entry[stage]) == {"off_seconds", "on_seconds", "speedup"}
+            assert entry[stage]["speedup"] == pytest.approx(entry[stage]["off_seconds"] / entry[stage]["on_seconds"])
+    # mixed precision is the base setting here: its "on" side is the base measurement
+    assert results["switches"]["mixed_precision"]["ppo_update"]["on_seconds"] == update["seconds"]
+    assert set(results["memory"]) == MEMORY_FIELDS
+    if not devices.gpu_count():
+        assert results["memory"]["gpu_peak_bytes"] is None
+
+    table = "\n".join(lines)
+    for text in ("sampling (with cache)", "reward model forward", "reward model train (best_of_4)", "PPO update",
+                 "ppo_epochs", "cost growth of one PPO update, doubling batch", "doubling response length",
+                 "xla", "mixed_precision", f"wrote {output}"):
+        assert text in table
+
+
+def test_benchmark_growth_stops_at_the_context_window_and_bad_settings_are_rejected():
+    hparams = TrainedModel("test").hparams()  # n_ctx 8
+    with pytest.raises(ValueError, match="unknown --size 'huge'; known sizes: test, demo, small, 124M"):
+        bench.run("huge", output=None, log=lambda line: None)
+    with pytest.raises(ValueError, match=r"--query_length 4 \+ --response_length 5 exceed the test model's n_ctx 8"):
+        bench.run("test", query_length=4, response_length=5, output=None, log=lambda line: None)
+    with pytest.raises(ValueError, match="--repeats must be an integer >= 1, got 0"):
+        bench.run("test", repeats=0, output=None, log=lambda line: None)
+    with pytest.raises(ValueError, match="--peak_flops must be a positive number"):
+        bench.run("test", peak_flops=-1, output=None, log=lambda line: None)
+    assert hparams.n_ctx == 8
+
+
+def test_overall_gpu_memory_is_the_largest_stage_peak():
+    results = {"sampling": {"memory": {"gpu_peak_bytes": 5}}, "growth": {"batch": [{"memory": {"gpu_peak_bytes": 9}},
+                                                                               {"skipped": "n_ctx"}]},
+               "reward_model": {"train": {"memory": {"gpu_peak_bytes": None}}}}
+    memory = bench.overall_memory(results)
+    assert memory["gpu_peak_bytes"] == 9 and memory["host_peak_rss_bytes"] > 0
+    assert bench.overall_memory({"sampling": {"memory": {"gpu_peak_bytes": None}}})["gpu_peak_bytes"] is None
+
+
+def test_device_info_takes_the_given_peak():
+    device = bench.device_info(1e12, "float32")
+    assert device["peak_flops"] == 1e12 and device["peak_flops_source"] == "given by --peak_flops"
+
+
+# ----- bf16 mixed precision in the model ------------------------------------------------------------------------
+
+def randomize(sess, variables, seed=0):
+    """Weights large enough that every block matters (initial values are tiny)."""
+    rng = np.random.RandomState(seed)
+    for var in variables:
+        value = rng.normal(size=var.shape.as_list()) * 0.3 + (1.0 if var.op.name.endswith("/g") else 0.0)
+        var.load(value.astype(np.float32), sess)
+
+
+def test_bfloat16_model_is_close_to_float32_with_the_same_float32_variables():
+    hparams = lm_model.HParams(n_vocab=27, n_ctx=16, n_embd=16, n_head=2, n_layer=2)
+    tokens = np.random.RandomState(1).randint(0, 28, size=(3, 10)).astype(np.int32)
+    with tf.variable_scope("policy"):
+        full = lm_model.Model(hparams, scalar_heads=["value"], scope="model")
+    expected = full(tokens, padding_token=27)
+    count = len(tf.global_variables())
+    with tf.variable_scope("policy"):
+        mixed = lm_model.Model(hparams, scalar_heads=["value"], scope="model", compute_dtype=tf.bfloat16)
+    got = mixed(tokens, padding_token=27)
+    assert len(tf.global_variables()) == count  # the same float32 variables: checkpoints are unchanged
+    assert all(v.dtype.base_dtype == tf.float32 for v in tf.global_variables())
+    bf16_matmuls = [op for op in tf.get_default_graph().get_operations()
+                    if op.type in ("MatMul", "BatchMatMulV2") and op.get_attr("T") == tf.bfloat16]
+    assert len(bf16_matmuls) >= 2 * 6 + 1  # every layer's matmuls and the output layer
+    for name in ("lm_logits", "hidden", "value"):
+        assert got[name].dtype == tf.float32, name  # log-probs and heads are computed in float32
+    assert got["present"].dtype == tf.bfloat16
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        randomize(sess, tf.global_variables())
+        expected, got = sess.run([expected, got])
+    for name in ("lm_logits", "hidden", "value"):
+        scale = np.abs(expected[name]).max()
+        error = np.abs(got[name] - expected[name]).max()
+        assert 0 < error < 0.05 * scale, (name, error, scale)  # bf16 keeps ~3 significant digits
+    np.testing.assert_allclose(got["present"].astype(np.float32), expected["present"], atol=0.05, rtol=0.05)
+
+
+def test_bfloat16_policy_and_reward_model_are_close_to_float32_and_train():
+    trained_model = TrainedModel("test")
+    queries = np.array([[1, 2, 3], [4, 5, PAD]], np.int32)
+    responses = np.array([[6, 7, 8, 9], [10, 11, 12, 13]], np.int32)
+    full = Policy(trained_model, scope="policy")
+    mixed = Policy(trained_model, scope="mixed_policy", compute_dtype=tf.bfloat16)
+    full_reward = RewardModelTrainer(trained_model, scope="reward_model")
+    mixed_reward = RewardModelTrainer(trained_model, scope="mixed_reward_model", compute_dtype=tf.bfloat16)
+    rewards = [model.get_rewards_op(queries, responses) for model in (full_reward, mixed_reward)]
+    mixed_outputs = mixed.analyze_responses_op(queries, responses)
+    gradients = tf.gradients(tf.reduce_sum(mixed_outputs["logprobs"]) + tf.reduce_sum(mixed_outputs["values"]),
+                             mixed.get_params())
+    assert all(g is not None for g in gradients)
+    gradients = [tf.convert_to_tensor(g) for g in gradients]  # the embeddings' are IndexedSlices
+    with tf.Session() as sess, sess.as_default():
+        sess.run(tf.global_variables_initializer())
+        for policy in (full, mixed):  # the same weights in both
+            randomize(sess, policy.get_params())
+        for model in (full_reward, mixed_reward):
+            randomize(sess, model.get_params(), seed=1)
+        expected = full.analyze_responses(queries, responses)
+        got = mixed.analyze_responses(queries, responses)
+        for name in ("logprobs", "entropies", "values"):
+            assert got[name].dtype == np.float32
+            np.testing.assert_allclose(got[name], expected[name], atol=0.1 * np.abs(expected[name]).max(),
+                                       err_msg=name)
+        full_rewards, mixed_rewards = sess.run(rewards)
+        np.testing.assert_allclose(mixed_rewards, full_rewards, atol=0.05 * np.abs(full_rewards).max())
+        # sampling with the bf16 cache gives log-probs that a bf16 forward pass reproduces (PPO's ratio ~ 1)
+        sampled = mixed.respond(queries, 4)
+        again = mixed.analyze_responses(queries, sampled["responses"])
+        np.testing.assert_allclose(sampled["logprobs"], again["logprobs"], atol=0.1)
+        # gradients reach the float32 variables, finite
+        values = sess.run(gradients)
+        assert all(value.dtype == np.float32 and np.all(np.isfinite(value)) for value in values)
+        assert max(np.abs(value).max() for value in values) > 0
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, "int32", None])
+def test_unsupported_compute_dtypes_are_rejected(dtype):
+    with pytest.raises(ValueError, match="compute_dtype must be one of float32, bfloat16"):
+        lm_model.Model(HP, compute_dtype=dtype)
