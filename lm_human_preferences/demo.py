@@ -35,6 +35,10 @@ def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int
     reward_model_files = TrainedModel("reward_model", savedir=reward_source, scope="reward_model")
     encoder = initial_model.encoding.get_encoder()
     padding = initial_model.encoding.padding_token
+
+    def cut(responses):  # what the reward model and the judge see: truncated as in training
+        return lm_tasks.postprocess_responses(responses, task, padding)
+
     queries = next(lm_tasks.query_batches(task, encoder, num_queries, mode="test", seed=seed, rank=0, size=1))
 
     with tf.Graph().as_default():
@@ -52,18 +56,15 @@ def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int
         with devices.new_session() as sess:
             sess.run(tf.global_variables_initializer())
 
-            def judged(responses):
-                return labeler.judge_scores(judge, encoder, queries, lm_tasks.postprocess_responses(responses, task, padding))
-
             initial_a = sess.run(initial_op, {queries_ph: queries})["responses"]
             initial_b = sess.run(initial_op, {queries_ph: queries})["responses"]
             after = sess.run(trained_op, {queries_ph: queries})
             ref_logprobs = sess.run(ref_logprobs_op, {queries_ph: queries, responses_ph: after["responses"]})
-            reward_a, reward_b = (sess.run(rewards_op, {queries_ph: queries,
-                                                        responses_ph: lm_tasks.postprocess_responses(r, task, padding)})
+            reward_a, reward_b = (sess.run(rewards_op, {queries_ph: queries, responses_ph: cut(r)})
                                   for r in (initial_a, initial_b))
 
-    judge_a, judge_b, judge_after = judged(initial_a), judged(initial_b), judged(after["responses"])
+    judge_a, judge_b, judge_after = (labeler.judge_scores(judge, encoder, queries, cut(r))
+                                     for r in (initial_a, initial_b, after["responses"]))
     decided = judge_a != judge_b
     agreement = float(np.mean(np.sign(reward_b - reward_a)[decided] == np.sign(judge_b - judge_a)[decided]))
     return {
@@ -74,8 +75,8 @@ def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int
         "reward_model_agreement": agreement,
         "agreement_pairs": int(decided.sum()),
         "kl_to_reference": mean_and_stderr((after["logprobs"] - ref_logprobs).sum(axis=1)),
-        "trained_examples": [encoder.decode(r) for r in lm_tasks.postprocess_responses(after["responses"][:4], task, padding)],
-        "initial_examples": [encoder.decode(r) for r in lm_tasks.postprocess_responses(initial_a[:4], task, padding)],
+        "trained_examples": [encoder.decode(r) for r in cut(after["responses"][:4])],
+        "initial_examples": [encoder.decode(r) for r in cut(initial_a[:4])],
     }
 
 

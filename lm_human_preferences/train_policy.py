@@ -187,10 +187,9 @@ class PPOTrainer:
 
     def save(self, save_dir, step):
         if mpi.is_root():
-            model_dir = os.path.join(save_dir, "policy")
-            trained_models.write_model_files(model_dir, self.policy.model_hparams,
-                                             self.policy.trained_model.encoding.name)
-            self.saver.save(self.sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
+            model = self.policy
+            trained_models.save_model(self.sess, self.saver, os.path.join(save_dir, "policy"), model.model_hparams,
+                                      model.trained_model.encoding.name, step)
 
 
 def compact_line(update_stats) -> str:

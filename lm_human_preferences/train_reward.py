@@ -21,7 +21,7 @@ class RunHParams(hyperparams.HParams):
     log_interval: int = 10  # log statistics (and PPO samples) every this many updates
     save_interval: int = 50  # write a checkpoint every this many updates (and always at the end)
     save_dir: Optional[str] = None  # where the run is saved: SAVE_DIR/NAME from the command line
-    judge: Optional[str] = None  # a synthetic judge (labeler) whose true score of each rollout is logged as objective/judge
+    judge: Optional[str] = None  # a synthetic judge whose true score of each rollout is logged as objective/judge
     xla: bool = False  # compile with XLA auto-clustering (see the README's Performance section)
     mixed_precision: bool = False  # compute the transformers in bfloat16 (float32 weights); a GPU speed switch
 
@@ -37,8 +37,8 @@ class LabelHParams(hyperparams.HParams):
     num_train: int = None  # labels used for training (one pass), taken from the start of the shuffled file
     source: Optional[str] = None  # label file: local path, https:// or gs:// URL (released JSON format)
     num_valid: int = 0  # labels held out after the training ones to report validation loss/accuracy (0 in 2019)
-    judge: Optional[str] = None  # offline demo: without `source`, label samples of the initial policy with this synthetic judge
-    judge_temperature: float = 0.0  # judge's noise: softmax temperature of a best_of_N choice, std of scalar labels' noise
+    judge: Optional[str] = None  # without `source`: label initial-policy samples with this synthetic judge (demo)
+    judge_temperature: float = 0.0  # judge's noise: softmax temperature (best_of_N), noise std (scalar labels)
 
     def check(self, prefix):
         require(self.source is not None or self.judge is not None,
@@ -183,10 +183,9 @@ class RewardTraining:
 
     def save(self, save_dir, step):
         if mpi.is_root():
-            model_dir = os.path.join(save_dir, "reward_model")
-            trained_models.write_model_files(model_dir, self.reward_model.model_hparams,
-                                             self.reward_model.trained_model.encoding.name)
-            self.saver.save(self.sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
+            model = self.reward_model
+            trained_models.save_model(self.sess, self.saver, os.path.join(save_dir, "reward_model"),
+                                      model.model_hparams, model.trained_model.encoding.name, step)
 
 
 def load_or_make_labels(hparams: HParams, training: "RewardTraining", label_type, encoding, encoder):

@@ -64,6 +64,12 @@ def write_model_files(model_dir, hparams: HParams, encoding_name: str):
     files.write_text_atomic(os.path.join(model_dir, "encoding"), json.dumps(encoding_name) + "\n")
 
 
+def save_model(sess, saver, model_dir, hparams: HParams, encoding_name: str, step: int):
+    """Save a model in the run layout (SPEC 3): hparams.json, encoding, checkpoints/model.ckpt-STEP."""
+    write_model_files(model_dir, hparams, encoding_name)
+    saver.save(sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
+
+
 def _known_names():
     return ", ".join([*BUILTIN_MODELS, *GPT2_SIZES])
 
