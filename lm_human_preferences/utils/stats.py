@@ -11,6 +11,7 @@ TensorFlow and MPI are imported only when needed: a single process never touches
 
 import glob
 import os
+import struct
 import sys
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -85,12 +86,29 @@ class StatsLogger:
         self.close()
 
 
+def _tfrecords(path: str):
+    """The payloads of a TFRecord file (TF's own reader is deprecated and warns on every use). A record still
+    being written at the end of the file is skipped; checksums are not verified."""
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)  # uint64 length, uint32 masked CRC of the length
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            payload = f.read(length)
+            f.read(4)  # masked CRC of the payload
+            if len(payload) < length:
+                return
+            yield payload
+
+
 def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
     """{tag: [(step, value), ...] in step order} from every event file under `logdir` (recursively)."""
-    import tensorflow.compat.v1 as tf
+    from tensorflow.core.util import event_pb2
     scalars = defaultdict(list)
     for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)):
-        for event in tf.train.summary_iterator(path):
+        for record in _tfrecords(path):
+            event = event_pb2.Event.FromString(record)
             for value in event.summary.value:
                 scalars[value.tag].append((event.step, value.simple_value))
     return {tag: sorted(values) for tag, values in scalars.items()}
