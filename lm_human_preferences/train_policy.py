@@ -192,13 +192,9 @@ class PPOTrainer:
                                       model.trained_model.encoding.name, step)
 
 
-def compact_line(update_stats) -> str:
-    """One line per update on rank 0: the numbers a researcher watches."""
-    judge = f" judge {update_stats['objective/judge']:.4f}" if "objective/judge" in update_stats else ""
-    return (f"update {update_stats['elapsed/updates']:>5} | score {update_stats['objective/score']:+.3f}{judge} | "
-            f"kl {update_stats['objective/kl']:.3f} | kl_coef {update_stats['objective/kl_coef']:.4f} | "
-            f"entropy {update_stats['objective/entropy']:.2f} | "
-            f"{update_stats['elapsed/episodes_per_second']:.1f} episodes/s")
+# What rank 0 prints once per update: the numbers a researcher watches.
+CONSOLE_KEYS = ["objective/score", "objective/judge", "objective/kl", "objective/kl_coef", "objective/entropy",
+                "elapsed/episodes_per_second"]
 
 
 def log_samples(encoder, queries, details, count=3):
@@ -255,7 +251,7 @@ def train(hparams: HParams):
                 **{f"time/{k}": v for k, v in details["timings"].items()},
             })
             logger.write(updates_done, update_stats)
-            stats.log(compact_line(update_stats))
+            stats.log(stats.compact_line(updates_done, update_stats, CONSOLE_KEYS, step_name="update"))
             if updates_done % hparams.run.log_interval == 0 or updates_done == trainer.num_updates:
                 log_samples(encoder, queries, details)
             if updates_done % hparams.run.save_interval == 0 and updates_done != trainer.num_updates:

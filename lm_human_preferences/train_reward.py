@@ -259,8 +259,7 @@ def train(hparams: HParams):
                 record.update({f"valid/{k}": v for k, v in training.evaluate(valid_labels).items()})
             logger.write(step + 1, record)
             if last or (step + 1) % hparams.run.log_interval == 0:
-                stats.log(f"reward model step {step + 1}/{num_steps} | " + " | ".join(
-                    f"{name} {value:.4f}" for name, value in sorted(record.items())))
+                stats.log(stats.compact_line(step + 1, record, sorted(record), step_name="reward model step"))
             progress.set_postfix({k.split("/", 1)[1] + ("" if k.startswith("train") else "(valid)"): f"{v:.3f}"
                                   for k, v in record.items() if k != "train/lr"})
 
