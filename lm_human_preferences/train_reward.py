@@ -251,13 +251,12 @@ def train(hparams: HParams):
             lr = hparams.lr * (1 - step / num_steps)  # linear decay to 0 over the pass
             global_ids = np.arange(step * hparams.batch_size, (step + 1) * hparams.batch_size)
             rank_ids = global_ids[mpi.rank()::mpi.size()]  # this rank's share of the global batch
-            train_stats = mpi.mean_dict(training.train_step(train_labels, rank_ids, lr))
-            record = {f"train/{k}": v for k, v in train_stats.items()}
+            record = {f"train/{k}": v for k, v in training.train_step(train_labels, rank_ids, lr).items()}
             record["train/lr"] = lr
             last = step == num_steps - 1
             if hparams.labels.num_valid and (last or (step + 1) % hparams.run.log_interval == 0):
                 record.update({f"valid/{k}": v for k, v in training.evaluate(valid_labels).items()})
-            logger.write(step + 1, record)
+            record = logger.record(step + 1, record)  # averaged over ranks (collective), written on rank 0
             if last or (step + 1) % hparams.run.log_interval == 0:
                 stats.log(stats.compact_line(step + 1, record, sorted(record), step_name="reward model step"))
             progress.set_postfix({k.split("/", 1)[1] + ("" if k.startswith("train") else "(valid)"): f"{v:.3f}"
