@@ -1,6 +1,7 @@
-"""The language task (SPEC section 6): which queries the policy sees, how they are formatted, and how its
+"""The language task: which queries the policy sees (in the 2019 order), how they are formatted, and how its
 responses are cut before they are scored."""
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
@@ -52,15 +53,18 @@ def _find(tokens: List[int], pattern: List[int], last: bool = False) -> int:
 
 
 def make_query(text: str, task: TaskHParams, encoder) -> Optional[np.ndarray]:
-    """One query [query_length] from a text, or None to skip the text: no start_text in it, no end_text in
-    the query_length tokens after it, or nothing left."""
+    """One query [query_length] from a text, or None to skip the text, by the 2019 rules: drop everything up
+    to and including the first start_text (skip the text without one; if that start_text ends the text, keep
+    the whole text); cut to query_length; cut after the last end_text within them (skip the text without
+    one); right-pad with the padding token. A text that leaves no tokens gives an all-padding query."""
     tokens = encoder.encode(text)
     if task.start_text:
         start = encoder.encode(task.start_text)
         found = _find(tokens, start)
         if found < 0:
             return None
-        tokens = tokens[found + len(start):]
+        if found + len(start) < len(tokens):  # 2019 kept the whole text when nothing followed start_text
+            tokens = tokens[found + len(start):]
     tokens = tokens[:task.query_length]
     if task.end_text:
         end = encoder.encode(task.end_text)
@@ -68,42 +72,46 @@ def make_query(text: str, task: TaskHParams, encoder) -> Optional[np.ndarray]:
         if found < 0:
             return None
         tokens = tokens[:found + len(end)]
-    if not tokens:  # a query of padding only gives the model nothing to condition on
-        return None
     query = np.full(task.query_length, encoder.padding_token, np.int32)
     query[:len(tokens)] = tokens
     return query
 
 
-def _texts_forever(task: TaskHParams, mode: str, seed: int, rank: int, size: int,
-                   collective: bool) -> Iterator[Optional[str]]:
-    """This rank's texts, forever. A finite dataset is shuffled with a fixed seed (a new order each pass) and
-    rank r takes every size-th text of the order, so ranks never share a text within a pass; only the texts
-    taken are read. An endless dataset is already random: rank r takes every size-th text. `None` marks
-    the end of a pass."""
+def _query_stream(task: TaskHParams, encoder, mode: str, seed: int, collective: bool) -> Iterator[np.ndarray]:
+    """The queries of all ranks, forever, in the 2019 order. A finite dataset comes in its fixed 2019 order
+    and every pass replays it (2019's `.repeat()` re-ran the same seeded shuffle); texts that give no query
+    are skipped. Texts are read and encoded only as the stream reaches them."""
     texts = datasets.get(task.query_dataset)(mode, source=task.query_source, seed=seed, collective=collective)
-    if not isinstance(texts, Sequence):
-        for index, text in enumerate(texts):
-            if index % size == rank:
-                yield text
-        return
-    if len(texts) < size:
-        raise ValueError(f"dataset {task.query_dataset} ({mode}) has {len(texts)} texts, fewer than the "
-                         f"{size} MPI ranks that share it")
-    # One generator for all passes: seeding each pass with seed + pass would give seed s + 1 the orders of
-    # seed s one pass later, so runs with neighbouring seeds would see the same query stream.
-    rng = np.random.RandomState(seed % 2 ** 32)
-    while True:
-        order = rng.permutation(len(texts))
-        for index in order[rank::size]:
-            yield texts[index]
-        yield None
+    if isinstance(texts, Sequence):
+        while True:
+            made = 0
+            for index in range(len(texts)):
+                query = make_query(texts[index], task, encoder)
+                if query is not None:
+                    made += 1
+                    yield query
+            if not made:  # every pass is the same: none will ever give a query
+                raise ValueError(_no_queries_message(task, mode, f"none of its {len(texts)} texts"))
+    made = 0
+    for seen, text in enumerate(texts, start=1):  # an endless dataset never ends a pass
+        query = make_query(text, task, encoder)
+        if query is not None:
+            made += 1
+            yield query
+        elif not made and seen == 10_000:
+            raise ValueError(_no_queries_message(task, mode, "none of the first 10000 texts"))
 
 
 def query_batches(task: TaskHParams, encoder, batch_size: int, *, mode: str = "train", seed: int = 0,
                   rank: Optional[int] = None, size: Optional[int] = None) -> Iterator[np.ndarray]:
-    """Endless batches of queries, int32 [batch_size, query_length], for this MPI rank. Texts are encoded as
-    they are consumed, so a large dataset starts at once.
+    """Endless batches of queries, int32 [batch_size, query_length], for this MPI rank, as in 2019: the
+    stream of queries (see _query_stream) is sharded round robin, query i (counting across passes) to rank
+    i mod size, then batched. `seed` only matters for the endless `test` dataset: finite datasets have one
+    order whatever the run's seed, as in 2019.
+
+    Sharding the queries rather than the texts keeps a skipped text from shifting the ranks' shares, but each
+    rank makes the queries of every text up to its own (it cannot know the stream positions otherwise): size
+    times the encoding work of sharding texts, as 2019 did too.
 
     Without rank/size, every rank of the MPI world must iterate (remote files are fetched once per machine);
     with them, the caller may run this on one rank alone (rank=0, size=1) and its files are fetched there."""
@@ -111,21 +119,9 @@ def query_batches(task: TaskHParams, encoder, batch_size: int, *, mode: str = "t
     if rank is None or size is None:
         from lm_human_preferences.utils import mpi
         rank, size = mpi.rank(), mpi.size()
-    batch, made, made_this_pass, seen = [], 0, 0, 0
-    for text in _texts_forever(task, mode, seed, rank, size, collective):
-        if text is None:  # the end of a pass over a finite dataset
-            if not made_this_pass:
-                raise ValueError(_no_queries_message(task, mode, "none of this rank's texts"))
-            made_this_pass = 0
-            continue
-        seen += 1
-        query = make_query(text, task, encoder)
-        if query is None:
-            if not made and seen == 10_000:  # an endless dataset never ends a pass
-                raise ValueError(_no_queries_message(task, mode, "none of the first 10000 texts"))
-            continue
-        made += 1
-        made_this_pass += 1
+    stream = _query_stream(task, encoder, mode, seed, collective)
+    batch = []
+    for query in itertools.islice(stream, rank, None, size):
         batch.append(query)
         if len(batch) == batch_size:
             yield np.stack(batch)  # [batch_size, query_length]

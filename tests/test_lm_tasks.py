@@ -1,7 +1,8 @@
-"""The task (SPEC 6): text -> query, shuffling / repeating / sharding, the policy's context, post-processing."""
+"""The task: text -> query, the query stream (2019 order, repeat, shard), the policy's context, post-processing."""
 import dataclasses
 import itertools
 import json
+import random
 
 import numpy as np
 import pytest
@@ -73,16 +74,32 @@ def test_task_hparams_are_checked(overrides, message):
     ("ab.cdzzefgh", dict(start_text="cd"), "zzefgh"),  # multi-token start text
     ("ab.cdzz.efzz", dict(end_text="zz"), "cdzz"),  # "cdzz.efz": the last whole "zz" ends the query
     ("one.two", dict(start_text="."), "two"),
+    ("a.b.", dict(), "b."),  # the FIRST "." counts, even with another one at the end
 ])
 def test_make_query(text, settings, expected):
     query = lm_tasks.make_query(text, task(**settings), ENCODER)
     assert query.dtype == np.int32 and query.tolist() == padded(expected)
 
 
+@pytest.mark.parametrize("text, settings, expected", [
+    ("abc.", dict(), "abc."),  # start_text is the last token: 2019 keeps the whole text
+    (".", dict(), "."),
+    ("abcdefghij.", dict(), "abcdefgh"),  # ... and then cuts it to query_length
+    ("ab.cd", dict(start_text="cd"), "ab.cd"),  # a multi-token start text ending at the last token
+    ("abc.", dict(end_text="."), "abc."),
+    ("", dict(start_text=None), ""),  # an empty text is an all-padding query, not skipped
+    ("a.", dict(end_text="a"), "a"),  # the whole text kept, then cut after end_text
+])
+def test_make_query_edge_cases_as_2019(text, settings, expected):
+    query = lm_tasks.make_query(text, task(**settings), ENCODER)
+    assert query is not None and query.tolist() == padded(expected)
+
+
 @pytest.mark.parametrize("text, settings", [
     ("nostarttexthere", dict()),  # no start_text: skipped
+    ("", dict()),
     ("a.bcdefghij.", dict(end_text=".")),  # the end text lies beyond query_length
-    ("abc.", dict()),  # nothing after the start text
+    ("ab.cd", dict(start_text="dc")),
 ])
 def test_make_query_skips(text, settings):
     assert lm_tasks.make_query(text, task(**settings), ENCODER) is None
@@ -96,13 +113,35 @@ def test_make_query_with_gpt2_tokens():
     assert query.tolist() == encoder.encode(" It was cold.") + [50259, 50259]
 
 
-# ----- batches: shuffle, repeat, shard -----------------------------------------------------------------------
+# ----- batches: the 2019 order, repeated, sharded ------------------------------------------------------------
 
 TEXTS = [f".{a}{b}" for a in "abcdefgh" for b in "abcde"]  # 40 distinct one-line passages
+# 25 texts with a query (distinct two letters after the first "."), 12 without a "." (skipped); 25 is odd, so
+# which rank gets a text changes from one pass to the next
+MIXED = [f"x.{a}{b}" for a in "abcde" for b in "vwxyz"] + [f"none{a}{b}" for a in "fg" for b in "abcdef"]
 
 
 def take(batches, count):
     return [b.copy() for b in itertools.islice(batches, count)]
+
+
+def decoded(batches, count):
+    return [ENCODER.decode(q) for q in np.concatenate(take(batches, count))]
+
+
+def order_of_2019(texts):
+    """The texts in the order the 2019 code read them: random.seed(0); random.shuffle (a generator of its own
+    seeded 0 gives the same permutation; tests/test_datasets.py checks against the global one)."""
+    order = list(texts)
+    random.Random(0).shuffle(order)
+    return order
+
+
+def stream_of_2019(texts, passes):
+    """The queries of `passes` passes over MIXED-like texts with query_length 2: every pass replays the same
+    order, texts without a "." give no query."""
+    one_pass = [t[t.index(".") + 1:][:2] for t in order_of_2019(texts) if "." in t]
+    return one_pass * passes
 
 
 def test_batches_are_int32_query_arrays(tmp_path):
@@ -113,41 +152,31 @@ def test_batches_are_int32_query_arrays(tmp_path):
     assert (batch[:, 2:] == PAD).all()
 
 
-def test_shuffle_is_fixed_by_the_seed_and_each_pass_covers_every_text(tmp_path):
-    hparams = task(query_dataset="books", query_source=books_file(tmp_path, TEXTS), query_length=2)
-
-    def passes(seed):
-        queries = np.concatenate(take(lm_tasks.query_batches(hparams, ENCODER, 8, seed=seed, rank=0, size=1), 15))
-        return [[ENCODER.decode(q) for q in queries[i:i + 40]] for i in (0, 40, 80)]
-
-    first = passes(seed=0)
-    assert first == passes(seed=0)
-    assert first[0] != passes(seed=1)[0]
-    for one_pass in first:  # repeats forever, each pass a permutation of all texts
-        assert sorted(one_pass) == sorted(t[1:] for t in TEXTS)
-    assert first[0] != sorted(first[0]) and first[0] != first[1]  # shuffled, differently each pass
+def test_query_stream_is_the_2019_order_repeated(tmp_path):
+    """Shuffled as 2019 (random.seed(0), whatever the run's seed), the same order every pass, texts without a
+    query skipped; batches of 7 straddle the pass boundaries (25 queries a pass)."""
+    hparams = task(query_dataset="books", query_source=books_file(tmp_path, MIXED), query_length=2)
+    expected = stream_of_2019(MIXED, passes=3)
+    assert expected[:25] != sorted(expected[:25])  # the order is shuffled
+    for seed in (0, 7):
+        assert decoded(lm_tasks.query_batches(hparams, ENCODER, 7, seed=seed, rank=0, size=1), 10) == expected[:70]
 
 
-def test_neighbouring_seeds_do_not_share_passes(tmp_path):
-    """Seeding pass p with seed + p would make seed 1's first pass seed 0's second: the same query stream."""
-    hparams = task(query_dataset="books", query_source=books_file(tmp_path, TEXTS), query_length=2)
-
-    def queries(seed, count):
-        batches = take(lm_tasks.query_batches(hparams, ENCODER, 8, seed=seed, rank=0, size=1), count)
-        return [ENCODER.decode(q) for q in np.concatenate(batches)]
-
-    seed0, seed1 = queries(0, 10), queries(1, 5)
-    assert seed1 != seed0[40:80] and seed1 != seed0[:40]
+def test_ranks_shard_the_filtered_stream_round_robin(tmp_path):
+    """Query i of the stream (counting across passes, after skipping texts without a query) goes to rank
+    i mod size: a skipped text does not shift the sharding, and an odd pass alternates the ranks' texts."""
+    hparams = task(query_dataset="books", query_source=books_file(tmp_path, MIXED), query_length=2)
+    expected = stream_of_2019(MIXED, passes=4)
+    for rank in (0, 1):
+        share = decoded(lm_tasks.query_batches(hparams, ENCODER, 5, seed=3, rank=rank, size=2), 8)
+        assert share == expected[rank::2][:40]
 
 
-def test_ranks_take_disjoint_shares(tmp_path):
-    hparams = task(query_dataset="books", query_source=books_file(tmp_path, TEXTS), query_length=2)
-    shares = [np.concatenate(take(lm_tasks.query_batches(hparams, ENCODER, 4, seed=5, rank=rank, size=2), 5))
-              for rank in (0, 1)]
-    texts = [{ENCODER.decode(q) for q in share} for share in shares]
-    assert len(texts[0]) == len(texts[1]) == 20
-    assert not texts[0] & texts[1]
-    assert texts[0] | texts[1] == {t[1:] for t in TEXTS}
+def test_more_ranks_than_texts_take_turns_across_passes(tmp_path):
+    hparams = task(query_dataset="books", query_source=books_file(tmp_path, [".a", ".b"]), query_length=1)
+    expected = [t[1:] for t in order_of_2019([".a", ".b"])] * 6
+    for rank in range(3):
+        assert decoded(lm_tasks.query_batches(hparams, ENCODER, 2, rank=rank, size=3), 2) == expected[rank::3][:4]
 
 
 def test_endless_dataset_is_sharded_round_robin():
@@ -155,6 +184,23 @@ def test_endless_dataset_is_sharded_round_robin():
     single = np.concatenate(take(lm_tasks.query_batches(hparams, ENCODER, 3, seed=2, rank=0, size=1), 4))
     rank1 = np.concatenate(take(lm_tasks.query_batches(hparams, ENCODER, 3, seed=2, rank=1, size=2), 2))
     np.testing.assert_array_equal(rank1, single[1::2])
+
+
+def test_endless_dataset_is_sharded_after_skipping_texts():
+    """About a fifth of the test strings have no "." and give no query; the ranks share the queries made."""
+    hparams = task(query_length=8)
+    single = np.concatenate(take(lm_tasks.query_batches(hparams, ENCODER, 5, seed=2, rank=0, size=1), 12))
+    for rank in (0, 1):
+        share = np.concatenate(take(lm_tasks.query_batches(hparams, ENCODER, 5, seed=2, rank=rank, size=2), 6))
+        np.testing.assert_array_equal(share, single[rank::2])
+
+
+def test_endless_dataset_depends_on_the_seed_and_mode():
+    def first(seed, mode):
+        return next(lm_tasks.query_batches(task(), ENCODER, 4, mode=mode, seed=seed, rank=0, size=1)).tolist()
+
+    assert first(1, "train") == first(1, "train")
+    assert first(1, "train") != first(2, "train") and first(1, "train") != first(1, "test")
 
 
 def test_texts_without_start_text_are_skipped(tmp_path):
@@ -166,17 +212,11 @@ def test_texts_without_start_text_are_skipped(tmp_path):
 
 def test_a_dataset_without_any_usable_text_is_an_error(tmp_path):
     hparams = task(query_dataset="books", query_source=books_file(tmp_path, ["abc", "def"]), end_text="x")
-    with pytest.raises(ValueError, match=r"dataset books \(train\): none of this rank's texts gave a query.*"
+    with pytest.raises(ValueError, match=r"dataset books \(train\): none of its 2 texts gave a query.*"
                                          r"start_text '\.'"):
         next(lm_tasks.query_batches(hparams, ENCODER, 2, rank=0, size=1))
     with pytest.raises(ValueError, match=r"dataset test \(train\): none of the first 10000 texts gave a query"):
         next(lm_tasks.query_batches(task(start_text="zzzzzzz"), ENCODER, 2, rank=0, size=1))
-
-
-def test_fewer_texts_than_ranks_is_an_error(tmp_path):
-    hparams = task(query_dataset="books", query_source=books_file(tmp_path, [".a", ".b"]))
-    with pytest.raises(ValueError, match=r"has 2 texts, fewer than the 3 MPI ranks"):
-        next(lm_tasks.query_batches(hparams, ENCODER, 1, rank=2, size=3))
 
 
 def test_only_the_texts_used_are_read(monkeypatch):
@@ -185,7 +225,17 @@ def test_only_the_texts_used_are_read(monkeypatch):
     texts = lm_tasks.datasets.LazyTexts(range(100_000), lambda i: made.append(i) or ".abc")
     monkeypatch.setitem(lm_tasks.datasets.DATASETS, "books", lambda mode, **kwargs: texts)
     next(lm_tasks.query_batches(task(query_dataset="books"), ENCODER, 10, rank=0, size=1))
-    assert len(made) == 10
+    assert made == list(range(10))
+
+
+def test_a_rank_makes_the_queries_of_the_texts_before_its_own(monkeypatch):
+    """As in 2019, each rank filters every text up to its share: it cannot know the stream positions (which
+    depend on the texts skipped) otherwise."""
+    made = []
+    texts = lm_tasks.datasets.LazyTexts(range(100_000), lambda i: made.append(i) or ".abc")
+    monkeypatch.setitem(lm_tasks.datasets.DATASETS, "books", lambda mode, **kwargs: texts)
+    next(lm_tasks.query_batches(task(query_dataset="books"), ENCODER, 10, rank=1, size=2))
+    assert made == list(range(20))
 
 
 def test_files_are_fetched_collectively_only_when_every_rank_reads(monkeypatch):

@@ -1,8 +1,10 @@
-"""Query datasets (SPEC section 6): the texts queries are cut from, for a mode (`train` or `test`).
+"""Query datasets: the texts queries are cut from, for a mode (`train` or `test`).
 
-`get(name)` returns a function `(mode, *, source=None, seed=0, collective=True)`. Finite datasets (books,
-tldr, cnndm) return a random-access sequence of texts, so the query pipeline can shuffle and shard indices
-and only read, clean and encode the texts it uses; `test` returns an endless iterator.
+`get(name)` returns a function `(mode, *, source=None, seed=0, collective=True, shuffle=True)`. Finite
+datasets (books, tldr, cnndm) return a random-access sequence of texts in the order the 2019 code read them:
+shuffled once with Python's `random.seed(0); random.shuffle` whatever the run's seed (`seed` is unused), or
+in file order with `shuffle=False`. tldr and cnndm texts are read and cleaned only when used. `test` returns
+an endless iterator of random strings that depends on `seed` and `mode`.
 
 `source` (`--task.query_source`) overrides where files are read from: a local path or a URL, so that datasets
 whose 2019 storage is gone (books) can point at a substitute, and every reader is testable offline. Remote
@@ -17,7 +19,7 @@ import random
 import re
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-from lm_human_preferences.utils import files
+from lm_human_preferences.utils import files, stats
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/lm-human-preferences"
 BOOKS_URL = f"{BASE_URL}/datasets/book_passages"
@@ -25,6 +27,17 @@ TLDR_URL = f"{BASE_URL}/tldr"
 CNNDM_URL_LISTS = f"{BASE_URL}/datasets/cnndm/url_lists"
 
 Texts = Union[Sequence[str], Iterator[str]]
+# The 2019 code shuffled every finite dataset with random.seed(0): its query sampler never passed the run's seed.
+SHUFFLE_SEED = 0
+
+
+def order_of_2019(items: Sequence, shuffle: bool = True) -> list:
+    """`items` as a new list, shuffled as 2019's `random.seed(0); random.shuffle(items)` did. A private
+    generator gives the same permutation (it depends only on the length) and leaves the global one alone."""
+    items = list(items)
+    if shuffle:
+        random.Random(SHUFFLE_SEED).shuffle(items)
+    return items
 
 
 class LazyTexts(Sequence):
@@ -127,15 +140,16 @@ def _books_path(source: str, mode: str) -> str:
     return source
 
 
-def books(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True) -> List[str]:
-    """Book passages: `{mode}.jsonl` of the 2019 release, or a substitute from `source`."""
+def books(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True,
+          shuffle: bool = True) -> List[str]:
+    """Book passages, in the 2019 order: `{mode}.jsonl` of the 2019 release, or a substitute from `source`."""
     _split_name("books", mode, {"train": "train", "test": "test"})
     path = f"{BOOKS_URL}/{mode}.jsonl" if source is None else _books_path(source, mode)
     text = _read(path, "books", BOOKS_GONE_HINT if source is None else BOOKS_SOURCE_HINT, collective)
     passages = split_passages(text) if path.endswith(".txt") else _jsonl_texts(text, path)
     if not passages:
         raise ValueError(f"dataset books: {path} holds no passages; {BOOKS_SOURCE_HINT}")
-    return passages
+    return order_of_2019(passages, shuffle)
 
 
 # ----- tldr ------------------------------------------------------------------------------------------------
@@ -146,8 +160,10 @@ def clean_tldr(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", ftfy.fix_text(text)).strip()
 
 
-def tldr(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True) -> Sequence[str]:
-    """Reddit posts from `{train,valid}-subset.json`; test mode reads `valid` (there is no test split)."""
+def tldr(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True,
+         shuffle: bool = True) -> Sequence[str]:
+    """Reddit posts from `{train,valid}-subset.json`, in the 2019 order; test mode reads `valid` (there is no
+    test split)."""
     split = _split_name("tldr", mode, {"train": "train", "test": "valid", "valid": "valid"})
     base = TLDR_URL if source is None else source
     path = base if base.endswith(".json") else files.join(base, f"{split}-subset.json")
@@ -162,18 +178,21 @@ def tldr(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: 
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("content"), str):
             raise ValueError(f"dataset tldr: {path}, item {index} has no \"content\" string")
-    return LazyTexts([item["content"] for item in items], clean_tldr)  # ftfy is slow: clean on use
+    contents = order_of_2019([item["content"] for item in items], shuffle)
+    return LazyTexts(contents, clean_tldr)  # ftfy is slow: clean on use
 
 
 # ----- cnndm -----------------------------------------------------------------------------------------------
 
 SITES = ("cnn", "dailymail")
-# Daily Mail headers end with a time stamp: "UPDATED: . 15:36 EST, 25 October 2013 ." or
-# "Last updated at 4:02 PM on 12th January 2012".
-DAILYMAIL_TIMESTAMP = re.compile(r"(?:PUBLISHED|UPDATED):[\s.|]*\d{1,2}:\d{2}\b[^\n]*?\b\d{4}\b[ \t.|]*"
-                                 r"|Last updated at [^\n]*?\b\d{4}\b[ \t.|]*")
-HEADER_CHARS = 1000  # headers sit at the very start; time stamps further in are article text
-CNN_OPENER = re.compile(r"\(CNN\)\s*(?:--|—|–)?\s*")  # "WASHINGTON (CNN) -- ", "(CNN)"
+CNN_DASH_OPENER = re.compile(r"\(CNN\) +--")  # "WASHINGTON (CNN) -- ..."
+CNN_OPENER = re.compile(r"\(CNN\)")  # "ATLANTA, Georgia (CNN)The storm ..."
+CNN_OPENER_CHARS = 100  # only a "(CNN)" this near the start is an opener
+CO_AUTHOR_LINE = re.compile(r"^and \w+\n")  # what a two-line "By" byline may leave: "and Name"
+# Daily Mail headers such as "UPDATED:\n\n15:36 EST, 25 October 2013". The brackets are the 2019 regex's: a
+# character class (any of "0-5", "|"), not the list of years it looks like; kept as is, so that the same
+# text is cut: up to the last such character on the line of the last "UPDATED: hh:mm".
+UPDATED_HEADER = re.compile(r".*UPDATED:\s+[0-9]{2}:[0-9]{2}.*[2011|2012|2013|2014|2015]")
 
 
 def story_name(url: str) -> str:
@@ -181,36 +200,30 @@ def story_name(url: str) -> str:
     return hashlib.sha1(url.strip().encode("utf-8")).hexdigest() + ".story"
 
 
-def _drop_byline(paragraphs: List[str]) -> List[str]:
-    """"By" + author as their own paragraphs, "By Name" alone, or "By . Name . " before the text."""
-    first = paragraphs[0]
-    if first in ("By", "By ."):
-        rest = paragraphs[1:]
-        return rest[1:] if rest and len(rest[0]) <= 80 else rest  # the author's name
-    if first.startswith("By ") and len(first) <= 80:
-        return paragraphs[1:]
-    joined = re.match(r"By \. [^\n]{1,80}? \. ", first)
-    if joined:
-        return [first[joined.end():], *paragraphs[1:]]
-    return paragraphs
+def _after_last(pattern: re.Pattern, text: str) -> str:
+    """The text after the last match of `pattern` (all of it without a match)."""
+    end = 0
+    for match in pattern.finditer(text):
+        end = match.end()
+    return text[end:]
 
 
 def clean_story(text: str) -> str:
-    """A story's article: the text before the first @highlight without the Daily Mail byline and time
-    stamps or the "(CNN) --" opener; paragraphs separated by one blank line; ftfy-fixed (quotes made
-    straight), as in 2019."""
+    """A raw .story file's article, by the 2019 rules in their order: drop the first two lines of a text
+    starting with "By" (a byline); keep what follows the last "(CNN) --", then what follows the last "(CNN)"
+    within the first 100 characters; drop a leading "and Name" line; keep what follows the last Daily Mail
+    "UPDATED: hh:mm" header; straighten curly single quotes; ftfy; runs of 3+ newlines become 2; the text
+    before the first @highlight (the summary bullets), stripped."""
     import ftfy
-    article = text.split("@highlight")[0]
-    stamps = list(DAILYMAIL_TIMESTAMP.finditer(article[:HEADER_CHARS]))
-    if stamps:
-        article = article[stamps[-1].end():]
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", article.strip()) if p.strip()]
-    if paragraphs:
-        paragraphs = _drop_byline(paragraphs) or [""]
-        opener = CNN_OPENER.search(paragraphs[0][:120])
-        if opener:
-            paragraphs[0] = paragraphs[0][opener.end():]
-    return ftfy.fix_text("\n\n".join(paragraphs)).strip()
+    if text[:2] == "By":  # 2019 compared the first two characters: "Byron ..." loses two lines too
+        text = "\n".join(text.split("\n")[2:])
+    text = _after_last(CNN_DASH_OPENER, text)
+    text = _after_last(CNN_OPENER, text[:CNN_OPENER_CHARS]) + text[CNN_OPENER_CHARS:]
+    text = CO_AUTHOR_LINE.sub("", text, count=1)
+    text = _after_last(UPDATED_HEADER, text)
+    text = text.replace("\u2019", "'").replace("\u2018", "'").strip()
+    text = re.sub(r"\n{3,}", "\n\n", ftfy.fix_text(text))
+    return text.split("@highlight")[0].strip()
 
 
 def _story_files(stories_dir: str) -> Dict[str, str]:
@@ -228,8 +241,11 @@ def _read_story(path: str) -> str:
         return clean_story(f.read())
 
 
-def cnndm(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True) -> Sequence[str]:
-    """CNN/DailyMail articles of the 2019 URL list of the split, from a local directory of stories."""
+def cnndm(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True,
+          shuffle: bool = True) -> Sequence[str]:
+    """CNN/DailyMail articles of the 2019 URL list of the split, from a local directory of stories, in the
+    2019 order: the whole URL list shuffled, then the stories missing from the directory dropped (and
+    reported once), keeping the order of the rest."""
     split = _split_name("cnndm", mode, {"train": "train", "test": "test", "valid": "val"})
     layout = "cnn/stories/<sha1 of url>.story and dailymail/stories/<sha1 of url>.story"
     if source is None or not _is_local_dir(source):
@@ -240,12 +256,15 @@ def cnndm(mode: str, *, source: Optional[str] = None, seed: int = 0, collective:
     local_lists = [os.path.join(source, list_name), os.path.join(source, "url_lists", list_name)]
     url_list = next((p for p in local_lists if os.path.isfile(p)), f"{CNNDM_URL_LISTS}/{list_name}")
     url_text = _read(url_list, "cnndm", f"Put {list_name} in {source}.", collective)
-    urls = [url.strip() for url in url_text.splitlines() if url.strip()]
+    urls = order_of_2019([url.strip() for url in url_text.splitlines() if url.strip()], shuffle)
     stories = _story_files(source)
     paths = [stories[name] for name in map(story_name, urls) if name in stories]
     if not paths:
         raise ValueError(f"dataset cnndm: none of the {len(urls)} stories of {url_list} is in {source} "
                          f"(expected {layout})")
+    if len(paths) < len(urls):  # 2019 had every story; a partial copy is usable, but say so (on rank 0)
+        stats.log(f"dataset cnndm: {len(urls) - len(paths)} of {len(urls)} stories of {list_name} are missing "
+                  f"from {source}; they are skipped")
     return LazyTexts(paths, _read_story)
 
 
@@ -254,8 +273,10 @@ def cnndm(mode: str, *, source: Optional[str] = None, seed: int = 0, collective:
 TEST_ALPHABET = "abcdefghijklmnopqrstuvwxyz."
 
 
-def test(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True) -> Iterator[str]:
-    """Endless random strings of 40 characters of the test alphabet (a different stream per mode and seed)."""
+def test(mode: str, *, source: Optional[str] = None, seed: int = 0, collective: bool = True,
+         shuffle: bool = True) -> Iterator[str]:
+    """Endless random strings of 40 characters of the test alphabet, a different stream per mode and seed
+    (2019's used the unseeded global generator; tests and the demo need distinct, reproducible streams)."""
     _split_name("test", mode, {"train": "train", "test": "test"})
     rng = random.Random(f"{seed}-{mode}")
     while True:
