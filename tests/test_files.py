@@ -1,15 +1,22 @@
 """File layer against a real HTTP server on 127.0.0.1: cache layout and reuse, retries, truncated bodies,
-fail-fast errors, atomic writes, and the once-per-machine download under MPI."""
+fail-fast errors, atomic writes, and the once-per-machine download under MPI; gs:// save directories against a
+local Cloud Storage emulator: round trip of a checkpoint, upload order, changed files only, deletions, staging."""
 
 import collections
 import http.server
 import json
 import os
+import re
 import socket
+import sys
 import threading
 import time
 
+import numpy as np
 import pytest
+import requests
+import tensorflow as tf
+from google.cloud import storage
 
 from lm_human_preferences.utils import files
 
@@ -283,3 +290,264 @@ def test_mpi_error_of_the_downloading_rank_reaches_the_others(server, cache):
     for report in reports.values():
         assert server.url("/missing/encoder.json") in report["error"] and "HTTP 404" in report["error"]
     assert "fetched by rank 0 of this machine" in reports[1]["error"]
+
+
+# ----- gs:// save directories, against a local Cloud Storage emulator (conftest.gcs_bucket) ---------------
+
+class TinyRun:
+    """A run directory as the trainers write it: hparams.json, a growing TensorBoard event file, and real
+    TensorFlow checkpoints (model/checkpoints/model.ckpt-STEP, the Saver keeping the last two) of two variables
+    whose values are the step."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        self.weights = tf.compat.v1.get_variable("weights", shape=[3, 4], initializer=tf.compat.v1.zeros_initializer())
+        self.bias = tf.compat.v1.get_variable("bias", shape=[4], initializer=tf.compat.v1.zeros_initializer())
+        self.step = tf.compat.v1.placeholder(tf.float32, [])
+        self.assign = tf.group(self.weights.assign(tf.fill([3, 4], self.step)),
+                               self.bias.assign(tf.fill([4], self.step)))
+        self.saver = tf.compat.v1.train.Saver(max_to_keep=2, save_relative_paths=True)
+        self.sess = tf.compat.v1.Session()
+
+    def save(self, step):
+        self.sess.run(self.assign, {self.step: float(step)})
+        files.write_text_atomic(os.path.join(self.directory, "hparams.json"), '{"n_layer": 2}\n')
+        os.makedirs(os.path.join(self.directory, "tb"), exist_ok=True)
+        with open(os.path.join(self.directory, "tb", "events.out.tfevents.1"), "a") as f:
+            f.write(f"step {step}\n")
+        checkpoints = os.path.join(self.directory, "model", "checkpoints")
+        os.makedirs(checkpoints, exist_ok=True)
+        self.saver.save(self.sess, os.path.join(checkpoints, "model.ckpt"), global_step=step)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    tiny = TinyRun(tmp_path / "local")
+    yield tiny
+    tiny.sess.close()
+
+
+STATE = "model/checkpoints/checkpoint"
+
+
+def ckpt(step):
+    """The relative names of checkpoint `step`'s files."""
+    prefix = f"model/checkpoints/model.ckpt-{step}"
+    return {f"{prefix}.index", f"{prefix}.data-00000-of-00001", f"{prefix}.meta"}
+
+
+def checkpoint_values(checkpoint_dir):
+    """(path of the latest checkpoint, {variable: value}) as TensorFlow reads them from `checkpoint_dir`."""
+    path = tf.train.latest_checkpoint(str(checkpoint_dir))
+    assert path is not None, f"no checkpoint in {checkpoint_dir}"
+    reader = tf.train.load_checkpoint(path)
+    return path, {name: reader.get_tensor(name) for name in ["weights", "bias"]}
+
+
+def remote_objects(url):
+    """{name relative to url: generation} of what the bucket holds under url/."""
+    bucket, _, prefix = url[len("gs://"):].partition("/")
+    blobs = storage.Client(project=None).list_blobs(bucket, prefix=prefix + "/")
+    return {blob.name[len(prefix) + 1:]: blob.generation for blob in blobs}
+
+
+def remote_text(url):
+    bucket, _, name = url[len("gs://"):].partition("/")
+    return storage.Client(project=None).bucket(bucket).blob(name).download_as_text()
+
+
+def latest_named(state_text):
+    return re.search(r'^model_checkpoint_path: "(.*)"$', state_text, re.MULTILINE).group(1)
+
+
+@pytest.fixture
+def record_uploads(monkeypatch):
+    """The object names files._upload_gcs is called with, in order (the real upload still happens)."""
+    calls = []
+    upload = files._upload_gcs
+
+    def recording(bucket, path, object_name):
+        calls.append(object_name)
+        return upload(bucket, path, object_name)
+
+    monkeypatch.setattr(files, "_upload_gcs", recording)
+    return calls
+
+
+def test_gcs_round_trip_of_a_run_with_a_checkpoint(gcs_bucket, tiny_run, cache, tmp_path, monkeypatch):
+    url = f"{gcs_bucket}/runs/first"
+    tiny_run.save(1)
+    assert not files.remote_dir_exists(url)
+
+    synced = files.sync_up(tiny_run.directory, url)
+    assert set(synced.uploaded) == {"hparams.json", "tb/events.out.tfevents.1", STATE} | ckpt(1)
+    assert synced.uploaded[-1] == STATE and synced.deleted == []
+    assert set(remote_objects(url)) == set(synced.uploaded)  # the sync record stays local
+    assert files.remote_dir_exists(url) and files.remote_dir_exists(f"{gcs_bucket}/runs")
+    assert not files.remote_dir_exists(f"{gcs_bucket}/runs/firs") and not files.remote_dir_exists(f"{url}/tb/x")
+
+    monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "fresh_cache"))  # a reader on another machine
+    assert files.read_json(files.join(url, "hparams.json")) == {"n_layer": 2}
+    state = files.local_path(files.join(url, STATE))
+    for name in ckpt(1):
+        files.local_path(files.join(url, name))
+    path, values = checkpoint_values(os.path.dirname(state))
+    assert path == os.path.join(os.path.dirname(state), "model.ckpt-1")
+    np.testing.assert_array_equal(values["weights"], np.ones([3, 4]))
+    np.testing.assert_array_equal(values["bias"], np.ones([4]))
+
+
+def test_gcs_sync_uploads_what_changed_state_file_last(gcs_bucket, tiny_run, cache, record_uploads):
+    url = f"{gcs_bucket}/run"
+    tiny_run.save(1)
+    files.sync_up(tiny_run.directory, url)
+    first = remote_objects(url)
+    record_uploads.clear()
+
+    assert files.sync_up(tiny_run.directory, url) == files.Synced([], [])
+    assert record_uploads == [] and remote_objects(url) == first
+
+    tiny_run.save(2)  # hparams.json rewritten with the same content; the event file grew; a new checkpoint
+    synced = files.sync_up(tiny_run.directory, url)
+    assert set(synced.uploaded) == {"tb/events.out.tfevents.1", STATE} | ckpt(2)
+    assert synced.uploaded[-1] == STATE
+    assert record_uploads == [f"run/{name}" for name in synced.uploaded]
+    now = remote_objects(url)
+    for name in {"hparams.json"} | ckpt(1):
+        assert now[name] == first[name], f"{name} was uploaded again"
+    assert remote_text(files.join(url, "tb/events.out.tfevents.1")) == "step 1\nstep 2\n"
+    assert latest_named(remote_text(files.join(url, STATE))) == "model.ckpt-2"
+
+
+def test_gcs_sync_deletes_dropped_checkpoints_after_the_new_state_file(gcs_bucket, tiny_run, cache, monkeypatch):
+    url = f"{gcs_bucket}/run"
+    tiny_run.save(1)
+    tiny_run.save(2)
+    files.sync_up(tiny_run.directory, url)
+    tiny_run.save(3)  # max_to_keep=2: the Saver deletes checkpoint 1 locally
+    assert not os.path.exists(os.path.join(tiny_run.directory, "model", "checkpoints", "model.ckpt-1.index"))
+
+    state_seen_at_deletion = []
+    delete = files._delete_gcs
+
+    def recording(bucket, object_name):
+        state_seen_at_deletion.append(latest_named(remote_text(files.join(url, STATE))))
+        return delete(bucket, object_name)
+
+    monkeypatch.setattr(files, "_delete_gcs", recording)
+    synced = files.sync_up(tiny_run.directory, url)
+    assert sorted(synced.deleted) == sorted(ckpt(1))
+    assert state_seen_at_deletion == ["model.ckpt-3"] * len(ckpt(1))
+    assert set(remote_objects(url)) == {"hparams.json", "tb/events.out.tfevents.1", STATE} | ckpt(2) | ckpt(3)
+    assert files.sync_up(tiny_run.directory, url) == files.Synced([], [])  # deletions are not repeated
+
+
+def test_gcs_large_files_are_compared_by_size_and_mtime(gcs_bucket, cache, tmp_path, record_uploads):
+    url = f"{gcs_bucket}/run"
+    big = tmp_path / "local" / "model.ckpt-1.data-00000-of-00001"
+    big.parent.mkdir()
+    content = np.random.RandomState(0).bytes(9 << 20)  # over 8 MiB: a resumable (chunked) upload
+    big.write_bytes(content)
+    assert files.sync_up(big.parent, url).uploaded == [big.name]
+    assert files.sync_up(big.parent, url).uploaded == []  # same size and mtime: not read, not sent
+    stat = big.stat()
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten: same size, later mtime
+    assert files.sync_up(big.parent, url).uploaded == [big.name]
+    assert record_uploads == ["run/" + big.name] * 2
+    with open(files.local_path(files.join(url, big.name)), "rb") as f:
+        assert f.read() == content
+
+
+def test_gcs_failed_upload_leaves_the_previous_checkpoint_readable(gcs_bucket, tiny_run, cache, monkeypatch,
+                                                                   record_uploads):
+    url = f"{gcs_bucket}/run"
+    tiny_run.save(1)
+    files.sync_up(tiny_run.directory, url)
+    tiny_run.save(2)
+    record_uploads.clear()
+    upload = files._upload_gcs
+
+    def connection_lost_at_the_index(bucket, path, object_name):
+        if object_name.endswith("model.ckpt-2.index"):
+            raise requests.exceptions.ConnectionError("connection reset by peer")  # transient: retried, then fails
+        return upload(bucket, path, object_name)
+
+    monkeypatch.setattr(files, "_upload_gcs", connection_lost_at_the_index)
+    with pytest.raises(files.FileFetchError) as info:
+        files.sync_up(tiny_run.directory, url)
+    message = str(info.value)
+    assert f"{url}/model/checkpoints/model.ckpt-2.index" in message and "3 attempts" in message
+    assert "connection reset" in message
+
+    remote = remote_objects(url)
+    assert latest_named(remote_text(files.join(url, STATE))) == "model.ckpt-1"
+    assert ckpt(1) <= set(remote)  # what the remote state file names is all there
+    assert "model/checkpoints/model.ckpt-2.index" not in remote
+    assert not any(name.endswith("/checkpoint") for name in record_uploads)  # the state file was never sent
+
+    monkeypatch.setattr(files, "_upload_gcs", upload)  # the network is back: the rest goes up, nothing twice
+    synced = files.sync_up(tiny_run.directory, url)
+    assert synced.uploaded == ["model/checkpoints/model.ckpt-2.index", "model/checkpoints/model.ckpt-2.meta",
+                               "tb/events.out.tfevents.1", STATE]
+    assert latest_named(remote_text(files.join(url, STATE))) == "model.ckpt-2"
+
+
+def test_gcs_staging_dir_is_a_copy_of_the_remote_run(gcs_bucket, tiny_run, cache, tmp_path, record_uploads):
+    url = f"{gcs_bucket}/experiments/run"
+    local_save_dir = str(tmp_path / "local_run")
+    assert files.staging_dir(local_save_dir) == local_save_dir
+    assert files.sync_up(local_save_dir, local_save_dir) == files.Synced([], [])
+
+    new = files.staging_dir(f"{gcs_bucket}/experiments/new")
+    assert new == os.path.join(str(cache), "staging", gcs_bucket[len("gs://"):], "experiments", "new")
+    assert files._local_files(new) == []
+
+    tiny_run.save(1)
+    tiny_run.save(2)
+    files.sync_up(tiny_run.directory, url)
+    record_uploads.clear()
+
+    staging = os.path.join(str(cache), "staging", gcs_bucket[len("gs://"):], "experiments", "run")
+    os.makedirs(os.path.join(staging, "old", "tb"))
+    with open(os.path.join(staging, "old", "tb", "stale"), "w") as f:  # left by an earlier run of this name
+        f.write("stale")
+    assert files.staging_dir(url) == staging
+    assert files._local_files(staging) == files._local_files(tiny_run.directory)
+    assert not os.path.exists(os.path.join(staging, "old"))
+    path, values = checkpoint_values(os.path.join(staging, "model", "checkpoints"))
+    assert path == os.path.join(staging, "model", "checkpoints", "model.ckpt-2")
+    np.testing.assert_array_equal(values["weights"], np.full([3, 4], 2.0))
+
+    assert files.sync_up(staging, url) == files.Synced([], [])  # what was downloaded is not uploaded back
+    with open(os.path.join(staging, "tb", "events.out.tfevents.1"), "a") as f:  # training resumes there
+        f.write("step 3\n")
+    assert files.sync_up(staging, url).uploaded == ["tb/events.out.tfevents.1"]
+    assert record_uploads == ["experiments/run/tb/events.out.tfevents.1"]
+
+
+def test_gcs_errors_name_the_url_and_the_fix(gcs_bucket, tiny_run, cache, tmp_path, monkeypatch):
+    tiny_run.save(1)
+    missing = "gs://no-such-bucket-lmhp/run"
+    for attempt in [lambda: files.remote_dir_exists(missing), lambda: files.staging_dir(missing),
+                    lambda: files.sync_up(tiny_run.directory, missing)]:
+        with pytest.raises(files.FileFetchError) as info:
+            attempt()
+        assert "gs://no-such-bucket-lmhp/run" in str(info.value)
+        assert "does the bucket gs://no-such-bucket-lmhp exist?" in str(info.value)
+
+    for bad in ["https://example.com/run", "gs://bucket/a/../b", "gs://bucket/run?x=1"]:
+        with pytest.raises(ValueError, match="save"):
+            files.staging_dir(bad)
+        with pytest.raises(ValueError, match="save"):
+            files.sync_up(tiny_run.directory, bad)
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # real Cloud Storage, and no usable credentials
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
+    with pytest.raises(files.FileFetchError, match=r"gs://some-bucket/run: no Google Cloud credentials.*gcloud auth"):
+        files.sync_up(tiny_run.directory, "gs://some-bucket/run")
+
+    import google.cloud
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # as if google-cloud-storage were not installed
+    monkeypatch.delattr(google.cloud, "storage")
+    with pytest.raises(files.FileFetchError, match="gs://some-bucket/run.*pip install google-cloud-storage"):
+        files.remote_dir_exists("gs://some-bucket/run")

@@ -15,11 +15,16 @@ next to `model.ckpt.data-*`).
 * Under MPI, :func:`local_path` is collective: one rank per machine downloads (SPEC 10: fetched once per
   machine), the others receive its result or its error.
 
+Runs can be saved to `gs://BUCKET/PATH` (:func:`staging_dir`, :func:`sync_up`). Training writes to a local staging
+directory; after each save the run is uploaded, the TensorFlow checkpoint state files (`checkpoint`) last, so that a
+reader of the bucket never sees a state file naming a checkpoint whose objects are not all there.
+
 Settings (module attributes, initialised from the environment): `RETRIES` ($LMHP_FETCH_RETRIES),
 `BACKOFF_SECONDS` ($LMHP_FETCH_BACKOFF_SECONDS), `MAX_BACKOFF_SECONDS`, `CONNECT_TIMEOUT_SECONDS`,
 `READ_TIMEOUT_SECONDS`.
 """
 
+import base64
 import hashlib
 import json
 import os
@@ -28,7 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 REMOTE_SCHEMES = ("https", "http", "gs")
 
@@ -52,7 +57,8 @@ _CHUNK_BYTES = 1 << 20
 
 
 class FileFetchError(OSError):
-    """A remote file could not be fetched. The message names the URL and the cache path."""
+    """A remote file could not be fetched (or a run not listed or uploaded). The message names the URL and the
+    local path."""
 
     def __init__(self, message, *, url=None, cache_path=None, status=None):
         super().__init__(message)
@@ -95,6 +101,11 @@ def _scheme(path: str) -> str:
 def is_remote(path) -> bool:
     """True for https://, http:// and gs:// URLs."""
     return _scheme(os.fspath(path)) in REMOTE_SCHEMES
+
+
+def is_gcs(path) -> bool:
+    """True for gs:// URLs (Google Cloud Storage)."""
+    return _scheme(os.fspath(path)) == "gs"
 
 
 def join(base, *parts) -> str:
@@ -146,25 +157,31 @@ def local_path(path, *, collective: bool = True) -> str:
     if not is_remote(path):
         return os.path.expanduser(path)
     target = cache_path(path)
+    _once_per_machine(lambda: _ensure_cached(path, target), path, target, collective)
+    return target
+
+
+def _once_per_machine(work, url, target, collective):
+    """Run `work()` on rank 0 of this machine only (all ranks when not `collective` or without MPI); the other
+    ranks wait for it and raise FileFetchError with its error if it failed."""
     local = None
     if collective:
         from lm_human_preferences.utils import mpi
         local = mpi.local_comm()
     if local is None:
-        _ensure_cached(path, target)
-        return target
+        work()
+        return
     if local.Get_rank() == 0:
         try:
-            _ensure_cached(path, target)
+            work()
         except BaseException as e:
             local.bcast(_describe(e), root=0)  # release the other ranks with the reason, then fail here too
             raise
         local.bcast(None, root=0)
-        return target
+        return
     error = local.bcast(None, root=0)
     if error is not None:
-        raise FileFetchError(f"{error} (fetched by rank 0 of this machine)", url=path, cache_path=target)
-    return target
+        raise FileFetchError(f"{error} (fetched by rank 0 of this machine)", url=url, cache_path=target)
 
 
 def _describe(error: BaseException) -> str:
@@ -252,21 +269,23 @@ def _ensure_cached(url: str, target: str):
                              url=url, cache_path=target, status=e.status) from None
 
 
-def _attempts(url, target, attempt):
-    """Run `attempt()` with retries on _Transient; after the last one raise FileFetchError."""
+def _attempts(url, target, attempt, action="fetch"):
+    """Run `attempt()` with retries on _Transient; after the last one raise FileFetchError.
+    `action` names the work in messages: "could not {action} {url} ..."."""
     retries = max(int(RETRIES), 0)
     for number in range(retries + 1):
         try:
             return attempt()
         except _Transient as e:
             if number == retries:
-                raise FileFetchError(f"could not fetch {url} after {retries + 1} attempts, last error: {e}; "
-                                     f"cache path {target}", url=url, cache_path=target) from None
+                where = f"; {'cache path' if action == 'fetch' else 'local path'} {target}" if target else ""
+                raise FileFetchError(f"could not {action} {url} after {retries + 1} attempts, last error: {e}{where}",
+                                     url=url, cache_path=target) from None
             delay = BACKOFF_SECONDS * 2 ** number * random.uniform(0.5, 1.5)  # jitter: ranks don't retry in step
             if e.retry_after is not None:
                 delay = max(delay, e.retry_after)
             delay = min(delay, MAX_BACKOFF_SECONDS)
-            print(f"fetching {url} failed ({e}); retry {number + 1} of {retries} in {delay:.1f}s",
+            print(f"{action} {url} failed ({e}); retry {number + 1} of {retries} in {delay:.1f}s",
                   file=sys.stderr, flush=True)
             time.sleep(delay)
 
@@ -367,20 +386,30 @@ def _remote_exists_http(url) -> bool:
 
 # -- gs://
 
-def _gcs_blob(url):
-    """The google-cloud-storage Blob for gs://BUCKET/NAME (anonymous unless credentials are configured)."""
+def _gcs_client(authenticated=False):
+    """A google-cloud-storage Client. Reading (authenticated=False) is anonymous unless
+    $GOOGLE_APPLICATION_CREDENTIALS names credentials: public buckets need no account, and looking up default
+    credentials would probe the GCE metadata server. Save directories (authenticated=True) use the default
+    credentials (that variable, `gcloud auth application-default login`, or the machine's service account).
+    Under $STORAGE_EMULATOR_HOST the library talks to that emulator without credentials."""
     try:
         from google.cloud import storage
     except ImportError:
         raise _Permanent("gs:// paths need google-cloud-storage (pip install google-cloud-storage)") from None
+    from google.auth import exceptions as auth_exceptions
+    if not authenticated and not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return storage.Client.create_anonymous_client()
+    try:
+        return storage.Client(project=None)  # no project: bucket and object calls need none
+    except auth_exceptions.DefaultCredentialsError as e:
+        raise _Permanent(f"no Google Cloud credentials ({e}); run `gcloud auth application-default login` or set "
+                         f"GOOGLE_APPLICATION_CREDENTIALS to a service account key file") from None
+
+
+def _gcs_blob(url):
+    """The google-cloud-storage Blob for gs://BUCKET/NAME, read anonymously unless credentials are configured."""
     parsed = urllib.parse.urlsplit(url)
-    name = parsed.path.lstrip("/")
-    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
-        client = storage.Client()
-    else:
-        # Public buckets need no account; looking up default credentials would probe the GCE metadata server.
-        client = storage.Client.create_anonymous_client()
-    return client.bucket(parsed.netloc).blob(name)
+    return _gcs_client().bucket(parsed.netloc).blob(parsed.path.lstrip("/"))
 
 
 def _gcs_call(call):
@@ -403,8 +432,8 @@ def _gcs_call(call):
         raise _Permanent(f"host unreachable (offline?): {e}") from None
 
 
-def _download_gcs(url, target):
-    blob = _gcs_blob(url)
+def _download_gcs(url, target, blob=None):
+    blob = blob or _gcs_blob(url)
     timeout = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
     with _atomic_file(target) as f:
         # retry=None: the library's own retries would wait minutes when offline; ours are bounded.
@@ -419,3 +448,249 @@ def _remote_exists_gcs(url) -> bool:
 
 def _remote_exists(url) -> bool:
     return _remote_exists_gcs(url) if _scheme(url) == "gs" else _remote_exists_http(url)
+
+
+# ----- gs:// save directories ------------------------------------------------------------------------------
+#
+# GCS writes each object atomically, so the order of the uploads is what keeps a run in a bucket consistent. A
+# reader follows the state file `checkpoint` to model.ckpt-STEP.index and .data-*: those go up first and the
+# state file last, and the checkpoints the Saver dropped are deleted remotely only after the new state file is
+# up, when no state file in the bucket names them any more.
+
+CHECKPOINT_STATE_NAME = "checkpoint"  # TensorFlow's checkpoint state file: names the latest checkpoint
+SYNC_RECORD_NAME = ".gcs-sync.json"  # in the staging directory: what the bucket holds of it; never uploaded
+_HASHED_BYTES = 1 << 20  # files up to this size are compared by MD5, larger ones by size and mtime
+
+
+class Synced(NamedTuple):
+    """What one sync_up did: file names relative to the run directory, in the order they went up / were deleted."""
+    uploaded: List[str]
+    deleted: List[str]
+
+
+def staging_dir(save_dir, *, collective: bool = True) -> str:
+    """The local directory that training writes the run to.
+
+    A local `save_dir` is returned as it is. For gs://BUCKET/PATH it is cache_dir()/staging/BUCKET/PATH, made an
+    exact copy of the objects under PATH/: those not there yet are downloaded (a file whose MD5 matches is kept),
+    local files that the bucket does not hold are removed, so the directory is empty when nothing is saved there.
+    Call it before writing anything to the run, and :func:`sync_up` after each save.
+
+    Under MPI with several ranks this is COLLECTIVE for gs:// when `collective` is true: every rank calls it, and
+    rank 0 of each machine downloads, so every machine holds the run (other ranks may load a model saved in it).
+    """
+    save_dir = os.fspath(save_dir)
+    if not is_remote(save_dir):
+        return os.path.expanduser(save_dir)
+    bucket, prefix = _run_location(save_dir)
+    local = os.path.join(cache_dir(), "staging", bucket, *filter(None, prefix.split("/")))
+    _once_per_machine(lambda: _mirror_down(save_dir, local), save_dir, local, collective)
+    return local
+
+
+def sync_up(local_dir, save_dir) -> Synced:
+    """Upload the run written to `local_dir` (see :func:`staging_dir`) to `save_dir`; nothing to do for a local
+    `save_dir`.
+
+    Only files that changed since the last sync_up (or since staging_dir downloaded them) are uploaded: every
+    other file first, then the checkpoint state files `checkpoint`; then the objects of files that are gone
+    locally (checkpoints the Saver dropped under max_to_keep) are deleted. When an upload fails, FileFetchError is
+    raised before any state file is uploaded or anything deleted, so the bucket keeps the previous consistent
+    run; the next sync_up uploads what is still missing.
+
+    Not collective: under MPI only the rank that writes the run (rank 0) calls it.
+    """
+    save_dir = os.fspath(save_dir)
+    if not is_remote(save_dir):
+        return Synced([], [])
+    bucket_name, prefix = _run_location(save_dir)
+    local_dir = os.path.expanduser(os.fspath(local_dir))
+    if not os.path.isdir(local_dir):
+        raise ValueError(f"cannot upload {local_dir} to {save_dir}: {local_dir} is not a directory")
+    record = _read_sync_record(local_dir, save_dir)
+    present = _local_files(local_dir)
+    changed = [name for name in present if not _unchanged(record.get(name), _local_file(local_dir, name))]
+    changed.sort(key=lambda name: (_is_checkpoint_state(name), name))  # state files last
+    gone = sorted(set(record) - set(present))
+    done = Synced([], [])
+    if not changed and not gone:
+        return done
+    client = _run_call(save_dir, local_dir, lambda: _gcs_client(authenticated=True), "upload to")
+    bucket = client.bucket(bucket_name)
+    try:
+        for name in changed:
+            path = _local_file(local_dir, name)
+            fingerprint = _fingerprint(path)  # taken first: a file that grows during its upload counts as changed
+            object_name = _object_name(prefix, name)
+            _run_call(join(save_dir, name), path, lambda: _upload_gcs(bucket, path, object_name), "upload to")
+            record[name] = fingerprint
+            done.uploaded.append(name)
+        for name in gone:
+            object_name = _object_name(prefix, name)
+            _run_call(join(save_dir, name), None, lambda: _delete_gcs(bucket, object_name), "delete")
+            del record[name]
+            done.deleted.append(name)
+    finally:
+        _write_sync_record(local_dir, save_dir, record)
+    return done
+
+
+def remote_dir_exists(url) -> bool:
+    """True when any object lies under gs://BUCKET/PATH/ (e.g. a run is saved there). FileFetchError when the
+    bucket does not exist or cannot be read with these credentials."""
+    url = os.fspath(url)
+    bucket, prefix = _run_location(url)
+
+    def attempt():
+        blobs = _gcs_client(authenticated=True).list_blobs(
+            bucket, prefix=_dir_prefix(prefix), max_results=1, retry=None,
+            timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+        return any(True for _ in blobs)
+
+    return _run_call(url, None, attempt, "list")
+
+
+def _run_location(url) -> Tuple[str, str]:
+    """(bucket, object prefix without slashes at the ends) of gs://BUCKET[/PATH]; ValueError for anything else."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme.lower() != "gs":
+        raise ValueError(f"{url!r}: runs are saved to a local directory or a gs://BUCKET/PATH URL "
+                         f"({parsed.scheme}:// cannot be written)")
+    parts = [p for p in parsed.path.split("/") if p]
+    if not parsed.netloc or parsed.query or parsed.fragment or any(p in (".", "..") for p in parts):
+        raise ValueError(f"{url!r} is not a valid save directory (expected gs://BUCKET/PATH, without '.', '..', "
+                         f"'?' or '#')")
+    return parsed.netloc, "/".join(parts)
+
+
+def _dir_prefix(prefix) -> str:
+    return prefix + "/" if prefix else ""
+
+
+def _object_name(prefix, name) -> str:
+    return _dir_prefix(prefix) + name
+
+
+def _local_file(directory, name) -> str:
+    return os.path.join(directory, *name.split("/"))
+
+
+def _is_checkpoint_state(name) -> bool:
+    return name.rsplit("/", 1)[-1] == CHECKPOINT_STATE_NAME
+
+
+def _local_files(directory) -> List[str]:
+    """Files under `directory` as '/'-separated relative names, without the sync record and the temporary files
+    of atomic writes still in progress."""
+    names = []
+    for parent, subdirs, filenames in os.walk(directory):
+        subdirs.sort()
+        relative = os.path.relpath(parent, directory).replace(os.sep, "/")
+        for filename in sorted(filenames):
+            name = filename if relative == "." else f"{relative}/{filename}"
+            if name != SYNC_RECORD_NAME and not filename.endswith(".part"):
+                names.append(name)
+    return names
+
+
+def _md5(path) -> str:
+    """Base64 MD5 of a file, as GCS reports it (md5Hash)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode("ascii")
+
+
+def _fingerprint(path) -> Dict:
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "md5": _md5(path) if stat.st_size <= _HASHED_BYTES else None}
+
+
+def _unchanged(recorded: Optional[Dict], path) -> bool:
+    """Is the file as it was when recorded? Small files are compared by content: a file rewritten within the file
+    system's timestamp granularity (a state file saved twice in a few milliseconds) keeps its mtime, and a
+    rewrite with the same content (hparams.json at every save) is no change."""
+    if recorded is None:
+        return False
+    stat = os.stat(path)
+    if stat.st_size != recorded["size"]:
+        return False
+    if stat.st_size <= _HASHED_BYTES:
+        return _md5(path) == recorded["md5"]
+    return stat.st_mtime_ns == recorded["mtime_ns"]
+
+
+def _read_sync_record(local_dir, save_dir) -> Dict[str, Dict]:
+    """{relative name: fingerprint} of the files known to be in `save_dir`; empty when unknown (all go up)."""
+    try:
+        with open(os.path.join(local_dir, SYNC_RECORD_NAME), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record.get("files", {}) if isinstance(record, dict) and record.get("save_dir") == save_dir else {}
+
+
+def _write_sync_record(local_dir, save_dir, files_record):
+    write_text_atomic(os.path.join(local_dir, SYNC_RECORD_NAME),
+                      json.dumps({"save_dir": save_dir, "files": files_record}, sort_keys=True) + "\n")
+
+
+def _run_call(url, local, call, action):
+    """`call()` (google-cloud-storage work for a save directory) with retries; FileFetchError naming the URL."""
+    try:
+        return _attempts(url, local, lambda: _gcs_call(call), action)
+    except _Permanent as e:
+        hint = f" (does the bucket gs://{_run_location(url)[0]} exist?)" if e.status == 404 else ""
+        where = f"; local path {local}" if local else ""
+        raise FileFetchError(f"could not {action} {url}: {e}{hint}{where}", url=url, cache_path=local,
+                             status=e.status) from None
+
+
+def _mirror_down(url, local):
+    """Make directory `local` hold exactly the objects under `url`/ (see staging_dir)."""
+    bucket, prefix = _run_location(url)
+    client = _run_call(url, local, lambda: _gcs_client(authenticated=True), "list")
+    blobs = _run_call(url, local, lambda: list(client.list_blobs(
+        bucket, prefix=_dir_prefix(prefix), retry=None, timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))),
+        "list")
+    remote = {}
+    for blob in blobs:
+        name = blob.name[len(_dir_prefix(prefix)):]
+        if name.endswith("/"):  # a "folder" placeholder made by the web console, not a file
+            continue
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            raise ValueError(f"{url}: object {blob.name!r} cannot be stored as a local file (empty, '.' or '..' "
+                             f"path component); rename or remove it")
+        remote[name] = blob
+    os.makedirs(local, exist_ok=True)
+    for name in _local_files(local):
+        if name not in remote:
+            os.remove(_local_file(local, name))
+    for parent, _, _ in sorted(os.walk(local), reverse=True):  # deepest first, so that emptied parents go too
+        if parent != local and not os.listdir(parent):
+            os.rmdir(parent)
+    record = {}
+    for name, blob in sorted(remote.items()):
+        path = _local_file(local, name)
+        if not (os.path.isfile(path) and _md5(path) == blob.md5_hash):
+            print(f"downloading {join(url, name)} -> {path}", file=sys.stderr, flush=True)
+            _run_call(join(url, name), path, lambda: _download_gcs(join(url, name), path, blob), "fetch")
+        record[name] = _fingerprint(path)
+    _write_sync_record(local, url, record)
+
+
+def _upload_gcs(bucket, path, object_name):
+    """One file to one object; GCS makes it visible only once it is complete."""
+    # retry=None: our retries are bounded (the library's own would wait minutes when offline).
+    bucket.blob(object_name).upload_from_filename(path, retry=None,
+                                                  timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+
+
+def _delete_gcs(bucket, object_name):
+    from google.api_core import exceptions as api_exceptions
+    try:
+        bucket.blob(object_name).delete(retry=None, timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+    except api_exceptions.NotFound:
+        pass  # already gone
