@@ -59,7 +59,7 @@ def test_two_ranks_allreduce_broadcast_and_mean_stats():
     for rank, report in reports.items():
         assert report["size"] == 2
         assert report["is_root"] == (rank == 0)
-        assert report["seed"] == 1 + 1000 * rank
+        assert report["seed"] == 1 + 100003 * rank  # the 2019 per-rank offset
         assert report["local_rank"] == rank  # both on this machine
         # mean of [1,2,3]*1 and [1,2,3]*2
         np.testing.assert_allclose(report["mean"], [1.5, 3.0, 4.5])

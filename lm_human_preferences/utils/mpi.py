@@ -92,9 +92,13 @@ def exact_div(total: int, parts: int, what: str, parts_what: str = "the number o
     return total // parts
 
 
+RANK_SEED_STRIDE = 100003  # a prime, the 2019 offset between the seeds of neighbouring ranks
+
+
 def rank_seed(seed: Optional[int]) -> Optional[int]:
-    """A different seed per rank (seed + 1000 * rank, as in 2019); None (random) stays None."""
-    return None if seed is None else seed + 1000 * rank()
+    """A different seed per rank, seed + 100003 * rank as in 2019 (so a 2019 seed gives each rank the same
+    seed it had then); None (random) stays None."""
+    return None if seed is None else seed + RANK_SEED_STRIDE * rank()
 
 
 def barrier():
