@@ -51,7 +51,9 @@ class LabelType(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, reward_fn, labels):
-        """(loss, metrics) for a batch of label tensors; reward_fn(queries, responses) -> rewards [b]."""
+        """(loss, metrics) for a batch of label tensors; reward_fn(queries, responses) -> rewards [b].
+        The metrics hold what 2019 logged under train_reward/minibatch/ (`error`, which equals the loss, and
+        for scalar_rating `label_mean`, `label_var`, `corr`), plus our `accuracy` where a label has a winner."""
 
 
 class BestOfN(LabelType):
@@ -71,7 +73,7 @@ class BestOfN(LabelType):
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels["best"], logits=logits))
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels["best"]),
                                           tf.float32))
-        return loss, {"accuracy": accuracy}
+        return loss, {"error": loss, "accuracy": accuracy}
 
 
 class ScalarRating(LabelType):
@@ -90,8 +92,13 @@ class ScalarRating(LabelType):
     def loss(self, reward_fn, labels):
         import tensorflow.compat.v1 as tf
         predicted = reward_fn(labels["query"], labels["sample"])  # [b]
-        loss = tf.reduce_mean(tf.square(predicted - labels["score"]))
-        return loss, {"error": loss}
+        scores = labels["score"]  # [b]
+        loss = tf.reduce_mean(tf.square(predicted - scores))
+        label_mean, label_var = tf.nn.moments(scores, axes=[0])
+        predicted_mean, predicted_var = tf.nn.moments(predicted, axes=[0])
+        covariance = tf.reduce_mean((scores - label_mean) * (predicted - predicted_mean))
+        corr = covariance / tf.sqrt(tf.maximum(label_var * predicted_var, 1e-16))  # Pearson's r of the batch
+        return loss, {"error": loss, "label_mean": label_mean, "label_var": label_var, "corr": corr}
 
 
 class ScalarCompare(LabelType):
@@ -115,7 +122,7 @@ class ScalarCompare(LabelType):
         decided = tf.cast(tf.not_equal(labels["difference"], 0), tf.float32)
         agree = tf.cast(predicted * labels["difference"] > 0, tf.float32) * decided
         accuracy = tf.reduce_sum(agree) / tf.maximum(tf.reduce_sum(decided), 1.0)  # sign agreement
-        return loss, {"accuracy": accuracy}
+        return loss, {"error": loss, "accuracy": accuracy}
 
 
 def get(name: str) -> LabelType:

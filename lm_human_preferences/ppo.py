@@ -7,7 +7,7 @@ said otherwise, and each response token is one PPO time step.
 The trainer (`train_policy.py`) splits a minibatch step in two:
 
 1. `advantages_and_returns` over the whole minibatch (reward whitening and advantage whitening are minibatch
-   statistics, so they must not be computed per micro-batch), then
+   statistics, so they must not be computed per micro-batch), with `return_and_value_moments` of it, then
 2. `ppo_loss` over each micro-batch of it. Every term of the loss is a mean over tokens, so with equal-sized
    micro-batches the sum over micro-batches of grad(loss) / micro_batches equals the gradient of the minibatch
    loss: gradient accumulation changes the memory needed, not the update.
@@ -180,8 +180,6 @@ def ppo_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, advantages
     vf_loss, vf_clipfrac = clipped_value_loss(vpred, old_values, returns, hparams.cliprange_value)
     pg_loss, pg_clipfrac, approxkl = clipped_policy_loss(logprobs, old_logprobs, advantages, hparams.cliprange)
     loss = pg_loss + hparams.vf_coef * vf_loss
-    return_mean, return_var = tf.nn.moments(returns, axes=[0, 1])
-    value_mean, value_var = tf.nn.moments(old_values, axes=[0, 1])
     stats = {
         "ppo/loss/policy": pg_loss,
         "ppo/loss/value": vf_loss,
@@ -189,15 +187,22 @@ def ppo_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, advantages
         "ppo/policy/entropy": tf.reduce_mean(entropies),
         "ppo/policy/approxkl": approxkl,
         "ppo/policy/clipfrac": pg_clipfrac,
-        "ppo/returns/mean": return_mean,
-        "ppo/returns/var": return_var,
         "ppo/val/vpred": tf.reduce_mean(vpred),
         "ppo/val/error": tf.reduce_mean(tf.square(vpred - returns)),
         "ppo/val/clipfrac": vf_clipfrac,
-        "ppo/val/mean": value_mean,
-        "ppo/val/var": value_var,
     }
     return loss, stats
+
+
+def return_and_value_moments(returns, old_values):
+    """`ppo/returns/{mean,var}` and `ppo/val/{mean,var}` of a whole minibatch (returns, old_values: [b, T]).
+
+    Kept apart from `ppo_loss` because a variance is not the mean of the micro-batches' variances: taken over
+    the whole minibatch, the logged numbers do not depend on `ppo.micro_batches`."""
+    return_mean, return_var = tf.nn.moments(returns, axes=[0, 1])
+    value_mean, value_var = tf.nn.moments(old_values, axes=[0, 1])
+    return {"ppo/returns/mean": return_mean, "ppo/returns/var": return_var,
+            "ppo/val/mean": value_mean, "ppo/val/var": value_var}
 
 
 def var_explained(stats):
@@ -214,5 +219,6 @@ def minibatch_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, rewa
     advantages, returns = advantages_and_returns(rewards, old_values, hparams)
     loss, stats = ppo_loss(logprobs=logprobs, vpred=vpred, entropies=entropies, old_logprobs=old_logprobs,
                            old_values=old_values, advantages=advantages, returns=returns, hparams=hparams)
+    stats.update(return_and_value_moments(returns, old_values))
     stats["ppo/val/var_explained"] = var_explained(stats)
     return loss, stats

@@ -101,6 +101,19 @@ def test_scalar_rating_loss_is_squared_error():
     expected = ((reference_rewards(labels["query"], labels["sample"]) - labels["score"]) ** 2).mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["error"], expected, rtol=1e-5)
+    # the 2019 statistics of the labels and of the predictions' agreement with them
+    predicted = reference_rewards(labels["query"], labels["sample"])
+    np.testing.assert_allclose(metrics["label_mean"], labels["score"].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["label_var"], labels["score"].var(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["corr"], np.corrcoef(labels["score"], predicted)[0, 1], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["best_of_4", "scalar_compare"])
+def test_every_label_type_reports_the_2019_error_metric(name):
+    label_type = label_types.get(name)
+    labels = random_labels(label_type, 16, np.random.RandomState(3))
+    loss, metrics = evaluate_loss(label_type, labels)
+    np.testing.assert_allclose(metrics["error"], loss)  # 2019 logged the loss a second time as `error`
 
 
 def test_scalar_compare_loss_is_squared_error_of_the_reward_difference():

@@ -159,6 +159,7 @@ def test_ppo_loss_and_statistics_match_numpy():
     x = loss_inputs()
     hparams = ppo.PpoHParams(vf_coef=0.3, cliprange=0.2, cliprange_value=0.25)
     loss, stats = run(ppo.ppo_loss(**{k: tf.constant(v) for k, v in x.items()}, hparams=hparams))
+    stats.update(run(ppo.return_and_value_moments(tf.constant(x["returns"]), tf.constant(x["old_values"]))))
     vf_loss, vf_clipfrac = np_value_loss(x["vpred"], x["old_values"], x["returns"], 0.25)
     pg_loss, pg_clipfrac, approxkl = np_policy_loss(x["logprobs"], x["old_logprobs"], x["advantages"], 0.2)
     expected = {
