@@ -103,13 +103,15 @@ PLOTS = [
     ("objective/score", "reward-model score (rollouts)"),
     ("objective/kl", "KL to the reference (nats)"),
     ("objective/kl_coef", "kl_coef"),
-    ("train/loss", "reward model: training loss"),
-    ("train/accuracy", "reward model: training accuracy"),
+    ("train_reward/minibatch/loss", "reward model: training loss"),
+    ("train_reward/minibatch/accuracy", "reward model: training accuracy"),
 ]
+REWARD_TRAIN_TAG, REWARD_VALID_TAG = "train_reward/minibatch/", "train_reward/valid/"
 
 
 def plot_learning_curves(save_dir: str) -> str:
-    """Learning curves from the run's TensorBoard events, as a PNG in the run directory."""
+    """Learning curves from the run's TensorBoard events (tb/ppo and tb/reward_model), as a PNG in the run
+    directory."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,11 +121,12 @@ def plot_learning_curves(save_dir: str) -> str:
     for axis, (tag, title) in zip(axes.flat, PLOTS):
         steps, values = zip(*scalars[tag]) if scalars.get(tag) else ((), ())
         axis.plot(steps, values)
-        if tag.startswith("train/") and scalars.get(tag.replace("train/", "valid/")):
-            axis.plot(*zip(*scalars[tag.replace("train/", "valid/")]), "o-", label="held out")
+        held_out = tag.replace(REWARD_TRAIN_TAG, REWARD_VALID_TAG)
+        if tag.startswith(REWARD_TRAIN_TAG) and scalars.get(held_out):
+            axis.plot(*zip(*scalars[held_out]), "o-", label="held out")
             axis.legend()
         axis.set_title(title)
-        axis.set_xlabel("reward-model step" if tag.startswith("train/") else "PPO update")
+        axis.set_xlabel("reward-model step" if tag.startswith(REWARD_TRAIN_TAG) else "PPO update")
         axis.grid(alpha=0.3)
     figure.tight_layout()
     path = os.path.join(save_dir, "learning_curves.png")

@@ -56,6 +56,10 @@ class RewardModelTrainer:
         return self.gain * self.get_raw_rewards_op(queries, responses) + self.bias  # [b]
 
     # ----- normalisation -----------------------------------------------------------------------------------
+    def reset_reward_scale(self, sess):
+        """gain 1, bias 0: the rewards are the head's raw output again (2019 reset before measuring)."""
+        sess.run(self._assign_norm, {self._new_gain: 1.0, self._new_bias: 0.0})
+
     def set_reward_norm(self, sess, *, measured_mean, measured_std, target_mean, target_std):
         """Make rewards whose current mean/std are `measured_*` have mean/std `target_*`.
 

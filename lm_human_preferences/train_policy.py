@@ -1,5 +1,7 @@
 """PPO fine-tuning of a policy against a reward model (SPEC section 8): `./launch.py train_policy`."""
 
+import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -13,8 +15,11 @@ from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.ppo import PpoHParams
-from lm_human_preferences.utils import devices, hyperparams, mpi, stats, train_ops
+from lm_human_preferences.utils import devices, files, hyperparams, mpi, stats, train_ops
 from lm_human_preferences.utils.hyperparams import require
+
+# Whitening rewards over fewer episodes than this is meaningless (2019 refused it too).
+MIN_WHITENED_MINIBATCH = 8
 
 
 @dataclass
@@ -48,23 +53,41 @@ class HParams(hyperparams.HParams):
                     f"set both --task.X and --rewards.train_new_model.task.X")
 
 
+@dataclass
+class BatchSizes:
+    """How one PPO update's episodes split over ranks, minibatches and micro-batches, and the run's length."""
+    per_rank: int  # episodes per update on each rank
+    minibatch: int  # episodes per Adam step on each rank
+    micro_batch: int  # episodes per forward/backward pass on each rank
+    num_updates: int  # PPO updates of the run: ceil(total_episodes / batch_size), as in 2019
+
+
+def batch_sizes(ppo_hp: PpoHParams, ranks: int) -> BatchSizes:
+    """The sizes of `ppo_hp` on `ranks` ranks, or a ValueError naming the hyperparameters that do not fit.
+    Cheap and free of side effects: `train` calls it before anything is trained or written."""
+    per_rank = mpi.exact_div(ppo_hp.batch_size, ranks, "ppo.batch_size")
+    minibatch = mpi.exact_div(per_rank, ppo_hp.nminibatches, f"the per-rank batch (ppo.batch_size / {ranks} ranks)",
+                              parts_what="ppo.nminibatches")
+    micro_batch = mpi.exact_div(minibatch, ppo_hp.micro_batches,
+                                "the per-rank minibatch (ppo.batch_size / ranks / ppo.nminibatches)",
+                                parts_what="ppo.micro_batches")
+    if ppo_hp.whiten_rewards and minibatch < MIN_WHITENED_MINIBATCH:
+        raise ValueError(f"ppo.whiten_rewards whitens each per-rank minibatch, which holds only {minibatch} episodes "
+                         f"(ppo.batch_size={ppo_hp.batch_size} / {ranks} ranks / ppo.nminibatches="
+                         f"{ppo_hp.nminibatches}); at least {MIN_WHITENED_MINIBATCH} are needed: raise ppo.batch_size, "
+                         f"lower ppo.nminibatches or the number of ranks, or set --ppo.whiten_rewards false")
+    return BatchSizes(per_rank, minibatch, micro_batch, num_updates=math.ceil(ppo_hp.total_episodes / ppo_hp.batch_size))
+
+
 class PPOTrainer:
     """The graph and session of a PPO run. `update()` is one PPO update, written out in order."""
 
     def __init__(self, hparams: HParams, policy_model: TrainedModel, reward_model: TrainedModel, encoder):
         self.hparams = hparams
         task, ppo_hp = hparams.task, hparams.ppo
-        self.batch_per_rank = mpi.exact_div(ppo_hp.batch_size, mpi.size(), "ppo.batch_size")
-        self.minibatch = mpi.exact_div(self.batch_per_rank, ppo_hp.nminibatches,
-                                       f"the per-rank batch (ppo.batch_size / {mpi.size()} ranks)",
-                                       parts_what="ppo.nminibatches")
-        self.micro_batch = mpi.exact_div(self.minibatch, ppo_hp.micro_batches,
-                                         "the per-rank minibatch (ppo.batch_size / ranks / ppo.nminibatches)",
-                                         parts_what="ppo.micro_batches")
-        self.num_updates = ppo_hp.total_episodes // ppo_hp.batch_size
-        if self.num_updates < 1:
-            raise ValueError(f"ppo.total_episodes={ppo_hp.total_episodes} is less than one update of "
-                             f"ppo.batch_size={ppo_hp.batch_size} episodes")
+        sizes = batch_sizes(ppo_hp, mpi.size())
+        self.batch_per_rank, self.minibatch, self.micro_batch = sizes.per_rank, sizes.minibatch, sizes.micro_batch
+        self.num_updates = sizes.num_updates
         self.kl_controller = (ppo.AdaptiveKLController(hparams.rewards.kl_coef, hparams.rewards.adaptive_kl.target,
                                                        hparams.rewards.adaptive_kl.horizon)
                               if hparams.rewards.adaptive_kl else ppo.FixedKLController(hparams.rewards.kl_coef))
@@ -101,6 +124,7 @@ class PPOTrainer:
         self.token_rewards = tf.placeholder(tf.float32, [None, R], name="token_rewards")
         self.values = tf.placeholder(tf.float32, [None, R], name="values")
         self.advantages_op = ppo.advantages_and_returns(self.token_rewards, self.values, ppo_hp)
+        self.moments_op = ppo.return_and_value_moments(self.advantages_op[1], self.values)  # whole minibatch
 
         # The loss of one micro-batch, given the minibatch's advantages and returns.
         self.advantages = tf.placeholder(tf.float32, [None, R], name="advantages")
@@ -113,8 +137,9 @@ class PPOTrainer:
         self.lr = tf.placeholder(tf.float32, [], name="lr")
         self.optimizer = train_ops.Optimizer(self.loss, self.policy.get_params(), self.lr, epsilon=1e-5,
                                              micro_batches=ppo_hp.micro_batches)
-        self.saver = tf.train.Saver(self.policy.get_params(), max_to_keep=2)
-        self.sess = devices.new_session(xla=hparams.run.xla)
+        # As 2019: the last 20 checkpoints, named relative to their directory so that a moved run still loads.
+        self.saver = tf.train.Saver(self.policy.get_params(), max_to_keep=20, save_relative_paths=True)
+        self.sess = devices.new_session(xla=hparams.run.xla, tf32=hparams.run.tf32)
         self.sess.run(tf.global_variables_initializer())
         mpi.broadcast_variables(self.sess, tf.global_variables())
 
@@ -148,21 +173,26 @@ class PPOTrainer:
         lr = hp.lr * (1.0 - update_index / self.num_updates)  # annealed linearly to 0 over the run
         episode = dict(queries=queries, responses=responses, logprobs=rollout["logprobs"],
                        values=rollout["values"], token_rewards=token_rewards)
-        train_stats = []
+        train_stats = []  # one dict per minibatch step
         for _ in range(hp.noptepochs):
             order = self.rng.permutation(self.batch_per_rank)
             for mb_start in range(0, self.batch_per_rank, self.minibatch):
                 mb = {k: v[order[mb_start:mb_start + self.minibatch]] for k, v in episode.items()}
-                advantages, returns = sess.run(self.advantages_op, {self.token_rewards: mb["token_rewards"],
-                                                                    self.values: mb["values"]})
+                (advantages, returns), moments = sess.run(
+                    [self.advantages_op, self.moments_op],
+                    {self.token_rewards: mb["token_rewards"], self.values: mb["values"]})
+                micro_stats = []
                 for micro_start in range(0, self.minibatch, self.micro_batch):
                     part = slice(micro_start, micro_start + self.micro_batch)
                     step_stats, _ = sess.run([self.train_stats, self.optimizer.accumulate_op], {
                         self.queries: mb["queries"][part], self.responses: mb["responses"][part],
                         self.logprobs: mb["logprobs"][part], self.values: mb["values"][part],
                         self.advantages: advantages[part], self.returns: returns[part], self.lr: lr})
-                    train_stats.append(step_stats)
+                    micro_stats.append(step_stats)
                 sess.run(self.optimizer.apply_op, {self.lr: lr})
+                # Every statistic of ppo_loss is a mean over tokens, so with equal micro-batches their mean is
+                # the minibatch's; the variances come from the whole minibatch.
+                train_stats.append({**{k: np.mean([s[k] for s in micro_stats]) for k in micro_stats[0]}, **moments})
         timings["ppo_epochs"] = time.time() - start
         # 6. Statistics, averaged over ranks; then the KL controller sees the mean KL.
         start = time.time()
@@ -183,9 +213,11 @@ class PPOTrainer:
         update_stats["ppo/val/var_explained"] = ppo.var_explained(update_stats)
         self.kl_controller.update(update_stats["objective/kl"], self.hparams.ppo.batch_size)
         timings["stats"] = time.time() - start
-        return update_stats, dict(responses=responses, scores=scores, kl=kl.sum(axis=1), timings=timings)
+        return update_stats, dict(responses=responses, scored_responses=scored, scores=scores, kl=kl.sum(axis=1),
+                                  kl_coef=kl_coef, timings=timings)
 
     def save(self, save_dir, step):
+        """Checkpoint the policy as SAVE_DIR/policy/checkpoints/model.ckpt-STEP (rank 0; `save_dir` is local)."""
         if mpi.is_root():
             model = self.policy
             trained_models.save_model(self.sess, self.saver, os.path.join(save_dir, "policy"), model.model_hparams,
@@ -198,66 +230,103 @@ CONSOLE_KEYS = ["objective/score", "objective/judge", "objective/kl", "objective
 
 
 def log_samples(encoder, queries, details, count=3):
-    """A few decoded episodes with their score and KL (rank 0)."""
+    """A few decoded episodes as 2019 printed them: the query, the post-processed (truncated) response that was
+    scored, its score, its KL and their total, score − kl_coef·KL (rank 0)."""
     for i in range(min(count, len(queries))):
+        total = details["scores"][i] - details["kl_coef"] * details["kl"][i]
         stats.log("=" * 80)
         stats.log(f"query:    {encoder.decode(queries[i])!r}")
-        stats.log(f"response: {encoder.decode(details['responses'][i])!r}")
-        stats.log(f"score {details['scores'][i]:+.3f}  kl {details['kl'][i]:.3f}")
+        stats.log(f"response: {encoder.decode(details['scored_responses'][i])!r}")
+        stats.log(f"  score = {details['scores'][i]:+.3f}\n  kl = {details['kl'][i]:+.3f}\n  total = {total:+.3f}")
 
 
-def reward_model_source(hparams: HParams) -> TrainedModel:
-    """The reward model to train against: a saved one, or one trained now into SAVE_DIR/reward_model."""
-    if hparams.rewards.train_new_model is not None:
-        reward_hparams = hparams.rewards.train_new_model
-        reward_hparams.run.save_dir = hparams.run.save_dir
-        train_reward.train(reward_hparams)
-        path = os.path.join(hparams.run.save_dir, "reward_model")
-    else:
+def reward_model_source(hparams: HParams, local_dir: str):
+    """The reward model to train against, as (TrainedModel, where it is saved): a saved one, or one trained now
+    into SAVE_DIR/reward_model (and loaded from the run's local directory `local_dir`)."""
+    if hparams.rewards.train_new_model is None:
         path = hparams.rewards.trained_model
-    return TrainedModel("reward_model", savedir=path, scope="reward_model")
+        return TrainedModel("reward_model", savedir=path, scope="reward_model"), path
+    reward_hparams = hparams.rewards.train_new_model
+    reward_hparams.run.save_dir = hparams.run.save_dir
+    train_reward.train(reward_hparams)
+    return (TrainedModel("reward_model", savedir=os.path.join(local_dir, "reward_model"), scope="reward_model"),
+            files.join(hparams.run.save_dir, "reward_model"))
+
+
+def saved_hparams(hparams: HParams, reward_model_path: str) -> HParams:
+    """What train_policy_hparams.json records: the run's hyperparameters with `rewards.trained_model` set to
+    the reward model actually used, also when it was trained first (as 2019 wrote it)."""
+    recorded = copy.deepcopy(hparams)
+    recorded.rewards.trained_model = reward_model_path
+    return recorded
 
 
 def train(hparams: HParams):
-    """PPO against the reward model (SPEC section 8); saves SAVE_DIR/policy and TensorBoard logs."""
+    """PPO against the reward model; saves SAVE_DIR/policy and TensorBoard logs in SAVE_DIR/tb/ppo.
+
+    SAVE_DIR may be a gs:// URL: the run is written to a local copy (`files.staging_dir`) and uploaded after
+    every checkpoint, the checkpoint state file last, so that a reader never sees half a checkpoint."""
     save_dir = hparams.run.save_dir
+    local_dir = files.staging_dir(save_dir)
     task = hparams.task
-    reward_model = reward_model_source(hparams)
+    batch_sizes(hparams.ppo, mpi.size())  # refuse sizes that cannot work before a reward model is trained
+    reward_model, reward_model_path = reward_model_source(hparams, local_dir)
     policy_model = TrainedModel(task.policy.initial_model)
     encoder = policy_model.encoding.get_encoder()
     with tf.Graph().as_default():
         trainer = PPOTrainer(hparams, policy_model, reward_model, encoder)
         if mpi.is_root():
-            os.makedirs(save_dir, exist_ok=True)
-            hparams.save_json(os.path.join(save_dir, "train_policy_hparams.json"))
-        logger = stats.StatsLogger(os.path.join(save_dir, "tb"))
+            os.makedirs(local_dir, exist_ok=True)
+            saved_hparams(hparams, reward_model_path).save_json(os.path.join(local_dir, "train_policy_hparams.json"))
+        logger = stats.StatsLogger(os.path.join(local_dir, "tb", "ppo"))
         query_batches = lm_tasks.query_batches(task, encoder, trainer.batch_per_rank, mode="train",
                                                seed=hparams.run.seed or 0)
+        saving = False
+
+        def save(step):
+            nonlocal saving
+            saving = True
+            trainer.save(local_dir, step)
+            if mpi.is_root():
+                files.sync_up(local_dir, save_dir)
+            saving = False
+
         start_time = last_time = time.time()
-        progress = stats.progress_bar(range(trainer.num_updates), "ppo")
-        for update_index in progress:
-            queries = next(query_batches)
-            update_stats, details = trainer.update(queries, update_index)
-            updates_done = update_index + 1
-            now = time.time()
-            update_time, last_time = now - last_time, now
-            update_stats.update({
-                "elapsed/updates": updates_done,
-                "elapsed/episodes": updates_done * hparams.ppo.batch_size,
-                # as in 2019, fps counts response tokens (all ranks) per second of the last update
-                "elapsed/fps": hparams.ppo.batch_size * task.response_length / update_time,
-                "elapsed/episodes_per_second": hparams.ppo.batch_size / update_time,
-                "elapsed/time": now - start_time,
-                **{f"time/{k}": v for k, v in details["timings"].items()},
-            })
-            logger.write(updates_done, update_stats)
-            stats.log(stats.compact_line(updates_done, update_stats, CONSOLE_KEYS, step_name="update"))
-            if updates_done % hparams.run.log_interval == 0 or updates_done == trainer.num_updates:
-                log_samples(encoder, queries, details)
-            if updates_done % hparams.run.save_interval == 0 and updates_done != trainer.num_updates:
-                trainer.save(save_dir, updates_done)
-        mpi.check_identical_across_ranks(trainer.sess, trainer.policy.get_params(), "policy")
-        trainer.save(save_dir, trainer.num_updates)
-        logger.close()
-        stats.log(f"saved the policy to {os.path.join(save_dir, 'policy')}")
+        updates_done = 0
+        try:
+            for update_index in stats.progress_bar(range(trainer.num_updates), "ppo"):
+                queries = next(query_batches)
+                update_stats, details = trainer.update(queries, update_index)
+                updates_done = update_index + 1
+                now = time.time()
+                update_time, last_time = now - last_time, now
+                update_stats.update({
+                    "elapsed/updates": updates_done,
+                    "elapsed/steps/serial": updates_done * task.response_length,  # tokens sampled one after another
+                    "elapsed/steps/total": updates_done * hparams.ppo.batch_size * task.response_length,
+                    "elapsed/episodes": updates_done * hparams.ppo.batch_size,
+                    # as in 2019, fps counts response tokens (all ranks) per second of the last update
+                    "elapsed/fps": hparams.ppo.batch_size * task.response_length / update_time,
+                    "elapsed/episodes_per_second": hparams.ppo.batch_size / update_time,
+                    "elapsed/time": now - start_time,
+                    **{f"time/{k}": v for k, v in details["timings"].items()},
+                })
+                logger.write(update_index, update_stats)  # TensorBoard steps start at 0, as in 2019
+                stats.log(stats.compact_line(updates_done, update_stats, CONSOLE_KEYS, step_name="update"))
+                if update_index % hparams.run.log_interval == 0:
+                    log_samples(encoder, queries, details)
+                if updates_done % hparams.run.save_interval == 0 and updates_done != trainer.num_updates:
+                    save(updates_done)
+            mpi.check_identical_across_ranks(trainer.sess, trainer.policy.get_params(), "policy")
+        except BaseException:
+            # As 2019 (a save in `finally`): a run that fails after training started keeps where it was. Not
+            # when saving itself failed: a second try would most likely fail the same way and hide the error.
+            if not saving:
+                stats.log(f"training stopped by an error after {updates_done} updates; saving a checkpoint")
+                save(updates_done)
+            raise
+        finally:
+            logger.close()
+        save(trainer.num_updates)
+        stats.log(f"saved the policy to {files.join(save_dir, 'policy')}")
         return trainer

@@ -1,5 +1,6 @@
 """Reward-model training from human preference labels (SPEC section 7): `./launch.py train_reward`."""
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -11,7 +12,7 @@ from lm_human_preferences import label_types, labeler, lm_tasks, rewards
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.utils import devices, hyperparams, mpi, stats, train_ops
+from lm_human_preferences.utils import devices, files, hyperparams, mpi, stats, train_ops
 from lm_human_preferences.utils.hyperparams import require
 
 
@@ -24,11 +25,12 @@ class RunHParams(hyperparams.HParams):
     judge: Optional[str] = None  # a synthetic judge whose true score of each rollout is logged as objective/judge
     xla: bool = False  # compile with XLA auto-clustering (see the README's Performance section)
     mixed_precision: bool = False  # compute the transformers in bfloat16 (float32 weights); a GPU speed switch
+    tf32: bool = False  # let float32 matrix products use TF32 on Ampere+ GPUs (off: true float32, as in 2019)
 
     def check(self, prefix):
-        require(self.save_dir is None or "://" not in self.save_dir,
-                f"{prefix}save_dir={self.save_dir!r}: runs are saved to a local directory (remote URLs are "
-                "read-only here); save locally, then copy it, e.g. with `gsutil -m cp -r`")
+        require(self.save_dir is None or "://" not in self.save_dir or self.save_dir.startswith("gs://"),
+                f"{prefix}save_dir={self.save_dir!r}: a run is saved to a local directory or a gs:// URL; "
+                "https:// locations are read-only")
 
 
 @dataclass
@@ -127,8 +129,9 @@ class RewardTraining:
         self.lr = tf.placeholder(tf.float32, [], name="lr")
         self.optimizer = train_ops.Optimizer(self.loss, self.reward_model.get_params(), self.lr,
                                              epsilon=1e-5)
-        self.saver = tf.train.Saver(self.reward_model.get_params(), max_to_keep=1)
-        self.sess = devices.new_session(xla=hparams.run.xla)
+        # Relative paths in the checkpoint state file, so that a moved or uploaded run still loads (as 2019).
+        self.saver = tf.train.Saver(self.reward_model.get_params(), max_to_keep=1, save_relative_paths=True)
+        self.sess = devices.new_session(xla=hparams.run.xla, tf32=hparams.run.tf32)
         self.sess.run(tf.global_variables_initializer())
         mpi.broadcast_variables(self.sess, tf.global_variables())
 
@@ -139,22 +142,33 @@ class RewardTraining:
         return raw, lm_tasks.postprocess_responses(raw, self.hparams.task, self.padding_token)
 
     def rewards_on_policy_samples(self, query_batches, count):
-        """Rewards of `count` fresh samples (all ranks together) of the initial policy, this rank's part."""
-        per_rank = mpi.exact_div(count, mpi.size(), "normalize_samples")
+        """This rank's rewards of the initial policy's raw samples (no truncation, no penalty, as 2019 scored
+        them for the normalisation): ceil(count / rollout_batch_size) whole rollout batches over all ranks, so
+        that count is rounded up to a multiple of rollout_batch_size (512 samples where 256 are asked for with
+        a batch of 512, as in the 2019 book tasks)."""
         rewards_seen = []
-        while sum(map(len, rewards_seen)) < per_rank:
+        for _ in range(math.ceil(count / self.hparams.rollout_batch_size)):
             queries = next(query_batches)
-            _, responses = self.sample(queries)
-            rewards_seen.append(self.sess.run(self.rewards, {self.queries: queries, self.responses: responses}))
-        return np.concatenate(rewards_seen)[:per_rank]
+            raw, _ = self.sample(queries)
+            rewards_seen.append(self.sess.run(self.rewards, {self.queries: queries, self.responses: raw}))
+        return np.concatenate(rewards_seen)
 
     def normalize(self, query_batches, target_mean, target_std, when):
+        """Set gain and bias so that rewards of fresh initial-policy samples have the target mean and std. As in
+        2019 the scale is reset first (gain 1, bias 0), so the result does not depend on where it started; then
+        `debug_normalize` fresh samples report what was reached."""
+        self.reward_model.reset_reward_scale(self.sess)
         samples = self.rewards_on_policy_samples(query_batches, self.hparams.normalize_samples)
         mean, std = rewards.mean_and_std_over_ranks(samples)
         self.reward_model.set_reward_norm(self.sess, measured_mean=mean, measured_std=std,
                                           target_mean=target_mean, target_std=target_std)
-        stats.log(f"rewards {when}: mean {mean:.4f} ± std {std:.4f} on {self.hparams.normalize_samples} policy "
-            f"samples; normalised to mean {target_mean:.4f}, std {target_std:.4f}")
+        stats.log(f"rewards {when}: mean {mean:.4f} ± std {std:.4f} on {len(samples) * mpi.size()} policy samples; "
+                  f"normalised to mean {target_mean:.4f}, std {target_std:.4f}")
+        if self.hparams.debug_normalize:
+            fresh = self.rewards_on_policy_samples(query_batches, self.hparams.debug_normalize)
+            mean, std = rewards.mean_and_std_over_ranks(fresh)
+            stats.log(f"after normalising {when}: mean {mean:.4f} ± std {std:.4f} on {len(fresh) * mpi.size()} "
+                      f"fresh policy samples")
 
     # -- optimisation
     def feed(self, labels, ids):
@@ -181,21 +195,24 @@ class RewardTraining:
         weighted = mpi.allreduce_mean(np.array([seen] + [totals.get(k, 0.0) for k in sorted(totals)], np.float64))
         return {name: weighted[i + 1] / max(weighted[0], 1e-12) for i, name in enumerate(sorted(totals))}
 
-    def save(self, save_dir, step):
+    def save(self, save_dir):
+        """SAVE_DIR/reward_model/checkpoints/model.ckpt, without a step suffix as 2019 (rank 0; local save_dir)."""
         if mpi.is_root():
             model = self.reward_model
             trained_models.save_model(self.sess, self.saver, os.path.join(save_dir, "reward_model"),
-                                      model.model_hparams, model.trained_model.encoding.name, step)
+                                      model.model_hparams, model.trained_model.encoding.name, step=None)
 
 
-def load_or_make_labels(hparams: HParams, training: "RewardTraining", label_type, encoding, encoder):
-    """The label set: read and validated from `labels.source`, or made by the synthetic judge (demo)."""
+def load_or_make_labels(hparams: HParams, training: "RewardTraining", label_type, encoding, encoder,
+                        local_dir: str = None):
+    """The label set: read and validated from `labels.source`, or made by the synthetic judge (demo) and
+    written to `local_dir`/labels.json (the run's local directory)."""
     task = hparams.task
     if hparams.labels.source is not None:
         return label_types.load_labels(hparams.labels.source, label_type, query_length=task.query_length,
                                        response_length=task.response_length, encoding=encoding)
     count = hparams.labels.num_train + hparams.labels.num_valid
-    path = os.path.join(hparams.run.save_dir, "labels.json")
+    path = os.path.join(local_dir, "labels.json")
     if mpi.is_root():
         records = make_synthetic_labels(training, label_type, hparams, encoder, count)
         labeler.write_label_file(path, records)
@@ -214,9 +231,15 @@ def make_synthetic_labels(training: "RewardTraining", label_type, hparams: HPara
                                  hparams.labels.judge_temperature, np.random.RandomState(hparams.run.seed or 0))
 
 
+# TensorBoard tags as 2019 wrote them (train_reward/minibatch/...), and our learning rate and held-out metrics.
+TRAIN_TAG, VALID_TAG = "train_reward/minibatch/", "train_reward/valid/"
+
+
 def train(hparams: HParams):
-    """Train a reward model as SPEC section 7 describes and save it to SAVE_DIR/reward_model."""
+    """Train a reward model from preference labels and save it to SAVE_DIR/reward_model, with TensorBoard logs
+    in SAVE_DIR/tb/reward_model. SAVE_DIR may be a gs:// URL (written locally, uploaded at the end)."""
     save_dir = hparams.run.save_dir
+    local_dir = files.staging_dir(save_dir)
     task = hparams.task
     label_type = label_types.get(hparams.labels.type)
     num_steps = hparams.labels.num_train // hparams.batch_size  # exact: checked by HParams.check
@@ -231,14 +254,15 @@ def train(hparams: HParams):
     with graph.as_default():
         training = RewardTraining(hparams, trained_model, encoder, label_type)
         if mpi.is_root():
-            os.makedirs(save_dir, exist_ok=True)
-            hparams.save_json(os.path.join(save_dir, "train_reward_hparams.json"))
+            os.makedirs(local_dir, exist_ok=True)
+            hparams.save_json(os.path.join(local_dir, "train_reward_hparams.json"))
         if split is None:
-            split = split_labels(load_or_make_labels(hparams, training, label_type, encoding, encoder), hparams)
+            split = split_labels(load_or_make_labels(hparams, training, label_type, encoding, encoder, local_dir),
+                                 hparams)
         train_labels, valid_labels = split
         query_batches = lm_tasks.query_batches(task, encoder, training.rollout_per_rank, mode="train",
                                                seed=hparams.run.seed or 0)
-        logger = stats.StatsLogger(os.path.join(save_dir, "tb"))
+        logger = stats.StatsLogger(os.path.join(local_dir, "tb", "reward_model"))
 
         if hparams.normalize_before:
             scales = label_type.target_scales(train_labels)
@@ -251,25 +275,23 @@ def train(hparams: HParams):
             lr = hparams.lr * (1 - step / num_steps)  # linear decay to 0 over the pass
             global_ids = np.arange(step * hparams.batch_size, (step + 1) * hparams.batch_size)
             rank_ids = global_ids[mpi.rank()::mpi.size()]  # this rank's share of the global batch
-            record = {f"train/{k}": v for k, v in training.train_step(train_labels, rank_ids, lr).items()}
-            record["train/lr"] = lr
+            record = {TRAIN_TAG + k: v for k, v in training.train_step(train_labels, rank_ids, lr).items()}
+            record["train_reward/lr"] = lr
             last = step == num_steps - 1
             if hparams.labels.num_valid and (last or (step + 1) % hparams.run.log_interval == 0):
-                record.update({f"valid/{k}": v for k, v in training.evaluate(valid_labels).items()})
-            record = logger.record(step + 1, record)  # averaged over ranks (collective), written on rank 0
+                record.update({VALID_TAG + k: v for k, v in training.evaluate(valid_labels).items()})
+            record = logger.record(step, record)  # averaged over ranks (collective); steps start at 0 as in 2019
             if last or (step + 1) % hparams.run.log_interval == 0:
                 stats.log(stats.compact_line(step + 1, record, sorted(record), step_name="reward model step"))
-            progress.set_postfix({k.split("/", 1)[1] + ("" if k.startswith("train") else "(valid)"): f"{v:.3f}"
-                                  for k, v in record.items() if k != "train/lr"})
+            progress.set_postfix({k.rsplit("/", 1)[1] + ("(valid)" if k.startswith(VALID_TAG) else ""): f"{v:.3f}"
+                                  for k, v in record.items() if k.startswith((TRAIN_TAG + "loss", VALID_TAG))})
 
         if hparams.normalize_after:
             training.normalize(query_batches, 0.0, 1.0, "after training")
-        if hparams.debug_normalize:
-            mean, std = rewards.mean_and_std_over_ranks(
-                training.rewards_on_policy_samples(query_batches, hparams.debug_normalize))
-            stats.log(f"rewards on {hparams.debug_normalize} fresh samples: mean {mean:.4f} ± std {std:.4f}")
         mpi.check_identical_across_ranks(training.sess, training.reward_model.get_params(), "reward_model")
-        training.save(save_dir, num_steps)
+        training.save(local_dir)
         logger.close()
-        stats.log(f"saved the reward model to {os.path.join(save_dir, 'reward_model')}")
+        if mpi.is_root():
+            files.sync_up(local_dir, save_dir)
+        stats.log(f"saved the reward model to {files.join(save_dir, 'reward_model')}")
         return training

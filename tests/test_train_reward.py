@@ -72,8 +72,9 @@ def reward_hparams(tmp_path, labels_path, label_type="best_of_4", **overrides):
 
 def final_validation(save_dir):
     from lm_human_preferences.utils import stats
-    scalars = stats.read_scalars(os.path.join(save_dir, "tb"))
-    return {tag: values[-1][1] for tag, values in scalars.items() if tag.startswith("valid/")}
+    scalars = stats.read_scalars(os.path.join(save_dir, "tb", "reward_model"))
+    return {tag[len("train_reward/"):]: values[-1][1] for tag, values in scalars.items()
+            if tag.startswith("train_reward/valid/")}
 
 
 def test_best_of_4_learns_the_hidden_rule(tmp_path):
@@ -164,11 +165,14 @@ def test_save_then_reload_gives_the_same_rewards(tmp_path):
     responses = rng.randint(0, 28, (6, RESPONSE_LENGTH)).astype(np.int32)  # 27 = padding
     with training.sess.graph.as_default():
         live = training.sess.run(training.rewards, {training.queries: queries, training.responses: responses})
-    reloaded = saved_rewards(os.path.join(hparams.run.save_dir, "reward_model"), queries, responses)
-    np.testing.assert_allclose(reloaded, live, rtol=1e-5, atol=1e-5)
     for name in ("train_reward_hparams.json", "reward_model/hparams.json", "reward_model/encoding",
-                 "reward_model/checkpoints/checkpoint"):
+                 "reward_model/checkpoints/checkpoint", "reward_model/checkpoints/model.ckpt.index"):
         assert os.path.exists(os.path.join(hparams.run.save_dir, name)), name
+    # the state file names the checkpoint relative to its directory: a moved run still loads
+    moved = str(tmp_path / "moved")
+    os.rename(hparams.run.save_dir, moved)
+    reloaded = saved_rewards(os.path.join(moved, "reward_model"), queries, responses)
+    np.testing.assert_allclose(reloaded, live, rtol=1e-5, atol=1e-5)
 
 
 def checkpoint_values(save_dir):
@@ -192,3 +196,83 @@ def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path):
     assert one.keys() == two.keys() and any("reward_norm" in k for k in one)
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+# ----- normalisation and logs as 2019 ---------------------------------------------------------------------------
+
+def test_normalisation_scores_raw_samples_in_whole_rollout_batches(tmp_path):
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
+    hparams = reward_hparams(tmp_path, labels, **{"labels.num_train": 32, "labels.num_valid": 0,
+                                                  "task.truncate_token": E, "task.truncate_after": 1,
+                                                  "rollout_batch_size": 32})
+    encoder = TrainedModel("demo").encoding.get_encoder()
+    training = train_reward.RewardTraining(hparams, TrainedModel("demo"), encoder, train_reward.label_types.get(
+        "best_of_4"))
+    training.sess.run(training.reward_model.gain.assign(3.0))  # a scale that makes truncation visible
+    sampled = []
+    real_sample = training.sample
+    training.sample = lambda queries: sampled.append((queries, *real_sample(queries))) or sampled[-1][1:]
+    query_batches = lm_tasks.query_batches(hparams.task, encoder, 32, mode="train", seed=3, rank=0, size=1)
+    got = training.rewards_on_policy_samples(query_batches, 40)  # 40 asked with batches of 32: 2 whole batches
+    assert len(sampled) == 2 and got.shape == (64,)
+    queries = np.concatenate([q for q, _, _ in sampled])
+    raw = np.concatenate([r for _, r, _ in sampled])
+    cut = np.concatenate([c for _, _, c in sampled])
+    assert not np.array_equal(raw, cut)
+    on_raw = training.sess.run(training.rewards, {training.queries: queries, training.responses: raw})
+    on_cut = training.sess.run(training.rewards, {training.queries: queries, training.responses: cut})
+    np.testing.assert_allclose(got, on_raw, rtol=1e-5)
+    assert not np.allclose(got, on_cut)
+
+
+def test_normalisation_starts_from_a_reset_scale_and_reports_each_result(tmp_path, capsys):
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
+    hparams = reward_hparams(tmp_path, labels, **{
+        "labels.num_train": 32, "labels.num_valid": 0, "normalize_samples": 256, "rollout_batch_size": 64,
+        "debug_normalize": 64})
+    encoder = TrainedModel("demo").encoding.get_encoder()
+    training = train_reward.RewardTraining(hparams, TrainedModel("demo"), encoder,
+                                           train_reward.label_types.get("best_of_4"))
+    model = training.reward_model
+    training.sess.run([model.gain.assign(-4.0), model.bias.assign(7.0)])  # far from 1 and 0, and negative
+    query_batches = lm_tasks.query_batches(hparams.task, encoder, 64, mode="train", seed=1, rank=0, size=1)
+    training.normalize(query_batches, 0.5, 2.0, "before training")
+    gain, bias = training.sess.run([model.gain, model.bias])
+    assert gain > 0, gain  # as 2019: the raw reward's scale is measured, whatever the scale was
+    # measured independently: rewards of fresh samples, with plain numpy
+    fresh = [training.sess.run(training.rewards, {training.queries: q, training.responses: training.sample(q)[0]})
+             for q in (next(query_batches) for _ in range(16))]
+    fresh = np.concatenate(fresh)
+    assert abs(fresh.mean() - 0.5) < 0.25 and abs(fresh.std() - 2.0) < 0.25, (fresh.mean(), fresh.std())
+    printed = capsys.readouterr().out
+    assert "after normalising before training: mean" in printed and "on 64 fresh policy samples" in printed
+
+
+def test_debug_normalize_follows_each_normalisation(tmp_path, capsys):
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
+    hparams = reward_hparams(tmp_path, labels, **{
+        "labels.num_train": 32, "labels.num_valid": 0, "normalize_before": True, "normalize_after": True,
+        "normalize_samples": 64, "rollout_batch_size": 32, "debug_normalize": 32})
+    train_reward.train(hparams)
+    printed = capsys.readouterr().out
+    assert printed.index("rewards before training") < printed.index("after normalising before training") \
+        < printed.index("rewards after training") < printed.index("after normalising after training"), printed
+
+
+@pytest.mark.parametrize("label_type, tags", [
+    ("best_of_4", ["loss", "error", "accuracy"]),
+    ("scalar_rating", ["loss", "error", "label_mean", "label_var", "corr"]),
+])
+def test_reward_training_logs_the_2019_tags_from_step_0(tmp_path, label_type, tags):
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels(label_type, 64))
+    hparams = reward_hparams(tmp_path, labels, label_type=label_type,
+                             **{"labels.num_train": 32, "labels.num_valid": 16, "batch_size": 8})
+    train_reward.train(hparams)
+    from lm_human_preferences.utils import stats
+    assert os.listdir(os.path.join(hparams.run.save_dir, "tb")) == ["reward_model"]
+    events = stats.read_scalars(os.path.join(hparams.run.save_dir, "tb", "reward_model"))
+    for tag in tags:
+        assert [step for step, _ in events[f"train_reward/minibatch/{tag}"]] == [0, 1, 2, 3], tag
+    np.testing.assert_array_equal(events["train_reward/minibatch/error"], events["train_reward/minibatch/loss"])
+    np.testing.assert_allclose([v for _, v in events["train_reward/lr"]], [2e-3 * (1 - i / 4) for i in range(4)])
+    assert [step for step, _ in events["train_reward/valid/loss"]] == [3]  # the held-out set, at the end

@@ -64,8 +64,10 @@ def write_model_files(model_dir, hparams: HParams, encoding_name: str):
     files.write_text_atomic(os.path.join(model_dir, "encoding"), json.dumps(encoding_name) + "\n")
 
 
-def save_model(sess, saver, model_dir, hparams: HParams, encoding_name: str, step: int):
-    """Save a model in the run layout (SPEC 3): hparams.json, encoding, checkpoints/model.ckpt-STEP."""
+def save_model(sess, saver, model_dir, hparams: HParams, encoding_name: str, step: Optional[int]):
+    """Save a model in the run layout: hparams.json, encoding, checkpoints/model.ckpt-STEP (or model.ckpt when
+    step is None, as 2019 saved reward models). Make `saver` with save_relative_paths=True so that the run
+    directory can be moved."""
     write_model_files(model_dir, hparams, encoding_name)
     saver.save(sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
 
