@@ -299,3 +299,25 @@ def test_samples_are_printed_truncated_with_their_total(tmp_path, letter_e_rewar
         total = details["scores"][i] - 0.5 * details["kl"][i]
         assert f"response: {encoder.decode(cut[i])!r}\n  score = {details['scores'][i]:+.3f}\n" \
                f"  kl = {details['kl'][i]:+.3f}\n  total = {total:+.3f}" in printed
+
+
+def test_a_gs_save_directory_holds_the_whole_run_and_samples_from_there(tmp_path, gcs_bucket, monkeypatch):
+    """2019 saved runs to gs://: written locally, uploaded after each save (a real Cloud Storage emulator)."""
+    monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "cache"))
+    save_dir = test_run(f"{gcs_bucket}/runs", **{"ppo.total_episodes": 16, "run.save_interval": 1})
+    assert save_dir == f"{gcs_bucket}/runs/run"
+    from google.cloud import storage
+    names = {blob.name for blob in storage.Client.create_anonymous_client().list_blobs(gcs_bucket[len("gs://"):])}
+    for name in ("train_policy_hparams.json", "train_reward_hparams.json", "labels.json", "reward_model/encoding",
+                 "reward_model/checkpoints/checkpoint", "reward_model/checkpoints/model.ckpt.index",
+                 "policy/hparams.json", "policy/checkpoints/checkpoint", "policy/checkpoints/model.ckpt-2.index"):
+        assert f"runs/run/{name}" in names, (name, sorted(names))
+    assert any(name.startswith("runs/run/tb/ppo/events") for name in names)
+    assert not any(name.endswith(".gcs-sync.json") for name in names)
+    # a fresh machine (empty cache) samples from the bucket
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", LMHP_CACHE_DIR=str(tmp_path / "other_cache"))
+    result = subprocess.run([sys.executable, "sample.py", "sample", "--save_dir", save_dir, "--nsamples", "2"],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.count("=" * 80 + "\n") == 2
