@@ -50,12 +50,13 @@ class Policy:
         return tf.trainable_variables(self.scope + "/")
 
     # ----- graph builders --------------------------------------------------------------------------------------
-    def respond_op(self, queries, length):
+    def respond_op(self, queries, length, seed=None):
         """Sample `length` tokens after each query [b, query_length] at the policy's temperature.
-        Returns responses [b, length] (int32), logprobs [b, length] and values [b, length]."""
+        Returns responses [b, length] (int32), logprobs [b, length] and values [b, length]. `seed`: see
+        `sample.sample_sequence` (an int tensor [2] makes the sample a function of the seed alone)."""
         result = sample.sample_sequence(self.model, length=length, context=self.embed_queries(queries),
                                         temperature=self.temperature, padding_token=self.padding_token,
-                                        extra_outputs={"values": "value"})
+                                        extra_outputs={"values": "value"}, seed=seed)
         return {"responses": result["tokens"], "logprobs": result["logprobs"], "values": result["values"]}
 
     def analyze_responses_op(self, queries, responses):

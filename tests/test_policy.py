@@ -112,3 +112,28 @@ def test_errors():
             policy.analyze_responses(QUERIES, RESPONSES[0])
         with pytest.raises(ValueError, match="3 queries but 2 responses"):
             policy.analyze_responses(QUERIES, RESPONSES[:2])
+
+
+def test_a_stateless_seed_makes_the_sample_a_function_of_the_seed_alone():
+    """What resuming a run needs: the same seed gives the same tokens whatever ran before, in a new graph too."""
+    def sample_with(seeds, warm_up_draws):
+        with tf.Graph().as_default():
+            policy = Policy(TrainedModel("test"), scope="policy", temperature=1.0, embed_queries=embed_queries)
+            queries = tf.constant(np.repeat(QUERIES, 8, axis=0))
+            seed = tf.placeholder(tf.int64, [2])
+            rollout = policy.respond_op(queries, 4, seed=seed)
+            unseeded = policy.respond_op(queries, 4)
+            with tf.Session() as sess:
+                sess.run(tf.global_variables_initializer())
+                randomize(sess, policy.get_params())
+                for _ in range(warm_up_draws):  # other random ops ran before: no effect on the seeded sample
+                    sess.run(unseeded["responses"])
+                return [sess.run(rollout, {seed: s}) for s in seeds]
+
+    first = sample_with([(1, 5), (1, 6)], warm_up_draws=0)
+    again = sample_with([(1, 5)], warm_up_draws=3)
+    np.testing.assert_array_equal(first[0]["responses"], again[0]["responses"])
+    np.testing.assert_allclose(first[0]["logprobs"], again[0]["logprobs"], rtol=1e-6)
+    assert not np.array_equal(first[0]["responses"], first[1]["responses"])  # another seed, another sample
+    tokens = first[0]["responses"]
+    assert len({tuple(row) for row in tokens}) > 3, tokens  # rows and positions still vary within a sample

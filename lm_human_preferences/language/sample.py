@@ -63,7 +63,11 @@ def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: in
 
     extra_outputs: {result key: model output}, e.g. {"values": "value"}: the model output at the position
         whose logits produced each sampled token.
-    seed: op-level seed of the sampling op (with the graph seed, it makes sampling repeatable).
+    seed: None (TensorFlow's stateful random numbers), an int (the op-level seed of the stateful sampling op,
+        which with the graph seed makes a sequence of runs repeatable), or an int tensor [2] — a stateless
+        seed: the tokens then depend only on the seed and the inputs, not on what ran before, so a resumed run
+        samples exactly what the uninterrupted run would have (the trainers derive it from run seed, rank and
+        update index).
 
     Returns a dict: `tokens` [b, length], `logprobs` [b, length] and one [b, length] tensor per extra output.
     """
@@ -74,7 +78,11 @@ def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: in
     context = tf.convert_to_tensor(context, dtype=tf.int32)
     batch_size = context.shape.as_list()[0]  # static or None
 
-    def choose(logits):
+    stateless = seed is not None and not isinstance(seed, int)
+    if stateless:
+        seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)  # [2]
+
+    def choose(logits, step):
         """logits [b, V] -> sampled tokens [b] and their log-probabilities [b] at this temperature."""
         scaled = logits / temperature
         filtered = scaled
@@ -82,7 +90,11 @@ def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: in
             filtered = take_top_k(filtered, top_k)
         if top_p < 1:
             filtered = take_top_p(filtered, top_p)
-        tokens = tf.random.categorical(filtered, 1, dtype=tf.int32, seed=seed)[:, 0]
+        if stateless:  # a seed of its own for each token position
+            step_seed = seed + tf.stack([tf.constant(0, tf.int64), tf.cast(step, tf.int64) * 7919])
+            tokens = tf.random.stateless_categorical(filtered, 1, seed=step_seed, dtype=tf.int32)[:, 0]
+        else:
+            tokens = tf.random.categorical(filtered, 1, dtype=tf.int32, seed=seed)[:, 0]
         return tokens, logprobs_of(tf.nn.log_softmax(scaled), tokens)
 
     def step_outputs(output):
@@ -94,7 +106,7 @@ def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: in
         logits, extras = step_outputs(first)
 
         def body(i, past, past_tokens, logits, extras, token_array, logprob_array, extra_arrays):
-            tokens, logprobs = choose(logits)
+            tokens, logprobs = choose(logits, i)
             token_array, logprob_array = token_array.write(i, tokens), logprob_array.write(i, logprobs)
             extra_arrays = {key: extra_arrays[key].write(i, extras[key]) for key in extra_outputs}
             output = model(tokens[:, None], past=past, past_tokens=past_tokens, padding_token=padding_token,
@@ -116,7 +128,7 @@ def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: in
         i, _, _, logits, extras, token_array, logprob_array, extra_arrays = tf.while_loop(
             cond=lambda i, *_: i < length - 1, body=body, loop_vars=loop_vars, shape_invariants=invariants,
             maximum_iterations=length - 1, back_prop=False)
-        tokens, logprobs = choose(logits)
+        tokens, logprobs = choose(logits, i)
         results = {"tokens": token_array.write(i, tokens), "logprobs": logprob_array.write(i, logprobs),
                    **{key: extra_arrays[key].write(i, extras[key]) for key in extra_outputs}}
         # [length, b] -> [b, length]; nothing flows back through sampling.
