@@ -1,13 +1,29 @@
-"""The registry of named experiments: the paper's settings (SPEC section 9), `test` and `demo`.
+"""The registry of named experiments: the paper's settings, `test` and `demo`, and sweeps over them.
 
 An experiment is a list of bindings, (dotted hyperparameter name, value) pairs, built from small groups:
 `bind` one value, `combine` groups, `nest` a group under a prefix (the reward experiment sits under
 `rewards.train_new_model` inside a policy experiment). Later bindings override earlier ones, so a group can
 be reshaped by appending to it, and command-line overrides are applied after all of them.
+
+Sweeps (the 2019 registry's `combos`). `sweep(name, values)` binds one hyperparameter to several values; an
+experiment holding sweeps is a list of trials, one per combination of the swept values (the cross product
+of all its sweeps, in the order they were first bound), and `trials` lists them. Like any binding, a sweep
+composes with `combine` and `nest`, and a later binding of the same name replaces it (a later sweep, or a
+single value, which collapses the sweep); so does a command-line override of a swept name.
+
+Each trial has a descriptor that names its directory: it is saved under SAVE_DIR/NAME/DESCRIPTOR, while an
+experiment without sweeps (one trial, descriptor "") saves to SAVE_DIR/NAME. The descriptor joins, with
+"-", one part per sweep: the sweep's key (by default the last component of the swept name) followed by the
+value, e.g. `seed1`, or `seed2-lr1e-05` for a sweep of run.seed crossed with one of lr. Values are written
+as the command line would take them (floats by Python's shortest repr, `true`/`false`, `none`), with any
+character outside letters, digits and `._+-` replaced by `_`, so a descriptor is one safe directory name.
 """
 
+import dataclasses
 import difflib
-from typing import Any, Dict, List, Tuple
+import itertools
+import re
+from typing import Any, Collection, Dict, List, Tuple
 
 Bindings = List[Tuple[str, Any]]
 
@@ -27,8 +43,79 @@ def nest(prefix: str, group: Bindings) -> Bindings:
 
 
 def resolve(group: Bindings) -> Dict[str, Any]:
-    """Flatten to {dotted name: value}, later bindings winning."""
+    """Flatten to {dotted name: value}, later bindings winning (a swept name maps to its `Sweep`)."""
     return dict(group)
+
+
+# ----- sweeps ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """The value of a swept binding: one trial per value."""
+    values: Tuple[Any, ...]
+    key: str  # the descriptor's prefix for this sweep, e.g. "seed" in `seed1`
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One combination of an experiment's swept values."""
+    descriptor: str  # its directory under SAVE_DIR/NAME; "" when the experiment has no sweep
+    swept: Dict[str, Any]  # {swept name: this trial's value}
+    bindings: Dict[str, Any]  # every binding of the trial, resolved
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def describe(value: Any) -> str:
+    """A swept value as it appears in a descriptor: `1`, `1e-05`, `true`, `none`; filesystem-safe."""
+    if value is None or isinstance(value, bool):
+        text = str(value).lower()
+    else:
+        text = repr(value) if isinstance(value, float) else str(value)
+    return _UNSAFE.sub("_", text)
+
+
+def sweep(name: str, values, *, key: str = None) -> Bindings:
+    """Bind `name` to each of `values` in turn: one trial per value (crossed with the other sweeps).
+
+    `key` starts the value's part of the descriptor; it defaults to the last component of `name`
+    (`sweep("run.seed", [1, 2])` gives trials `seed1` and `seed2`).
+    """
+    values = tuple(values)
+    key = name.rsplit(".", 1)[-1] if key is None else key
+    if not values:
+        raise ValueError(f"sweep of {name}: no values given; expected at least one")
+    if _UNSAFE.search(key):
+        raise ValueError(f"sweep of {name}: key {key!r} must hold only letters, digits and ._+-")
+    parts = [key + describe(value) for value in values]
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"sweep of {name}: values {list(values)} give repeated descriptors {parts}")
+    return [(name, Sweep(values, key))]
+
+
+def trials(group: Bindings, fixed: Collection[str] = ()) -> List[Trial]:
+    """The trials of an experiment: one per combination of its swept values, in order.
+
+    Names in `fixed` (the command-line overrides) are not swept: the override gives their one value, so
+    their bindings are left out here.
+    """
+    resolved = {name: value for name, value in resolve(group).items()
+                if not (isinstance(value, Sweep) and name in fixed)}
+    swept = [(name, value) for name, value in resolved.items() if isinstance(value, Sweep)]
+    result = []
+    for combination in itertools.product(*(value.values for _, value in swept)):
+        parts = [value.key + describe(choice) for (_, value), choice in zip(swept, combination)]
+        chosen = {name: choice for (name, _), choice in zip(swept, combination)}
+        bindings = {name: chosen.get(name, value) for name, value in resolved.items()}
+        result.append(Trial("-".join(parts), chosen, bindings))
+    descriptors = [trial.descriptor for trial in result]
+    repeated = sorted({d for d in descriptors if descriptors.count(d) > 1})
+    if repeated:
+        keys = ", ".join(f"{name} (key {value.key!r})" for name, value in swept)
+        raise ValueError(f"sweeps of {keys} give trials with the same descriptor {repeated}; "
+                         f"give the sweeps distinct keys: sweep(name, values, key=...)")
+    return result
 
 
 # ----- tasks ---------------------------------------------------------------------------------------------------
@@ -156,6 +243,8 @@ REWARD_EXPERIMENTS: Dict[str, Bindings] = {
         bind("run.seed", 1),
     ),
 }
+# Two seeds of `test`: a sweep small enough to run in seconds (tests, and a first try of sweeps).
+REWARD_EXPERIMENTS["test_seeds"] = combine(REWARD_EXPERIMENTS["test"], sweep("run.seed", [1, 2]))
 
 # ----- policy experiments (train_policy) ------------------------------------------------------------------------
 
@@ -208,11 +297,18 @@ POLICY_EXPERIMENTS: Dict[str, Bindings] = {
                     bind("run.judge", "letter_e")),  # log the judge's true score of every rollout
 }
 
+# Seeds vary widely in the paper's runs (its curves average 10 of them): the same experiment with seeds 1, 2
+# and 3, each trial in SAVE_DIR/NAME/seedN. Each trial trains its own reward model (seed 1, the nested
+# experiment's); to share one, add --rewards.train_new_model off --rewards.trained_model PATH.
+POLICY_EXPERIMENTS["descriptiveness_seeds"] = combine(POLICY_EXPERIMENTS["descriptiveness"],
+                                                      sweep("run.seed", [1, 2, 3]))
+POLICY_EXPERIMENTS["test_seeds"] = combine(POLICY_EXPERIMENTS["test"], sweep("run.seed", [1, 2]))
+
 EXPERIMENTS = {"train_reward": REWARD_EXPERIMENTS, "train_policy": POLICY_EXPERIMENTS}
 
 
-def get(command: str, name: str) -> Dict[str, Any]:
-    """The resolved bindings of experiment `name` for `command`; unknown names list the known ones."""
+def lookup(command: str, name: str) -> Bindings:
+    """The bindings of experiment `name` for `command` (sweeps unexpanded); unknown names list the known ones."""
     if command not in EXPERIMENTS:
         raise ValueError(f"unknown command {command!r}; known commands: {', '.join(EXPERIMENTS)}")
     registry = EXPERIMENTS[command]
@@ -221,4 +317,14 @@ def get(command: str, name: str) -> Dict[str, Any]:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ValueError(f"unknown {command} experiment {name!r}{hint}; "
                          f"known experiments: {', '.join(sorted(registry))}")
-    return resolve(registry[name])
+    return registry[name]
+
+
+def get(command: str, name: str) -> Dict[str, Any]:
+    """The resolved bindings of experiment `name`, which must be a single trial (not a sweep)."""
+    found = trials(lookup(command, name))
+    if len(found) > 1:
+        swept = ", ".join(found[0].swept)
+        raise ValueError(f"{command} experiment {name!r} is a sweep of {len(found)} trials (over {swept}); "
+                         f"pick one trial by overriding {swept}")
+    return found[0].bindings
