@@ -1,15 +1,27 @@
 #!/usr/bin/env python3
 """Train reward models and policies from human preferences.
 
-    ./launch.py train_reward EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--some.hparam VALUE ...]
-    ./launch.py train_policy EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--some.hparam VALUE ...]
+    ./launch.py train_reward EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--trials_in_parallel]
+                                             [--some.hparam VALUE ...]
+    ./launch.py train_policy EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--trials_in_parallel]
+                                             [--some.hparam VALUE ...]
     ./launch.py demo [NAME] [--save_dir DIR] [--some.hparam VALUE ...]   the offline demo, with a report
     ./launch.py label EXPERIMENT OUTPUT.json --count N --judge letter_e [--temperature T] [--label_type best_of_4]
-    ./launch.py experiments          list the registered experiments
+    ./launch.py experiments          list the registered experiments, and which are sweeps
 
-Outputs go to SAVE_DIR/NAME (default /tmp/save/train_reward or /tmp/save/train_policy).
-`--dry_run` prints every hyperparameter with its resolved value. A hyperparameter flag without a value
-means true (`--normalize_before`); optional groups take on/off (`--rewards.adaptive_kl off`).
+Outputs go to SAVE_DIR/NAME (default /tmp/save/train_reward or /tmp/save/train_policy). An experiment that is
+a sweep (e.g. descriptiveness_seeds: run.seed 1, 2, 3) is several trials, each saved to
+SAVE_DIR/NAME/DESCRIPTOR (seed1, seed2, ...); they run one after another, or all at once, one process and
+one GPU each, with --trials_in_parallel. Overrides apply to every trial; overriding a swept hyperparameter
+leaves that one value.
+
+`--dry_run` prints every hyperparameter with its resolved value (for a sweep, every trial's). A
+hyperparameter flag without a value means true (`--normalize_before`); optional groups take on/off
+(`--rewards.adaptive_kl off`).
+
+`--mpi N` runs each trial on N MPI ranks; without it, one rank per visible GPU (1 without GPUs). Started
+by an outer launcher (`mpirun -np 8 ./launch.py ...`, srun), launch.py starts no ranks of its own: each
+process runs its rank of the job.
 """
 
 import os
@@ -31,7 +43,8 @@ from lm_human_preferences import experiments, launcher  # noqa: E402
 # Python string literal, which fire evaluates back to exactly the text typed. (fire's own way, its
 # SetParseFn decorators, lists a bogus FIRE_METADATA group in every --help.)
 
-_OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "count", "judge", "temperature", "label_type", "seed"}
+_OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "trials_in_parallel", "notrials_in_parallel", "count",
+              "judge", "temperature", "label_type", "seed"}
 # fire's help offers these short forms, but with **overrides in the signature fire takes `-m` for a
 # hyperparameter named m; so they are spelled out here.
 _SHORT_FLAGS = {"-m": "--mpi", "-s": "--save_dir", "-d": "--dry_run"}
@@ -73,7 +86,10 @@ def prepare_argv(argv: List[str]) -> List[str]:
     return prepared + fire_flags
 
 
-def _positive_int(value) -> int:
+def _positive_int(value):
+    """--mpi's value: a positive int, or None when not given."""
+    if value is None:
+        return None
     try:
         number = int(value) if not isinstance(value, bool) else 0
     except ValueError:
@@ -96,16 +112,18 @@ def _flag(value, what: str) -> bool:
 
 # ----- commands --------------------------------------------------------------------------------------------------
 
-def train_reward(experiment, name, mpi=1, save_dir=None, dry_run=False, **overrides):
-    """Train a reward model from preference labels (SPEC section 7)."""
+def train_reward(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, **overrides):
+    """Train a reward model from preference labels."""
     launcher.launch("train_reward", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
-                    dry_run=_flag(dry_run, "dry_run"), overrides=overrides)
+                    dry_run=_flag(dry_run, "dry_run"),
+                    trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
 
 
-def train_policy(experiment, name, mpi=1, save_dir=None, dry_run=False, **overrides):
-    """Fine-tune a policy with PPO against a reward model (SPEC section 8)."""
+def train_policy(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, **overrides):
+    """Fine-tune a policy with PPO against a reward model (trained first, unless --rewards.trained_model)."""
     launcher.launch("train_policy", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
-                    dry_run=_flag(dry_run, "dry_run"), overrides=overrides)
+                    dry_run=_flag(dry_run, "dry_run"),
+                    trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
 
 
 def demo(name="demo", save_dir="/tmp/save/demo", **overrides):
@@ -124,9 +142,13 @@ def label(experiment, output, count, judge, temperature=0.0, label_type=None, se
 
 
 def list_experiments():
-    """Print the registered experiments of each command."""
+    """Print the registered experiments of each command; a sweep shows its number of trials."""
     for command, registry in experiments.EXPERIMENTS.items():
-        print(f"{command}: {', '.join(sorted(registry))}")
+        names = []
+        for name in sorted(registry):
+            count = len(experiments.trials(registry[name]))
+            names.append(f"{name} (sweep: {count} trials)" if count > 1 else name)
+        print(f"{command}: {', '.join(names)}")
 
 
 COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": demo, "label": label,

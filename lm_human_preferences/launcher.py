@@ -1,22 +1,36 @@
-"""From `./launch.py COMMAND EXPERIMENT NAME [flags]` to a running job.
+"""From `./launch.py COMMAND EXPERIMENT NAME [flags]` to running jobs.
 
-`launch` resolves the experiment's bindings and the command-line overrides into the command's typed
-HParams, validates them, and then prints them (`--dry_run`), runs the job in this process, or re-launches
-itself under `mpiexec -n N` (`--mpi N`). The ranks receive the resolved hyperparameters as JSON on their
-command line, so nothing is pickled into a shared /tmp path and two runs at once never collide.
+`launch` expands the experiment into its trials (one, or one per combination of a sweep's values, see
+experiments.py), resolves each trial's bindings and the command-line overrides into the command's typed
+HParams and validates them all before anything runs. Then it prints them (`--dry_run`) or runs the trials:
 
-The module is also the ranks' entry point: `python -m lm_human_preferences.launcher COMMAND HPARAMS_JSON`.
+* one after another, each in this process (one rank) or under `mpiexec -n N` (`--mpi N`);
+* side by side (`--trials_in_parallel`): one single-rank subprocess per trial, each given one GPU
+  (CUDA_VISIBLE_DEVICES, round-robin over the visible GPUs; on the CPU when there are none); it waits for all
+  of them, prefixes each output line with the trial's descriptor, and fails if any trial failed;
+* as the ranks of an outer MPI job: when `mpirun`/`mpiexec`/`srun` started this process, it starts no ranks
+  of its own; every process runs its rank of each trial here.
+
+Without `--mpi`, a trial gets one rank per visible GPU (GPUs counted without importing TensorFlow), 1 without
+GPUs; the choice is printed in one line. The 2019 default was 8, one per GPU of the paper's machines.
+
+The ranks receive the resolved hyperparameters as JSON on their command line, so nothing is pickled into a
+shared /tmp path and two runs at once never collide. The module is also the ranks' entry point:
+`python -m lm_human_preferences.launcher COMMAND HPARAMS_JSON`.
 """
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Tuple
+import threading
+from typing import Any, Dict, List, Optional, Tuple
 
 from lm_human_preferences import experiments
+from lm_human_preferences.utils import mpi as mpi_utils
 from lm_human_preferences.utils.hyperparams import HParams
 
 # command -> module defining `HParams` (the command's hyperparameters) and `train(hparams)`.
@@ -37,13 +51,33 @@ def command_module(command: str):
     return importlib.import_module(COMMANDS[command])
 
 
-def resolve_hparams(command: str, experiment: str, name: str, *, save_dir: str = None,
-                    overrides: Dict[str, Any] = None) -> HParams:
-    """The validated hyperparameters of `experiment` with `overrides` applied, saving to SAVE_DIR/NAME."""
-    bindings = experiments.get(command, experiment)
+# ----- hyperparameters of each trial ------------------------------------------------------------------------------
+
+def resolve_trials(command: str, experiment: str, name: str, *, save_dir: str = None,
+                   overrides: Dict[str, Any] = None) -> List[Tuple[experiments.Trial, HParams]]:
+    """Each trial of `experiment` with its validated hyperparameters, `overrides` applied to every trial.
+
+    A trial saves to SAVE_DIR/NAME/DESCRIPTOR, or SAVE_DIR/NAME when the experiment is a single trial; an
+    explicit `run.save_dir` override replaces SAVE_DIR/NAME. Overriding a swept name collapses its sweep.
+    """
+    command_module(command)  # an unknown command fails here, before the registry is read
+    overrides = dict(overrides or {})
+    if save_dir is None and "run.save_dir" not in overrides:
+        save_dir = DEFAULT_SAVE_DIRS[command]
+    resolved = []
+    for trial in experiments.trials(experiments.lookup(command, experiment), fixed=overrides):
+        hparams = _trial_hparams(command, trial.bindings, overrides)
+        if save_dir is not None:
+            hparams.run.save_dir = os.path.join(os.path.expanduser(save_dir), name)
+        if trial.descriptor:
+            hparams.run.save_dir = os.path.join(hparams.run.save_dir, trial.descriptor)
+        resolved.append((trial, hparams.validate()))
+    return resolved
+
+
+def _trial_hparams(command: str, bindings: Dict[str, Any], overrides: Dict[str, Any]) -> HParams:
     hparams = command_module(command).HParams()
     hparams.override_from_dict(bindings)
-    overrides = dict(overrides or {})
     hparams.override_from_dict(overrides)
     if command == "train_policy" and hparams.rewards.train_new_model is not None:
         # The reward model trained first must see the same task as the policy: a `--task.X` override
@@ -51,12 +85,22 @@ def resolve_hparams(command: str, experiment: str, name: str, *, save_dir: str =
         nested = {f"rewards.train_new_model.{name}": value for name, value in overrides.items()
                   if name.startswith("task.") and f"rewards.train_new_model.{name}" not in overrides}
         hparams.override_from_dict(nested)
-    if save_dir is None and "run.save_dir" not in overrides:
-        save_dir = DEFAULT_SAVE_DIRS[command]
-    if save_dir is not None:
-        hparams.run.save_dir = os.path.join(os.path.expanduser(save_dir), name)
-    return hparams.validate()
+    return hparams
 
+
+def resolve_hparams(command: str, experiment: str, name: str, *, save_dir: str = None,
+                    overrides: Dict[str, Any] = None) -> HParams:
+    """The validated hyperparameters of a single-trial `experiment` with `overrides` applied, saving to
+    SAVE_DIR/NAME. A sweep is an error unless the overrides fix every swept name."""
+    trials = resolve_trials(command, experiment, name, save_dir=save_dir, overrides=overrides)
+    if len(trials) > 1:
+        swept = ", ".join(trials[0][0].swept)
+        raise ValueError(f"{command} experiment {experiment!r} is a sweep of {len(trials)} trials (over {swept}); "
+                         f"expected a single trial: override {swept} to pick one")
+    return trials[0][1]
+
+
+# ----- how many ranks --------------------------------------------------------------------------------------------
 
 def check_mpi(mpi) -> int:
     if not isinstance(mpi, int) or isinstance(mpi, bool) or mpi < 1:
@@ -64,34 +108,184 @@ def check_mpi(mpi) -> int:
     return mpi
 
 
-def launch(command: str, experiment: str, name: str, *, mpi: int = 1, save_dir: str = None,
-           dry_run: bool = False, overrides: Dict[str, Any] = None):
-    check_mpi(mpi)
-    hparams = resolve_hparams(command, experiment, name, save_dir=save_dir, overrides=overrides)
+def visible_gpus() -> List[str]:
+    """The ids of the GPUs this process may use, found without importing TensorFlow (slow, and it would
+    claim GPU memory in the launching process): CUDA_VISIBLE_DEVICES when it is set, else the GPUs that
+    `nvidia-smi -L` lists; [] on a machine without GPUs or without NVIDIA's driver."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        ids = []
+        for item in listed.split(","):
+            item = item.strip()
+            if not item or item.startswith("-"):  # CUDA ignores everything from an invalid id on ("-1": none)
+                break
+            ids.append(item)
+        return ids
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listing.returncode != 0:
+        return []
+    gpus = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]  # not its MIG sub-lines
+    return [str(index) for index in range(len(gpus))]
+
+
+def outer_job_size() -> Optional[int]:
+    """The number of processes in the MPI job that started this one (mpirun, mpiexec, srun), read from the
+    launcher's environment without initialising MPI; None when no MPI launcher started this process."""
+    if not mpi_utils.launched_by_mpi():
+        return None
+    for variable in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):  # the variables launched_by_mpi looks at
+        if os.environ.get(variable):
+            return int(os.environ[variable])
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPlan:
+    ranks: int  # processes per trial
+    in_outer_job: bool  # this process is one rank of a job an outer MPI launcher started: run the rank here
+    note: Optional[str]  # one line saying how `ranks` was chosen, when --mpi did not say
+
+
+def plan_ranks(mpi: Optional[int], *, trials_in_parallel: bool = False, script: str = "launch.py") -> RankPlan:
+    """How many ranks each trial runs on: `--mpi N`, else one per visible GPU (1 without GPUs), or the
+    ranks of the outer MPI job that started this process."""
+    outer = outer_job_size()
+    if outer is not None:
+        if trials_in_parallel:
+            raise ValueError(f"--trials_in_parallel starts one process per trial, but this {script} is one of "
+                             f"{outer} ranks started by an outer MPI launcher (mpirun/mpiexec/srun); run it "
+                             f"without the outer launcher, or drop --trials_in_parallel")
+        if mpi is not None and check_mpi(mpi) != outer:
+            raise ValueError(f"--mpi {mpi} disagrees with the outer MPI job of {outer} ranks that started this "
+                             f"{script} (it joins that job and starts no ranks of its own); drop --mpi, or "
+                             f"start the job with {mpi} ranks")
+        note = None if mpi is not None else f"--mpi not given: joining the outer MPI job of {outer} ranks"
+        return RankPlan(outer, True, note)
+    if mpi is not None:
+        check_mpi(mpi)
+        if trials_in_parallel and mpi > 1:
+            raise ValueError(f"--trials_in_parallel runs each trial as a single process (one GPU each) and cannot "
+                             f"be combined with --mpi {mpi}; drop one of them (trials then run one after "
+                             f"another, each on {mpi} ranks)")
+        return RankPlan(mpi, False, None)
+    if trials_in_parallel:
+        return RankPlan(1, False, "--mpi not given: 1 rank per trial (--trials_in_parallel)")
+    gpus = len(visible_gpus())
+    if gpus == 0:
+        return RankPlan(1, False, "--mpi not given: 1 rank (no GPU found)")
+    return RankPlan(gpus, False, f"--mpi not given: {gpus} rank{'s' if gpus > 1 else ''} (one per visible GPU)")
+
+
+# ----- running the trials ----------------------------------------------------------------------------------------
+
+def launch(command: str, experiment: str, name: str, *, mpi: Optional[int] = None, save_dir: str = None,
+           dry_run: bool = False, trials_in_parallel: bool = False,
+           overrides: Dict[str, Any] = None) -> List[Tuple[experiments.Trial, HParams]]:
+    """Resolve every trial, then print them (dry_run) or run them; returns the trials."""
+    plan = plan_ranks(mpi, trials_in_parallel=trials_in_parallel)
+    trials = resolve_trials(command, experiment, name, save_dir=save_dir, overrides=overrides)
+    speaks = not plan.in_outer_job or mpi_utils.is_root()  # ranks of an outer job: rank 0 prints for all
+    if plan.note and speaks:
+        print(plan.note, file=sys.stderr if dry_run else sys.stdout, flush=True)
     if dry_run:
-        print(hparams.to_json())
-        return hparams
-    if mpi == 1:
-        run(command, hparams)
-        return hparams
-    argv, env = rank_command(command, hparams, mpi)
-    returncode = subprocess.call(argv, env=env)
-    if returncode != 0:
-        sys.exit(returncode)
-    return hparams
+        if speaks:
+            print_trials(trials)
+        return trials
+    if trials_in_parallel:
+        run_in_parallel(command, trials)
+        return trials
+    for index, (trial, hparams) in enumerate(trials):
+        if len(trials) > 1 and speaks:
+            print(f"trial {index + 1} of {len(trials)}: {trial.descriptor} -> {hparams.run.save_dir}", flush=True)
+        if plan.in_outer_job or plan.ranks == 1:
+            run(command, hparams)
+            continue
+        argv, env = rank_command(command, hparams, plan.ranks)
+        returncode = subprocess.call(argv, env=env)
+        if returncode != 0:
+            if len(trials) > 1:
+                print(f"trial {trial.descriptor} failed (exit code {returncode}); "
+                      f"{len(trials) - index - 1} later trials not run", file=sys.stderr, flush=True)
+            sys.exit(returncode)
+    return trials
+
+
+def print_trials(trials: List[Tuple[experiments.Trial, HParams]]):
+    """A single trial prints its hyperparameters as JSON (as `HParams.to_json`); a sweep prints a JSON list
+    with, for each trial, its descriptor, save_dir, swept values and hyperparameters."""
+    if len(trials) == 1 and not trials[0][0].descriptor:
+        print(trials[0][1].to_json())
+        return
+    listing = [{"descriptor": trial.descriptor, "save_dir": hparams.run.save_dir, "swept": trial.swept,
+                "hparams": hparams.to_nested_dict()} for trial, hparams in trials]
+    print(json.dumps(listing, indent=2, default=str))
+
+
+def rank_environment() -> Dict[str, str]:
+    """This process's environment with PYTHONPATH leading with the package's directory, so that child processes
+    import this checkout even when it is not pip-installed and `launch.py` was started from another directory."""
+    python_path = [PACKAGE_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(python_path))
+
+
+def rank_argv(command: str, hparams: HParams) -> List[str]:
+    """argv of one process running `command` with `hparams` (this module's entry point)."""
+    return [sys.executable, "-m", "lm_human_preferences.launcher", command, hparams.to_json()]
 
 
 def rank_command(command: str, hparams: HParams, mpi: int) -> Tuple[List[str], Dict[str, str]]:
-    """argv and environment that start `mpi` ranks of this module, each running `command` with `hparams`.
+    """argv and environment that start `mpi` ranks of this module, each running `command` with `hparams`."""
+    return mpi_utils.mpiexec_command(check_mpi(mpi)) + rank_argv(command, hparams), rank_environment()
 
-    PYTHONPATH leads with the package's directory so that the ranks import this checkout even when it is
-    not pip-installed and `launch.py` was started from another directory.
+
+def run_in_parallel(command: str, trials: List[Tuple[experiments.Trial, HParams]]):
+    """Run every trial at once, each a single-rank subprocess with one GPU (round-robin; CPU without GPUs).
+
+    Every output line is prefixed with `[DESCRIPTOR]`. Waits for all trials; if any failed, exits with an error
+    naming them (the others still ran to their end). Ctrl-C stops them all.
     """
-    from lm_human_preferences.utils import mpi as mpi_utils
-    argv = mpi_utils.mpiexec_command(check_mpi(mpi)) + [
-        sys.executable, "-m", "lm_human_preferences.launcher", command, hparams.to_json()]
-    python_path = [PACKAGE_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return argv, dict(os.environ, PYTHONPATH=os.pathsep.join(python_path))
+    gpus = visible_gpus()
+    lock = threading.Lock()
+    started = []  # (descriptor, process, relay thread)
+    try:
+        for index, (trial, hparams) in enumerate(trials):
+            label = trial.descriptor or os.path.basename(hparams.run.save_dir)
+            env = rank_environment()
+            device = "CPU"
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = device = gpus[index % len(gpus)]
+                device = f"GPU {device}"
+            print(f"trial {label} starting on {device} -> {hparams.run.save_dir}", flush=True)
+            process = subprocess.Popen(rank_argv(command, hparams), env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, errors="replace")
+            relay = threading.Thread(target=_relay_lines, args=(process.stdout, f"[{label}] ", lock), daemon=True)
+            relay.start()
+            started.append((label, process, relay))
+        failed = []
+        for label, process, relay in started:
+            returncode = process.wait()
+            relay.join()
+            if returncode != 0:
+                failed.append(f"{label} (exit code {returncode})")
+    finally:
+        for _, process, _ in started:
+            if process.poll() is None:  # interrupted: do not leave trials running behind us
+                process.terminate()
+                process.wait()
+    if failed:
+        sys.exit(f"error: {len(failed)} of {len(started)} trials failed: {', '.join(failed)}")
+    print(f"all {len(started)} trials finished", flush=True)
+
+
+def _relay_lines(stream, prefix: str, lock: threading.Lock):
+    for line in stream:
+        with lock:
+            sys.stdout.write(prefix + line)
+            sys.stdout.flush()
+    stream.close()
 
 
 @contextlib.contextmanager
@@ -105,8 +299,7 @@ def abort_job_on_exit():
     try:
         yield
     except SystemExit as request:
-        from lm_human_preferences.utils import mpi
-        world = mpi.comm()
+        world = mpi_utils.comm()
         if world is not None and request.code not in (None, 0):
             code = request.code if isinstance(request.code, int) else 1  # sys.exit("message") means 1
             sys.stderr.write(f"[rank {world.Get_rank()} of {world.Get_size()}] exited with code {code}"
@@ -121,10 +314,9 @@ def abort_job_on_exit():
 def run(command: str, hparams: HParams):
     """Run the job in this process (one MPI rank, or the only process)."""
     import tensorflow as tf
-    from lm_human_preferences.utils import mpi
-    mpi.install_abort_on_error()
+    mpi_utils.install_abort_on_error()
     tf.compat.v1.disable_eager_execution()
-    with abort_job_on_exit():
+    with abort_job_on_exit(), tf.Graph().as_default():  # a fresh graph per trial when several run here
         command_module(command).train(hparams)
 
 

@@ -1,5 +1,6 @@
 """The command line (launch.py through fire) and the launcher: overrides, --dry_run, --save_dir, errors,
-the MPI re-launch command and the ranks' entry point, and aborting the job on one rank's sys.exit."""
+the MPI re-launch command and the ranks' entry point, aborting the job on one rank's sys.exit, sweeps run one
+after another or in parallel, the --mpi default, and joining an outer mpiexec job."""
 
 import importlib.util
 import json
@@ -74,12 +75,15 @@ def test_fast_subprocesses_unknown_experiment_and_listing():
     result = run_cli("launch.py", "train_policy", "nosuch", "x", "--dry_run")
     assert result.returncode != 0
     assert "unknown train_policy experiment 'nosuch'" in result.stderr
-    assert "known experiments: cnndm, demo, descriptiveness, sentiment, test, tldr" in result.stderr
+    assert ("known experiments: cnndm, demo, descriptiveness, descriptiveness_seeds, sentiment, test, test_seeds, "
+            "tldr") in result.stderr
     assert result.stdout == ""
     listing = run_cli("launch.py", "experiments")
     assert listing.returncode == 0, listing.stderr
-    assert listing.stdout.splitlines() == ["train_reward: cnndm, demo, descriptiveness, sentiment, test, tldr",
-                                           "train_policy: cnndm, demo, descriptiveness, sentiment, test, tldr"]
+    assert listing.stdout.splitlines() == [
+        "train_reward: cnndm, demo, descriptiveness, sentiment, test, test_seeds (sweep: 2 trials), tldr",
+        "train_policy: cnndm, demo, descriptiveness, descriptiveness_seeds (sweep: 3 trials), sentiment, test, "
+        "test_seeds (sweep: 2 trials), tldr"]
 
 
 def test_rank_entry_point_rejects_a_bad_value_clearly_from_any_directory(tmp_path):
@@ -180,6 +184,7 @@ def test_help_shows_the_command_and_runs_nothing(monkeypatch, capsys):
     assert info.value.code == 0
     help_text = capsys.readouterr().err  # fire writes its help to stderr
     assert "launch.py train_policy EXPERIMENT NAME" in help_text and "--dry_run" in help_text
+    assert "--trials_in_parallel" in help_text
 
 
 def test_fire_flags_after_the_separator_are_left_alone():
@@ -201,7 +206,8 @@ def test_mpi_relaunch_command_round_trips_the_hparams(monkeypatch):
 
     calls = []
     monkeypatch.setattr(launcher.subprocess, "call", lambda argv, env: calls.append(argv) or 0)
-    assert launcher.launch("train_policy", "descriptiveness", "x", mpi=2, overrides=overrides) == hparams
+    [(trial, launched)] = launcher.launch("train_policy", "descriptiveness", "x", mpi=2, overrides=overrides)
+    assert (trial.descriptor, launched) == ("", hparams)
     assert calls == [argv]
     monkeypatch.setattr(launcher.subprocess, "call", lambda argv, env: 5)
     with pytest.raises(SystemExit) as info:  # a failed job fails launch.py with the job's exit code
@@ -244,3 +250,167 @@ def test_sys_exit_on_one_rank_ends_the_whole_job():
     assert "[rank 1 of 2] exited with code 3; aborting the job" in result.stdout
     assert "rank 0 got past the barrier" not in result.stdout
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
+
+
+# ----- sweeps ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_gpus(monkeypatch):
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: [])
+
+
+def test_dry_run_of_a_sweep_lists_every_trial(capsys, tmp_path, no_gpus):
+    cli.main(["train_policy", "descriptiveness_seeds", "s", "--save_dir", str(tmp_path), "--ppo.lr", "3e-6",
+              "--dry_run"])
+    captured = capsys.readouterr()
+    listing = json.loads(captured.out)
+    assert [trial["descriptor"] for trial in listing] == ["seed1", "seed2", "seed3"]
+    assert [trial["swept"] for trial in listing] == [{"run.seed": 1}, {"run.seed": 2}, {"run.seed": 3}]
+    for seed, trial in zip([1, 2, 3], listing):
+        assert trial["save_dir"] == trial["hparams"]["run"]["save_dir"] == str(tmp_path / "s" / f"seed{seed}")
+        assert trial["hparams"]["run"]["seed"] == seed
+        assert trial["hparams"]["ppo"]["lr"] == 3e-6  # overrides reach every trial
+    assert captured.err.strip() == "--mpi not given: 1 rank (no GPU found)"  # stdout stays pure JSON
+    # overriding the swept name leaves one trial, printed and saved as a plain experiment
+    single = dry_run(capsys, "train_policy", "descriptiveness_seeds", "s", "--save_dir", str(tmp_path),
+                     "--run.seed", "9")
+    assert (single["run"]["seed"], single["run"]["save_dir"]) == (9, str(tmp_path / "s"))
+
+
+def trained_seed(run_dir):
+    with open(os.path.join(run_dir, "train_reward_hparams.json")) as f:
+        return json.load(f)["run"]["seed"]
+
+
+def test_a_sweep_runs_its_trials_one_after_another(capsys, tmp_path, no_gpus):
+    cli.main(["train_reward", "test_seeds", "sweep", "--save_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.index("trial 1 of 2: seed1 -> ") < out.index("trial 2 of 2: seed2 -> ")
+    assert sorted(os.listdir(tmp_path / "sweep")) == ["seed1", "seed2"]
+    for seed in (1, 2):
+        run_dir = tmp_path / "sweep" / f"seed{seed}"
+        assert os.path.exists(run_dir / "reward_model" / "checkpoints" / "checkpoint")
+        assert trained_seed(run_dir) == seed
+
+
+def test_trials_in_parallel_run_as_subprocesses_one_gpu_each(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: ["3", "5"])  # ids as CUDA_VISIBLE_DEVICES lists them
+    cli.main(["train_reward", "test_seeds", "par", "--save_dir", str(tmp_path), "--trials_in_parallel"])
+    out = capsys.readouterr().out
+    assert "--mpi not given: 1 rank per trial (--trials_in_parallel)" in out
+    assert f"trial seed1 starting on GPU 3 -> {tmp_path / 'par' / 'seed1'}" in out
+    assert f"trial seed2 starting on GPU 5 -> {tmp_path / 'par' / 'seed2'}" in out
+    for seed in (1, 2):  # each trial's lines come back prefixed with its descriptor
+        run_dir = tmp_path / "par" / f"seed{seed}"
+        assert f"[seed{seed}] saved the reward model to {run_dir / 'reward_model'}" in out
+        assert os.path.exists(run_dir / "reward_model" / "checkpoints" / "checkpoint")
+        assert trained_seed(run_dir) == seed
+    assert out.rstrip().endswith("all 2 trials finished")
+
+
+def test_parallel_trials_all_run_and_failures_are_reported(capsys, monkeypatch):
+    """Trial 2 of 3 fails at once: the others still run to their end, and the launch fails naming it."""
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: ["0", "1"])
+    program = ("import os, sys, time; seed = {seed}; time.sleep(0.5 * seed); "
+               "print('on', os.environ['CUDA_VISIBLE_DEVICES'], 'pythonpath', os.environ['PYTHONPATH']); "
+               "sys.exit(3 if seed == 2 else 0)")
+    monkeypatch.setattr(launcher, "rank_argv", lambda command, hparams: [
+        sys.executable, "-c", program.format(seed=hparams.run.seed)])
+    trials = launcher.resolve_trials("train_policy", "descriptiveness_seeds", "x")
+    with pytest.raises(SystemExit) as info:
+        launcher.run_in_parallel("train_policy", trials)
+    assert info.value.code == "error: 1 of 3 trials failed: seed2 (exit code 3)"
+    out = capsys.readouterr().out
+    for descriptor, gpu in [("seed1", "0"), ("seed2", "1"), ("seed3", "0")]:  # round-robin over the GPUs
+        assert f"[{descriptor}] on {gpu} pythonpath {REPO_ROOT}" in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--trials_in_parallel", "--mpi", "2"], "--trials_in_parallel runs each trial as a single process (one GPU "
+                                             "each) and cannot be combined with --mpi 2"),
+    (["--trials_in_parallel", "maybe"], "--trials_in_parallel: got 'maybe', expected true or false"),
+])
+def test_trials_in_parallel_errors(capsys, argv, expected):
+    message = cli_error(capsys, "train_reward", "test_seeds", "x", "--dry_run", *argv)
+    assert expected in message, message
+
+
+# ----- how many ranks -------------------------------------------------------------------------------------------
+
+def test_mpi_defaults_to_one_rank_per_visible_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    assert launcher.plan_ranks(None) == launcher.RankPlan(4, False, "--mpi not given: 4 ranks (one per visible GPU)")
+    assert launcher.plan_ranks(2) == launcher.RankPlan(2, False, None)  # --mpi N overrides
+    calls = []
+    monkeypatch.setattr(launcher.subprocess, "call", lambda argv, env: calls.append(argv) or 0)
+    cli.main(["train_reward", "test", "x"])
+    [argv] = calls
+    assert argv[:len(mpi.mpiexec_command(4))] == mpi.mpiexec_command(4)
+    assert capsys.readouterr().out.splitlines()[0] == "--mpi not given: 4 ranks (one per visible GPU)"
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: ["7"])
+    assert launcher.plan_ranks(None).note == "--mpi not given: 1 rank (one per visible GPU)"
+
+
+def test_mpi_defaults_to_one_rank_without_gpus(capsys, no_gpus):
+    assert launcher.plan_ranks(None) == launcher.RankPlan(1, False, "--mpi not given: 1 rank (no GPU found)")
+    dry_run(capsys, "train_reward", "test", "x")
+    cli.main(["train_reward", "test", "x", "--dry_run", "--mpi", "1"])
+    assert capsys.readouterr().err == ""  # an explicit --mpi needs no note
+
+
+def fake_nvidia_smi(directory, gpus):
+    """An `nvidia-smi` that lists `gpus` GPUs (each with a MIG line, which is no extra GPU)."""
+    script = directory / "nvidia-smi"
+    lines = "".join(f"GPU {i}: NVIDIA H100 (UUID: GPU-{i})\\n  MIG 1g.10gb Device 0: (UUID: MIG-{i})\\n"
+                    for i in range(gpus))
+    script.write_text(f"#!/bin/sh\n[ \"$1\" = -L ] && printf '{lines}'\n")
+    script.chmod(0o755)
+    return str(directory)
+
+
+def test_visible_gpus_without_tensorflow(monkeypatch, tmp_path):
+    for listed, expected in [("0,2", ["0", "2"]), ("", []), ("-1", []), ("1,-1,2", ["1"]),
+                             ("GPU-abc", ["GPU-abc"])]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+        assert launcher.visible_gpus() == expected, listed
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, 3))
+    assert launcher.visible_gpus() == ["0", "1", "2"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no nvidia-smi: no NVIDIA driver
+    assert launcher.visible_gpus() == []
+
+
+def test_inside_an_outer_mpi_job_no_ranks_are_started(monkeypatch, capsys):
+    """What an outer launcher's environment means (the job itself: the next test); checked before MPI starts."""
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: pytest.fail("GPUs counted inside an outer MPI job"))
+    assert launcher.plan_ranks(None) == launcher.RankPlan(2, True, "--mpi not given: joining the outer MPI job of "
+                                                                   "2 ranks")
+    assert launcher.plan_ranks(2) == launcher.RankPlan(2, True, None)
+    message = cli_error(capsys, "train_reward", "test", "x", "--mpi", "3")
+    assert message.startswith("error: --mpi 3 disagrees with the outer MPI job of 2 ranks that started this "
+                              "launch.py (it joins that job and starts no ranks of its own); drop --mpi, or start "
+                              "the job with 3 ranks"), message
+    message = cli_error(capsys, "train_reward", "test_seeds", "x", "--trials_in_parallel")
+    assert "--trials_in_parallel starts one process per trial, but this launch.py is one of 2 ranks started by an " \
+           "outer MPI launcher" in message
+
+
+@pytest.mark.parametrize("mpi_flag", [[], ["--mpi", "2"]], ids=["default", "agreeing_mpi"])
+def test_under_an_outer_mpiexec_each_process_is_one_rank(tmp_path, mpi_flag):
+    """`mpiexec -n 2 launch.py train_reward test NAME [--mpi 2]`, on a machine that seems to have 4 GPUs: the two
+    processes are the job's two ranks; nothing is started inside it and the reward model is written once."""
+    fake_gpus = fake_nvidia_smi(tmp_path, 4)
+    env = {"PATH": fake_gpus + os.pathsep + os.environ["PATH"]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        result = run_mpi(2, os.path.join(REPO_ROOT, "launch.py"), "train_reward", "test", "outer",
+                         "--save_dir", tmp_path / "save", *mpi_flag, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    out = result.stdout
+    # rank 0 speaks for the job
+    assert out.count("--mpi not given: joining the outer MPI job of 2 ranks") == (0 if mpi_flag else 1)
+    assert out.count("reward_model parameters identical on all 2 ranks") == 1
+    assert out.count("saved the reward model to") == 1
+    assert os.listdir(tmp_path / "save") == ["outer"]
+    assert os.path.exists(tmp_path / "save" / "outer" / "reward_model" / "checkpoints" / "checkpoint")
