@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
 """Sample from a trained policy.
 
-    ./sample.py sample --save_dir DIR [--savescope policy] [--temperature T] [--nsamples N] [--batch_size B]
+    ./sample.py sample --save_dir DIR [--savescope policy] [--temperature 1.0] [--nsamples 0] [--batch_size 4]
                        [--seed S] [--mpi N] [--query_source PATH]
 
 DIR is a train_policy run directory (local, https:// or gs://) holding train_policy_hparams.json and
 SCOPE/{hparams.json,encoding,checkpoints/}; the 2019 released runs work as they are. Queries come from
-the run's task (test split), formatted exactly as in training. `--nsamples 0` samples forever.
+the run's task (test split), formatted exactly as in training.
+
+The defaults are 2019's: temperature 1.0 (the policy's own distribution), batch_size 4, and nsamples 0,
+which samples until interrupted. `--temperature task` samples at the run's task.policy.temperature, the
+temperature the policy was trained and rolled out at (0.7 for the paper's book tasks).
+
+`--mpi N` samples on N ranks, NSAMPLES shared among them; without it, one rank per visible GPU (1 without
+GPUs). Started by an outer launcher (`mpirun -np 8 ./sample.py sample ...`), each process is a rank of
+that job and no ranks are started here.
 """
 
 import os
@@ -26,17 +34,57 @@ def show(text: str) -> str:
     return text.replace("\n", "⏎")
 
 
-def sample(save_dir, savescope="policy", temperature=None, nsamples=10, batch_size=8, seed=None, mpi=1,
+def parse_temperature(temperature):
+    """--temperature: a positive number, or "task" (the run's task.policy.temperature, returned as None)."""
+    if isinstance(temperature, str) and temperature.strip().lower() == "task":
+        return None
+    try:
+        value = float(temperature) if not isinstance(temperature, bool) else 0.0
+    except (TypeError, ValueError):
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"--temperature: got {temperature!r}, expected a positive number or 'task' "
+                         f"(the run's task.policy.temperature)")
+    return value
+
+
+def parse_count(value, flag: str, minimum: int) -> int:
+    try:
+        number = None if isinstance(value, bool) else int(str(value))  # fire hands over ints or text
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        accepted = "0 (forever) or a positive integer" if minimum == 0 else "a positive integer"
+        raise ValueError(f"--{flag}: got {value!r}, expected {accepted}")
+    return number
+
+
+def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size=4, seed=None, mpi=None,
            query_source=None):
-    """Print NSAMPLES query/response pairs of the policy saved in SAVE_DIR/SAVESCOPE (0: forever)."""
-    if mpi > 1:
-        from lm_human_preferences.utils import mpi as mpi_utils
-        argv = mpi_utils.mpiexec_command(mpi) + [sys.executable, os.path.abspath(__file__), "sample",
-                                                 f"--save_dir={save_dir}", f"--savescope={savescope}",
-                                                 f"--nsamples={nsamples}", f"--batch_size={batch_size}", "--mpi=1"]
-        argv += [f"--{k}={v}" for k, v in dict(temperature=temperature, seed=seed,
-                                                  query_source=query_source).items() if v is not None]
-        sys.exit(subprocess.call(argv))
+    """Print NSAMPLES query/response pairs of the policy saved in SAVE_DIR/SAVESCOPE (0: forever).
+
+    The defaults are 2019's. TEMPERATURE: a number, or `task` for the run's task.policy.temperature (the one it
+    was trained at). BATCH_SIZE: queries per batch on each rank. SEED: the query order and sampling seed
+    (default the run's run.seed). MPI: ranks, default one per visible GPU (1 without). QUERY_SOURCE: where the
+    task's dataset is read from, replacing the run's task.query_source.
+    """
+    from lm_human_preferences import launcher
+    from lm_human_preferences.utils import mpi as mpi_utils
+
+    temperature = parse_temperature(temperature)
+    nsamples = parse_count(nsamples, "nsamples", 0)
+    batch_size = parse_count(batch_size, "batch_size", 1)
+    plan = launcher.plan_ranks(None if mpi is None else parse_count(mpi, "mpi", 1), script="sample.py")
+    if plan.note and (not plan.in_outer_job or mpi_utils.is_root()):
+        print(plan.note, file=sys.stderr, flush=True)  # stdout holds only the samples
+    if plan.ranks > 1 and not plan.in_outer_job:
+        # Each rank runs this script again under mpiexec, and joins that job (see launcher.plan_ranks).
+        flags = dict(save_dir=save_dir, savescope=savescope, nsamples=nsamples, batch_size=batch_size,
+                     temperature="task" if temperature is None else temperature, seed=seed,
+                     query_source=query_source, mpi=plan.ranks)
+        argv = mpi_utils.mpiexec_command(plan.ranks) + [sys.executable, os.path.abspath(__file__), "sample"]
+        argv += [f"--{name}={str(value)!r}" for name, value in flags.items() if value is not None]  # kept as text
+        sys.exit(subprocess.call(argv, env=launcher.rank_environment()))
 
     import numpy as np
     import tensorflow as tf
@@ -45,7 +93,6 @@ def sample(save_dir, savescope="policy", temperature=None, nsamples=10, batch_si
     from lm_human_preferences.language.trained_models import TrainedModel
     from lm_human_preferences.policy import Policy
     from lm_human_preferences.utils import devices, files
-    from lm_human_preferences.utils import mpi as mpi_utils
 
     tf.compat.v1.disable_eager_execution()
     mpi_utils.install_abort_on_error()
@@ -54,7 +101,12 @@ def sample(save_dir, savescope="policy", temperature=None, nsamples=10, batch_si
     task = hparams.task
     if query_source is not None:
         task.query_source = query_source
-    temperature = task.policy.temperature if temperature is None else float(temperature)
+    source = "the run's task.policy.temperature" if temperature is None else "--temperature"
+    temperature = task.policy.temperature if temperature is None else temperature
+    if mpi_utils.is_root():
+        amount = f"{nsamples} samples" if nsamples else "samples until interrupted"
+        print(f"sampling {savescope} of {save_dir} at temperature {temperature:g} ({source}), {amount}",
+              file=sys.stderr, flush=True)
     trained_model = TrainedModel(savescope, savedir=files.join(save_dir, savescope), scope=savescope)
     encoder = trained_model.encoding.get_encoder()
     shared_seed = hparams.run.seed if seed is None else int(seed)  # one query shuffle, sharded across ranks

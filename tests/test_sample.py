@@ -1,4 +1,11 @@
-"""In-graph sampling: greedy limits, log-probs and values against a full forward pass, filtering, seeds."""
+"""In-graph sampling (language/sample.py): greedy limits, log-probs and values against a full forward pass,
+filtering, seeds. And the `./sample.py sample` command: its 2019 defaults, `--temperature task`, --mpi."""
+
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -170,3 +177,104 @@ def test_bad_options(options, message):
     kwargs = {"length": 3, "context": CONTEXT, "padding_token": PAD, **options}
     with pytest.raises(ValueError, match=message):
         sample.sample_sequence(model, **kwargs)
+
+
+# ----- ./sample.py sample ----------------------------------------------------------------------------------------
+
+from test_train_policy import write_2019_style_run  # noqa: E402  (a run directory without training one)
+
+from lm_human_preferences import launcher  # noqa: E402
+from lm_human_preferences.utils import mpi  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_SEPARATOR = "=" * 80 + "\n"
+
+
+def load_sample_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(REPO_ROOT, "sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample_cli = load_sample_cli()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A tiny run directory of the `test` model whose task samples at temperature 0.7."""
+    run_dir = tmp_path_factory.mktemp("run")
+    with tf.Graph().as_default():
+        write_2019_style_run(str(run_dir))
+    return str(run_dir)
+
+
+def run_sample_py(*argv, env=None, timeout=300):
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", **(env or {}))
+    return subprocess.run([sys.executable, "sample.py", "sample", *argv], cwd=REPO_ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_sample_py_has_the_2019_defaults():
+    defaults = {name: parameter.default for name, parameter in inspect.signature(sample_cli.sample).parameters.items()}
+    assert (defaults["temperature"], defaults["batch_size"], defaults["nsamples"]) == (1.0, 4, 0)  # 0: forever
+    assert defaults["mpi"] is None  # one rank per visible GPU
+
+
+def test_sample_py_samples_at_temperature_1_by_default(saved_run):
+    result = run_sample_py("--save_dir", saved_run, "--nsamples", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(SAMPLE_SEPARATOR) == 2
+    assert "--mpi not given: 1 rank (no GPU found)" in result.stderr
+    assert f"sampling policy of {saved_run} at temperature 1 (--temperature), 2 samples" in result.stderr
+
+
+def test_temperature_task_is_the_runs_task_temperature(saved_run, capsys, monkeypatch):
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: [])
+    sample_cli.sample(saved_run, temperature="task", nsamples=3, batch_size=2)
+    captured = capsys.readouterr()
+    assert captured.out.count(SAMPLE_SEPARATOR) == 3
+    assert "at temperature 0.7 (the run's task.policy.temperature), 3 samples" in captured.err
+
+
+def test_two_ranks_share_the_samples(saved_run):
+    """--mpi 2 starts two ranks of sample.py under mpiexec; each joins that job (it starts nothing more)."""
+    result = run_sample_py("--save_dir", saved_run, "--nsamples", "4", "--mpi", "2", "--temperature", "task")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(SAMPLE_SEPARATOR) == 4
+    assert result.stderr.count("at temperature 0.7 (the run's task.policy.temperature), 4 samples") == 1
+
+
+def test_mpi_defaults_to_one_rank_per_visible_gpu(monkeypatch):
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: ["0", "1"])
+    calls = []
+    monkeypatch.setattr(sample_cli.subprocess, "call", lambda argv, env: calls.append(argv) or 0)
+    with pytest.raises(SystemExit) as info:
+        sample_cli.sample("/some/run", temperature="task", seed=3)
+    assert info.value.code == 0
+    [argv] = calls
+    assert argv[:len(mpi.mpiexec_command(2))] == mpi.mpiexec_command(2)
+    assert argv[len(mpi.mpiexec_command(2)):] == [
+        sys.executable, os.path.join(REPO_ROOT, "sample.py"), "sample", "--save_dir='/some/run'",
+        "--savescope='policy'", "--nsamples='0'", "--batch_size='4'", "--temperature='task'", "--seed='3'",
+        "--mpi='2'"]
+
+
+def test_inside_an_outer_mpi_job_sample_py_starts_no_ranks(monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--mpi 4 disagrees with the outer MPI job of 2 ranks that started this "
+                                         r"sample.py"):
+        sample_cli.sample("/some/run", mpi=4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(temperature=0), r"--temperature: got 0, expected a positive number or 'task' \(the run's "
+                          r"task.policy.temperature\)"),
+    (dict(temperature="hot"), r"--temperature: got 'hot', expected a positive number or 'task'"),
+    (dict(nsamples=-1), r"--nsamples: got -1, expected 0 \(forever\) or a positive integer"),
+    (dict(batch_size=0), r"--batch_size: got 0, expected a positive integer"),
+    (dict(mpi=0), r"--mpi: got 0, expected a positive integer"),
+])
+def test_sample_py_user_errors(flags, message):
+    with pytest.raises(ValueError, match=message):
+        sample_cli.sample("/some/run", **flags)
