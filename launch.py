@@ -47,7 +47,7 @@ _OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "trials_in_parallel", "
               "judge", "temperature", "label_type", "seed"}
 # fire's help offers these short forms, but with **overrides in the signature fire takes `-m` for a
 # hyperparameter named m; so they are spelled out here.
-_SHORT_FLAGS = {"-m": "--mpi", "-s": "--save_dir", "-d": "--dry_run"}
+_SHORT_FLAGS = {"-m": "--mpi", "-s": "--save_dir", "-d": "--dry_run", "-t": "--trials_in_parallel"}
 
 
 def _is_flag(arg: str) -> bool:
@@ -113,14 +113,22 @@ def _flag(value, what: str) -> bool:
 # ----- commands --------------------------------------------------------------------------------------------------
 
 def train_reward(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, **overrides):
-    """Train a reward model from preference labels."""
+    """Train a reward model from preference labels.
+
+    Saves to SAVE_DIR/NAME, or SAVE_DIR/NAME/DESCRIPTOR for each trial of a sweep. MPI: ranks per trial, default
+    one per visible GPU (1 without). TRIALS_IN_PARALLEL: run a sweep's trials at once, one process and GPU each.
+    """
     launcher.launch("train_reward", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
                     dry_run=_flag(dry_run, "dry_run"),
                     trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
 
 
 def train_policy(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, **overrides):
-    """Fine-tune a policy with PPO against a reward model (trained first, unless --rewards.trained_model)."""
+    """Fine-tune a policy with PPO against a reward model (trained first, unless --rewards.trained_model).
+
+    Saves to SAVE_DIR/NAME, or SAVE_DIR/NAME/DESCRIPTOR for each trial of a sweep. MPI: ranks per trial, default
+    one per visible GPU (1 without). TRIALS_IN_PARALLEL: run a sweep's trials at once, one process and GPU each.
+    """
     launcher.launch("train_policy", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
                     dry_run=_flag(dry_run, "dry_run"),
                     trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)

@@ -335,6 +335,11 @@ def test_trials_in_parallel_errors(capsys, argv, expected):
     assert expected in message, message
 
 
+def test_trials_in_parallel_is_a_bare_flag_with_a_short_form():
+    assert cli.prepare_argv(["train_reward", "test_seeds", "x", "-t", "--lr", "1"]) == \
+        ["train_reward", "'test_seeds'", "'x'", "--trials_in_parallel", "--lr", "'1'"]
+
+
 # ----- how many ranks -------------------------------------------------------------------------------------------
 
 def test_mpi_defaults_to_one_rank_per_visible_gpu(capsys, monkeypatch):
