@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
-from lm_human_preferences import experiments
+from lm_human_preferences import experiments, preflight
 from lm_human_preferences.utils import mpi as mpi_utils
 from lm_human_preferences.utils.hyperparams import HParams
 
@@ -187,6 +187,8 @@ def launch(command: str, experiment: str, name: str, *, mpi: Optional[int] = Non
     """Resolve every trial, then print them (dry_run) or run them; returns the trials."""
     plan = plan_ranks(mpi, trials_in_parallel=trials_in_parallel)
     trials = resolve_trials(command, experiment, name, save_dir=save_dir, overrides=overrides)
+    for _, hparams in trials:  # a run that cannot work stops here, before any rank starts (--dry_run: offline checks)
+        preflight.check(command, hparams, plan.ranks, dry_run=dry_run)
     speaks = not plan.in_outer_job or mpi_utils.is_root()  # ranks of an outer job: rank 0 prints for all
     if plan.note and speaks:
         print(plan.note, file=sys.stderr if dry_run else sys.stdout, flush=True)
