@@ -19,14 +19,15 @@ from mpi_programs import run as run_mpi
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("launch_cli", os.path.join(REPO_ROOT, "launch.py"))
+def load_script(filename):
+    """A top-level script (launch.py, sample.py) as a module, without running its `__main__` block."""
+    spec = importlib.util.spec_from_file_location(filename.replace(".py", "_cli"), os.path.join(REPO_ROOT, filename))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-cli = load_cli()
+cli = load_script("launch.py")
 
 
 def run_cli(*argv, cwd=REPO_ROOT, env=None, timeout=120):

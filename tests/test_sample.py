@@ -1,7 +1,6 @@
 """In-graph sampling (language/sample.py): greedy limits, log-probs and values against a full forward pass,
 filtering, seeds. And the `./sample.py sample` command: its 2019 defaults, `--temperature task`, --mpi."""
 
-import importlib.util
 import inspect
 import os
 import subprocess
@@ -181,6 +180,7 @@ def test_bad_options(options, message):
 
 # ----- ./sample.py sample ----------------------------------------------------------------------------------------
 
+from test_launch import load_script  # noqa: E402
 from test_train_policy import write_2019_style_run  # noqa: E402  (a run directory without training one)
 
 from lm_human_preferences import launcher  # noqa: E402
@@ -190,14 +190,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_SEPARATOR = "=" * 80 + "\n"
 
 
-def load_sample_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(REPO_ROOT, "sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_cli = load_sample_cli()
+sample_cli = load_script("sample.py")
 
 
 @pytest.fixture(scope="module")
