@@ -2,9 +2,9 @@
 """Train reward models and policies from human preferences.
 
     ./launch.py train_reward EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--trials_in_parallel]
-                                             [--some.hparam VALUE ...]
+                                             [--resume] [--some.hparam VALUE ...]
     ./launch.py train_policy EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--trials_in_parallel]
-                                             [--some.hparam VALUE ...]
+                                             [--resume] [--some.hparam VALUE ...]
     ./launch.py demo [NAME] [--save_dir DIR] [--some.hparam VALUE ...]   the offline demo, with a report
     ./launch.py label EXPERIMENT OUTPUT.json --count N --judge letter_e [--temperature T] [--label_type best_of_4]
     ./launch.py experiments          list the registered experiments, and which are sweeps
@@ -18,6 +18,10 @@ leaves that one value.
 `--dry_run` prints every hyperparameter with its resolved value (for a sweep, every trial's). A
 hyperparameter flag without a value means true (`--normalize_before`); optional groups take on/off
 (`--rewards.adaptive_kl off`).
+
+An existing run is never overwritten: `--resume` continues it where it stopped, with the same hyperparameters.
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stops a run cleanly after the current step with its state saved (exit
+status 75); the same command with `--resume` continues it exactly.
 
 `--mpi N` runs each trial on N MPI ranks; without it, one rank per visible GPU (1 without GPUs). Started
 by an outer launcher (`mpirun -np 8 ./launch.py ...`, srun), launch.py starts no ranks of its own: each
@@ -43,7 +47,8 @@ from lm_human_preferences import experiments, launcher  # noqa: E402
 # Python string literal, which fire evaluates back to exactly the text typed. (fire's own way, its
 # SetParseFn decorators, lists a bogus FIRE_METADATA group in every --help.)
 
-_OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "trials_in_parallel", "notrials_in_parallel", "count",
+_OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "trials_in_parallel", "notrials_in_parallel", "resume",
+              "noresume", "count",
               "judge", "temperature", "label_type", "seed"}
 # fire's help offers these short forms, but with **overrides in the signature fire takes `-m` for a
 # hyperparameter named m; so they are spelled out here.
@@ -112,25 +117,29 @@ def _flag(value, what: str) -> bool:
 
 # ----- commands --------------------------------------------------------------------------------------------------
 
-def train_reward(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, **overrides):
+def train_reward(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, resume=False,
+                 **overrides):
     """Train a reward model from preference labels.
 
     Saves to SAVE_DIR/NAME, or SAVE_DIR/NAME/DESCRIPTOR for each trial of a sweep. MPI: ranks per trial, default
     one per visible GPU (1 without). TRIALS_IN_PARALLEL: run a sweep's trials at once, one process and GPU each.
+    RESUME: continue the run saved in SAVE_DIR/NAME (an existing run is never overwritten).
     """
     launcher.launch("train_reward", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
-                    dry_run=_flag(dry_run, "dry_run"),
+                    dry_run=_flag(dry_run, "dry_run"), resume=_flag(resume, "resume"),
                     trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
 
 
-def train_policy(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, **overrides):
+def train_policy(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, resume=False,
+                 **overrides):
     """Fine-tune a policy with PPO against a reward model (trained first, unless --rewards.trained_model).
 
     Saves to SAVE_DIR/NAME, or SAVE_DIR/NAME/DESCRIPTOR for each trial of a sweep. MPI: ranks per trial, default
     one per visible GPU (1 without). TRIALS_IN_PARALLEL: run a sweep's trials at once, one process and GPU each.
+    RESUME: continue the run saved in SAVE_DIR/NAME (an existing run is never overwritten).
     """
     launcher.launch("train_policy", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
-                    dry_run=_flag(dry_run, "dry_run"),
+                    dry_run=_flag(dry_run, "dry_run"), resume=_flag(resume, "resume"),
                     trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
 
 

@@ -24,14 +24,16 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from lm_human_preferences import experiments, preflight
+from lm_human_preferences.utils import files
 from lm_human_preferences.utils import mpi as mpi_utils
-from lm_human_preferences.utils.hyperparams import HParams
+from lm_human_preferences.utils.hyperparams import HParams, flatten
 
 # command -> module defining `HParams` (the command's hyperparameters) and `train(hparams)`.
 COMMANDS = {
@@ -182,13 +184,17 @@ def plan_ranks(mpi: Optional[int], *, trials_in_parallel: bool = False, script: 
 # ----- running the trials ----------------------------------------------------------------------------------------
 
 def launch(command: str, experiment: str, name: str, *, mpi: Optional[int] = None, save_dir: str = None,
-           dry_run: bool = False, trials_in_parallel: bool = False,
+           dry_run: bool = False, trials_in_parallel: bool = False, resume: bool = False,
            overrides: Dict[str, Any] = None) -> List[Tuple[experiments.Trial, HParams]]:
-    """Resolve every trial, then print them (dry_run) or run them; returns the trials."""
+    """Resolve every trial, then print them (dry_run) or run them; returns the trials. An existing run is never
+    overwritten: `resume` continues it (see trainer.py), with the same hyperparameters."""
     plan = plan_ranks(mpi, trials_in_parallel=trials_in_parallel)
     trials = resolve_trials(command, experiment, name, save_dir=save_dir, overrides=overrides)
     for _, hparams in trials:  # a run that cannot work stops here, before any rank starts (--dry_run: offline checks)
         preflight.check(command, hparams, plan.ranks, dry_run=dry_run)
+    if not dry_run:
+        for _, hparams in trials:
+            _on_rank_0(plan, lambda: check_run_directory(command, hparams, resume))
     speaks = not plan.in_outer_job or mpi_utils.is_root()  # ranks of an outer job: rank 0 prints for all
     if plan.note and speaks:
         print(plan.note, file=sys.stderr if dry_run else sys.stdout, flush=True)
@@ -203,10 +209,10 @@ def launch(command: str, experiment: str, name: str, *, mpi: Optional[int] = Non
         if len(trials) > 1 and speaks:
             print(f"trial {index + 1} of {len(trials)}: {trial.descriptor} -> {hparams.run.save_dir}", flush=True)
         if plan.in_outer_job or plan.ranks == 1:
-            run(command, hparams)
+            run(command, hparams, resume=resume)
             continue
-        argv, env = rank_command(command, hparams, plan.ranks)
-        returncode = subprocess.call(argv, env=env)
+        argv, env = rank_command(command, hparams, plan.ranks, resume=resume)
+        returncode = call_forwarding_stop_signals(argv, env)
         if returncode != 0:
             if len(trials) > 1:
                 print(f"trial {trial.descriptor} failed (exit code {returncode}); "
@@ -233,14 +239,103 @@ def rank_environment() -> Dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(python_path))
 
 
-def rank_argv(command: str, hparams: HParams) -> List[str]:
+def rank_argv(command: str, hparams: HParams, resume: bool = False) -> List[str]:
     """argv of one process running `command` with `hparams` (this module's entry point)."""
-    return [sys.executable, "-m", "lm_human_preferences.launcher", command, hparams.to_json()]
+    return [sys.executable, "-m", "lm_human_preferences.launcher", command, hparams.to_json()] + \
+        (["--resume"] if resume else [])
 
 
-def rank_command(command: str, hparams: HParams, mpi: int) -> Tuple[List[str], Dict[str, str]]:
+def rank_command(command: str, hparams: HParams, mpi: int, resume: bool = False) -> Tuple[List[str], Dict[str, str]]:
     """argv and environment that start `mpi` ranks of this module, each running `command` with `hparams`."""
-    return mpi_utils.mpiexec_command(check_mpi(mpi)) + rank_argv(command, hparams), rank_environment()
+    return mpi_utils.mpiexec_command(check_mpi(mpi)) + rank_argv(command, hparams, resume), rank_environment()
+
+
+def call_forwarding_stop_signals(argv: List[str], env: Dict[str, str]) -> int:
+    """Run `mpiexec ...` and return its exit code; a SIGTERM, SIGINT or SIGUSR1 sent to this process reaches
+    every rank as SIGUSR1, so that the ranks stop together with their state saved.
+
+    Open MPI's mpiexec kills its ranks at once on SIGTERM/SIGINT but forwards SIGUSR1 to them, so mpiexec runs
+    in a session of its own (a scheduler's or Ctrl-C's signal to our process group does not reach it) and we
+    forward. A second SIGINT (Ctrl-C again) ends the ranks at once."""
+    process = subprocess.Popen(argv, env=env, start_new_session=True)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if len(received) > 1 and signum == signal.SIGINT:
+            process.terminate()
+        else:
+            process.send_signal(signal.SIGUSR1)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = {signum: signal.signal(signum, forward) for signum in stop_signals} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ----- existing runs ---------------------------------------------------------------------------------------------
+
+# Hyperparameters that cannot change what a run computes (logging, checkpoint frequency, where it is saved): a
+# --resume may give them other values. Matched as the last parts of a dotted name, nested groups included.
+RESULT_NEUTRAL = ("run.log_interval", "run.save_interval", "run.save_dir", "run.judge")
+
+
+def _on_rank_0(plan: "RankPlan", check):
+    """Run `check` (which raises ValueError) once: on rank 0 of an outer MPI job, whose verdict every rank
+    shares (a rank checking while rank 0 already writes would see a run that is not there yet); else here."""
+    if not plan.in_outer_job:
+        return check()
+    message = None
+    if mpi_utils.is_root():
+        try:
+            check()
+        except ValueError as error:
+            message = str(error)
+    message = mpi_utils.broadcast(message)
+    if message is not None:
+        raise ValueError(message)
+
+
+def run_exists(save_dir: str) -> bool:
+    """Whether SAVE_DIR/NAME already holds anything (a local directory that is not empty, or gs:// objects)."""
+    if files.is_gcs(save_dir):
+        try:
+            return files.remote_dir_exists(save_dir)
+        except files.FileFetchError as error:
+            raise ValueError(f"run.save_dir {save_dir}: {error}") from None
+    return os.path.isdir(save_dir) and bool(os.listdir(save_dir))
+
+
+def check_run_directory(command: str, hparams: HParams, resume: bool):
+    """Refuse to overwrite an existing run; with `resume`, refuse one saved with hyperparameters that change
+    results (the message lists each difference)."""
+    save_dir = hparams.run.save_dir
+    if save_dir is None or not run_exists(save_dir):
+        return
+    if not resume:
+        raise ValueError(f"{save_dir} already holds a run, and a run is never overwritten: continue it with the "
+                         f"same command and --resume, or choose another NAME (or --save_dir)")
+    saved_path = files.join(save_dir, f"{command}_hparams.json")
+    if not files.exists(saved_path):
+        raise ValueError(f"--resume: {save_dir} holds no {command}_hparams.json, so it is not a {command} run "
+                         f"that can be continued; choose another NAME (or --save_dir)")
+    saved = flatten(files.read_json(saved_path))
+    now = flatten(hparams.to_nested_dict())
+    neutral = [name for name in set(saved) | set(now)
+               if any(name == n or name.endswith("." + n) for n in RESULT_NEUTRAL)]
+    if command == "train_policy" and hparams.rewards.train_new_model is not None:
+        neutral.append("rewards.trained_model")  # the run records there the reward model it trained
+    differences = [f"{name}: saved {saved.get(name)!r}, now {now.get(name)!r}"
+                   for name in sorted(set(saved) | set(now))
+                   if saved.get(name) != now.get(name) and name not in neutral]
+    if differences:
+        raise ValueError(f"--resume: {save_dir} was saved with other hyperparameters, which would change its "
+                         f"results:\n  " + "\n  ".join(differences) +
+                         "\nresume with the saved values, or start a new run under another NAME")
 
 
 def run_in_parallel(command: str, trials: List[Tuple[experiments.Trial, HParams]]):
@@ -313,13 +408,20 @@ def abort_job_on_exit():
         raise
 
 
-def run(command: str, hparams: HParams):
-    """Run the job in this process (one MPI rank, or the only process)."""
+def run(command: str, hparams: HParams, resume: bool = False):
+    """Run the job in this process (one MPI rank, or the only process). A run stopped by a signal (its state
+    saved, every rank at the same step) exits with trainer.INTERRUPTED_EXIT_CODE."""
     import tensorflow as tf
+    from lm_human_preferences import trainer
     mpi_utils.install_abort_on_error()
     tf.compat.v1.disable_eager_execution()
-    with abort_job_on_exit(), tf.Graph().as_default():  # a fresh graph per trial when several run here
-        command_module(command).train(hparams)
+    try:
+        with abort_job_on_exit(), tf.Graph().as_default():  # a fresh graph per trial when several run here
+            command_module(command).train(hparams, resume=resume)
+    except trainer.RunInterrupted as stop:  # every rank stops here alike: a normal exit, no MPI abort
+        if mpi_utils.is_root():
+            print(stop, flush=True)
+        sys.exit(trainer.INTERRUPTED_EXIT_CODE)
 
 
 def hparams_from_json(command: str, hparams_json: str) -> HParams:
@@ -332,19 +434,21 @@ def hparams_from_json(command: str, hparams_json: str) -> HParams:
     return command_module(command).HParams.from_nested_dict(data).validate()
 
 
-USAGE = "usage: python -m lm_human_preferences.launcher COMMAND HPARAMS_JSON  (COMMAND: train_reward, train_policy)"
+USAGE = ("usage: python -m lm_human_preferences.launcher COMMAND HPARAMS_JSON [--resume]  "
+         "(COMMAND: train_reward, train_policy)")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
+    resume = argv[2:] == ["--resume"]
+    if len(argv) != 2 and not resume:
         sys.exit(USAGE)
-    command, hparams_json = argv
+    command, hparams_json = argv[:2]
     try:
         hparams = hparams_from_json(command, hparams_json)
     except ValueError as error:  # every rank got the same JSON, so every rank stops here alike: no hang
         sys.exit(f"error: {error}")
-    run(command, hparams)
+    run(command, hparams, resume=resume)
 
 
 if __name__ == "__main__":

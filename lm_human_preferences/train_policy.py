@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import labeler, lm_tasks, ppo, rewards, train_reward
+from lm_human_preferences import labeler, lm_tasks, ppo, rewards, train_reward, trainer as run_utils
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
@@ -82,7 +82,12 @@ def batch_sizes(ppo_hp: PpoHParams, ranks: int) -> BatchSizes:
 class PPOTrainer:
     """The graph and session of a PPO run. `update()` is one PPO update, written out in order."""
 
-    def __init__(self, hparams: HParams, policy_model: TrainedModel, reward_model: TrainedModel, encoder):
+    # What each update's randomness is drawn for (with the run seed, the rank and the update index).
+    ROLLOUT, SHUFFLE = 1, 2
+
+    def __init__(self, hparams: HParams, policy_model: TrainedModel, reward_model: TrainedModel, encoder,
+                 seed: Optional[int] = None):
+        """seed: the run's seed (run_utils.run_seed); by default run.seed, or one drawn when that is None."""
         self.hparams = hparams
         task, ppo_hp = hparams.task, hparams.ppo
         sizes = batch_sizes(ppo_hp, mpi.size())
@@ -91,10 +96,8 @@ class PPOTrainer:
         self.kl_controller = (ppo.AdaptiveKLController(hparams.rewards.kl_coef, hparams.rewards.adaptive_kl.target,
                                                        hparams.rewards.adaptive_kl.horizon)
                               if hparams.rewards.adaptive_kl else ppo.FixedKLController(hparams.rewards.kl_coef))
-        seed = mpi.rank_seed(hparams.run.seed)
-        if seed is not None:
-            tf.set_random_seed(seed)
-        self.rng = np.random.RandomState(seed)
+        self.seed = run_utils.run_seed(hparams.run.seed) if seed is None else seed
+        tf.set_random_seed(mpi.rank_seed(self.seed))  # initialisers; sampling and shuffles use the seeds below
         self.encoder = encoder
         self.judge = None if hparams.run.judge is None else labeler.get_judge(hparams.run.judge)
 
@@ -111,7 +114,8 @@ class PPOTrainer:
         # Rollout, reference log-probs and scores: [b, query_length] / [b, R] in, per-episode arrays out.
         self.queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
         self.responses = tf.placeholder(tf.int32, [None, R], name="responses")
-        self.rollout_op = self.policy.respond_op(self.queries, R)
+        self.rollout_seed = tf.placeholder(tf.int64, [2], name="rollout_seed")  # stateless: see trainer.py
+        self.rollout_op = self.policy.respond_op(self.queries, R, seed=self.rollout_seed)
         self.ref_logprobs_op = self.ref_policy.analyze_responses_op(self.queries, self.responses)["logprobs"]
         self.score_op = self.reward_model.get_rewards_op(self.queries, self.responses)  # [b]
 
@@ -139,16 +143,19 @@ class PPOTrainer:
                                              micro_batches=ppo_hp.micro_batches)
         # As 2019: the last 20 checkpoints, named relative to their directory so that a moved run still loads.
         self.saver = tf.train.Saver(self.policy.get_params(), max_to_keep=20, save_relative_paths=True)
-        self.sess = devices.new_session(xla=hparams.run.xla, tf32=hparams.run.tf32)
-        self.sess.run(tf.global_variables_initializer())
-        mpi.broadcast_variables(self.sess, tf.global_variables())
+        # What --resume needs beyond the weights: Adam's state and the run's counters.
+        self.state = run_utils.TrainingState("ppo", self.policy.get_params() + self.optimizer.variables,
+                                             {"update": tf.int64, "kl_coef": tf.float64, "seed": tf.int64})
+        self.sess = run_utils.new_session(hparams.run, tf.global_variables())
 
     def update(self, queries, update_index):
         """One PPO update on this rank's `queries` [batch_per_rank, query_length]; returns its statistics."""
         hp, task, sess = self.hparams.ppo, self.hparams.task, self.sess
         timings, start = {}, time.time()
+        rank = mpi.rank()
         # 1. The policy answers the queries, recording log-probs and values.
-        rollout = sess.run(self.rollout_op, {self.queries: queries})
+        rollout = sess.run(self.rollout_op, {self.queries: queries, self.rollout_seed: run_utils.stateless_seed(
+            self.seed, rank, self.ROLLOUT, update_index)})
         responses = rollout["responses"]  # [b, R]
         timings["rollout"] = time.time() - start
         # 2. The frozen reference policy's log-probs of the same responses.
@@ -174,8 +181,9 @@ class PPOTrainer:
         episode = dict(queries=queries, responses=responses, logprobs=rollout["logprobs"],
                        values=rollout["values"], token_rewards=token_rewards)
         train_stats = []  # one dict per minibatch step
+        shuffles = run_utils.numpy_rng(self.seed, rank, self.SHUFFLE, update_index)
         for _ in range(hp.noptepochs):
-            order = self.rng.permutation(self.batch_per_rank)
+            order = shuffles.permutation(self.batch_per_rank)
             for mb_start in range(0, self.batch_per_rank, self.minibatch):
                 mb = {k: v[order[mb_start:mb_start + self.minibatch]] for k, v in episode.items()}
                 (advantages, returns), moments = sess.run(
@@ -216,12 +224,24 @@ class PPOTrainer:
         return update_stats, dict(responses=responses, scored_responses=scored, scores=scores, kl=kl.sum(axis=1),
                                   kl_coef=kl_coef, timings=timings)
 
-    def save(self, save_dir, step):
-        """Checkpoint the policy as SAVE_DIR/policy/checkpoints/model.ckpt-STEP (rank 0; `save_dir` is local)."""
+    def save(self, save_dir, step, *, state=True):
+        """Checkpoint the policy as SAVE_DIR/policy/checkpoints/model.ckpt-STEP and, with `state`, what resuming
+        after `step` updates needs (rank 0; `save_dir` is the run's local directory)."""
         if mpi.is_root():
             model = self.policy
             trained_models.save_model(self.sess, self.saver, os.path.join(save_dir, "policy"), model.model_hparams,
                                       model.trained_model.encoding.name, step)
+        if state:
+            self.state.save(self.sess, save_dir, step, update=step, kl_coef=self.kl_controller.value, seed=self.seed)
+
+    def restore(self, save_dir) -> int:
+        """Continue a saved run: weights, Adam's state, kl_coef and seed; returns the updates already done."""
+        saved = self.state.restore(self.sess, save_dir)
+        if saved is None:
+            return 0
+        self.kl_controller.value = saved["kl_coef"]
+        self.seed = int(saved["seed"])
+        return int(saved["update"])
 
 
 # What rank 0 prints once per update: the numbers a researcher watches.
@@ -240,93 +260,134 @@ def log_samples(encoder, queries, details, count=3):
         stats.log(f"  score = {details['scores'][i]:+.3f}\n  kl = {details['kl'][i]:+.3f}\n  total = {total:+.3f}")
 
 
-def reward_model_source(hparams: HParams, local_dir: str):
-    """The reward model to train against, as (TrainedModel, where it is saved): a saved one, or one trained now
-    into SAVE_DIR/reward_model (and loaded from the run's local directory `local_dir`)."""
+def reward_model_path(hparams: HParams) -> str:
+    """Where the reward model the run trains against is saved: rewards.trained_model, or SAVE_DIR/reward_model
+    when the run trains it first."""
     if hparams.rewards.train_new_model is None:
-        path = hparams.rewards.trained_model
-        return TrainedModel("reward_model", savedir=path, scope="reward_model"), path
+        return hparams.rewards.trained_model
+    return files.join(hparams.run.save_dir, "reward_model")
+
+
+def reward_model_source(hparams: HParams, local_dir: str, resume: bool = False) -> TrainedModel:
+    """The reward model to train against: a saved one, or one trained now into SAVE_DIR/reward_model (and
+    loaded from the run's local directory `local_dir`). On --resume a reward model the run already finished
+    training is used as it is."""
+    if hparams.rewards.train_new_model is None:
+        return TrainedModel("reward_model", savedir=hparams.rewards.trained_model, scope="reward_model")
     reward_hparams = hparams.rewards.train_new_model
     reward_hparams.run.save_dir = hparams.run.save_dir
-    train_reward.train(reward_hparams)
-    return (TrainedModel("reward_model", savedir=os.path.join(local_dir, "reward_model"), scope="reward_model"),
-            files.join(hparams.run.save_dir, "reward_model"))
+    local = os.path.join(local_dir, "reward_model")
+    if resume and train_reward.is_finished(local_dir):
+        stats.log(f"resuming: the reward model in {files.join(hparams.run.save_dir, 'reward_model')} is trained")
+    else:
+        train_reward.train(reward_hparams, resume=resume)
+    return TrainedModel("reward_model", savedir=local, scope="reward_model")
 
 
-def saved_hparams(hparams: HParams, reward_model_path: str) -> HParams:
+def saved_hparams(hparams: HParams) -> HParams:
     """What train_policy_hparams.json records: the run's hyperparameters with `rewards.trained_model` set to
-    the reward model actually used, also when it was trained first (as 2019 wrote it)."""
+    the reward model actually used, also when it is trained first, and that one's save_dir (as 2019 wrote it)."""
     recorded = copy.deepcopy(hparams)
-    recorded.rewards.trained_model = reward_model_path
+    recorded.rewards.trained_model = reward_model_path(hparams)
+    if recorded.rewards.train_new_model is not None:
+        recorded.rewards.train_new_model.run.save_dir = hparams.run.save_dir
     return recorded
 
 
-def train(hparams: HParams):
+def train(hparams: HParams, resume: bool = False):
     """PPO against the reward model; saves SAVE_DIR/policy and TensorBoard logs in SAVE_DIR/tb/ppo.
 
     SAVE_DIR may be a gs:// URL: the run is written to a local copy (`files.staging_dir`) and uploaded after
-    every checkpoint, the checkpoint state file last, so that a reader never sees half a checkpoint."""
+    every checkpoint, the checkpoint state file last, so that a reader never sees half a checkpoint.
+    resume: continue the run saved in SAVE_DIR from its last saved state (see trainer.py); a SIGTERM, SIGINT or
+    SIGUSR1 saves that state at the next update boundary and raises trainer.RunInterrupted."""
     save_dir = hparams.run.save_dir
     local_dir = files.staging_dir(save_dir)
     task = hparams.task
     batch_sizes(hparams.ppo, mpi.size())  # refuse sizes that cannot work before a reward model is trained
-    reward_model, reward_model_path = reward_model_source(hparams, local_dir)
-    policy_model = TrainedModel(task.policy.initial_model)
-    encoder = policy_model.encoding.get_encoder()
-    with tf.Graph().as_default():
-        trainer = PPOTrainer(hparams, policy_model, reward_model, encoder)
-        if mpi.is_root():
+    with run_utils.StopSignals() as stop:
+        if mpi.is_root():  # first, so that a run stopped while its reward model trains is known as a policy run
             os.makedirs(local_dir, exist_ok=True)
-            saved_hparams(hparams, reward_model_path).save_json(os.path.join(local_dir, "train_policy_hparams.json"))
-        logger = stats.StatsLogger(os.path.join(local_dir, "tb", "ppo"))
-        query_batches = lm_tasks.query_batches(task, encoder, trainer.batch_per_rank, mode="train",
-                                               seed=hparams.run.seed or 0)
+            saved_hparams(hparams).save_json(os.path.join(local_dir, "train_policy_hparams.json"))
+        reward_model = reward_model_source(hparams, local_dir, resume)
+        policy_model = TrainedModel(task.policy.initial_model)
+        encoder = policy_model.encoding.get_encoder()
+        with tf.Graph().as_default():
+            trainer = PPOTrainer(hparams, policy_model, reward_model, encoder)
+            start = trainer.restore(local_dir) if resume else 0
+            if start:
+                stats.log(f"resuming after update {start} of {trainer.num_updates}")
+            _run_updates(trainer, hparams, local_dir, encoder, start, stop)
+            return trainer
+
+
+def _run_updates(trainer: PPOTrainer, hparams: HParams, local_dir: str, encoder, start: int,
+                 stop: run_utils.StopSignals):
+    """Updates start .. num_updates - 1 with their logs and checkpoints; the end of the run."""
+    save_dir, task = hparams.run.save_dir, hparams.task
+    logger = stats.StatsLogger(os.path.join(local_dir, "tb", "ppo"), restart_at=start)
+    query_batches = lm_tasks.query_batches(task, encoder, trainer.batch_per_rank, mode="train",
+                                           seed=hparams.run.seed or 0)
+    for _ in range(start):  # the queries the saved updates used
+        next(query_batches)
+    saving = False
+
+    def save(step, *, state=True):
+        nonlocal saving
+        saving = True
+        trainer.save(local_dir, step, state=state)
+        if mpi.is_root():
+            files.sync_up(local_dir, save_dir)
         saving = False
 
-        def save(step):
-            nonlocal saving
-            saving = True
-            trainer.save(local_dir, step)
-            if mpi.is_root():
-                files.sync_up(local_dir, save_dir)
-            saving = False
-
-        start_time = last_time = time.time()
-        updates_done = 0
-        try:
-            for update_index in stats.progress_bar(range(trainer.num_updates), "ppo"):
-                queries = next(query_batches)
-                update_stats, details = trainer.update(queries, update_index)
-                updates_done = update_index + 1
-                now = time.time()
-                update_time, last_time = now - last_time, now
-                update_stats.update({
-                    "elapsed/updates": updates_done,
-                    "elapsed/steps/serial": updates_done * task.response_length,  # tokens sampled one after another
-                    "elapsed/steps/total": updates_done * hparams.ppo.batch_size * task.response_length,
-                    "elapsed/episodes": updates_done * hparams.ppo.batch_size,
-                    # as in 2019, fps counts response tokens (all ranks) per second of the last update
-                    "elapsed/fps": hparams.ppo.batch_size * task.response_length / update_time,
-                    "elapsed/episodes_per_second": hparams.ppo.batch_size / update_time,
-                    "elapsed/time": now - start_time,
-                    **{f"time/{k}": v for k, v in details["timings"].items()},
-                })
-                logger.write(update_index, update_stats)  # TensorBoard steps start at 0, as in 2019
-                stats.log(stats.compact_line(updates_done, update_stats, CONSOLE_KEYS, step_name="update"))
-                if update_index % hparams.run.log_interval == 0:
-                    log_samples(encoder, queries, details)
-                if updates_done % hparams.run.save_interval == 0 and updates_done != trainer.num_updates:
-                    save(updates_done)
-            mpi.check_identical_across_ranks(trainer.sess, trainer.policy.get_params(), "policy")
-        except BaseException:
-            # As 2019 (a save in `finally`): a run that fails after training started keeps where it was. Not
-            # when saving itself failed: a second try would most likely fail the same way and hide the error.
-            if not saving:
-                stats.log(f"training stopped by an error after {updates_done} updates; saving a checkpoint")
+    session_start = last_time = time.time()
+    updates_done = start
+    try:
+        for update_index in stats.progress_bar(range(start, trainer.num_updates), "ppo",
+                                               initial=start, total=trainer.num_updates):
+            if stop.agreed():  # every rank stops after the same update, with its state saved
                 save(updates_done)
-            raise
-        finally:
-            logger.close()
-        save(trainer.num_updates)
-        stats.log(f"saved the policy to {files.join(save_dir, 'policy')}")
-        return trainer
+                raise run_utils.RunInterrupted(run_utils.stop_message(
+                    "train_policy", "update", updates_done, trainer.num_updates, save_dir))
+            queries = next(query_batches)
+            update_stats, details = trainer.update(queries, update_index)
+            updates_done = update_index + 1
+            now = time.time()
+            update_time, last_time = now - last_time, now
+            update_stats.update({
+                "elapsed/updates": updates_done,
+                "elapsed/steps/serial": updates_done * task.response_length,  # tokens sampled one after another
+                "elapsed/steps/total": updates_done * hparams.ppo.batch_size * task.response_length,
+                "elapsed/episodes": updates_done * hparams.ppo.batch_size,
+                # as in 2019, fps counts response tokens (all ranks) per second of the last update
+                "elapsed/fps": hparams.ppo.batch_size * task.response_length / update_time,
+                "elapsed/episodes_per_second": hparams.ppo.batch_size / update_time,
+                "elapsed/time": now - session_start,
+                **{f"time/{k}": v for k, v in details["timings"].items()},
+            })
+            logger.write(update_index, update_stats)  # TensorBoard steps start at 0, as in 2019
+            eta = (now - session_start) / (updates_done - start) * (trainer.num_updates - updates_done)
+            stats.log(stats.compact_line(f"{updates_done}/{trainer.num_updates}", update_stats, CONSOLE_KEYS,
+                                         step_name="update") + f" | eta {stats.duration(eta)}")
+            if update_index % hparams.run.log_interval == 0:
+                log_samples(encoder, queries, details)
+            if updates_done % hparams.run.save_interval == 0 and updates_done != trainer.num_updates:
+                save(updates_done)
+        mpi.check_identical_across_ranks(trainer.sess, trainer.policy.get_params(), "policy")
+    except run_utils.RunInterrupted:
+        raise
+    except BaseException:
+        # As 2019 (a save in `finally`): a run that fails after training started keeps where it was. Not when
+        # saving itself failed: a second try would most likely fail the same way and hide the error. The
+        # resume state is not rewritten: the failed update may have changed some weights already.
+        if not saving:
+            stats.log(f"training stopped by an error after {updates_done} updates; saving a checkpoint")
+            save(updates_done, state=False)
+        raise
+    finally:
+        logger.close()
+    if start == trainer.num_updates:
+        stats.log(f"the run in {save_dir} had finished all {start} updates; nothing to resume")
+        return
+    save(trainer.num_updates)
+    stats.log(f"saved the policy to {files.join(save_dir, 'policy')}")

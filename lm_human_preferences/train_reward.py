@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import label_types, labeler, lm_tasks, rewards
+from lm_human_preferences import label_types, labeler, lm_tasks, rewards, trainer as run_utils
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
@@ -99,16 +99,19 @@ def split_labels(labels, hparams: HParams):
 class RewardTraining:
     """The graph and session of one reward-model training run; `train()` below drives it top to bottom."""
 
-    def __init__(self, hparams: HParams, trained_model, encoder, label_type):
+    # What sampling from the initial policy is for (with the run seed, the rank and a batch index).
+    LABELS, NORMALIZE_BEFORE, DEBUG_BEFORE, NORMALIZE_AFTER, DEBUG_AFTER = 1, 2, 3, 4, 5
+
+    def __init__(self, hparams: HParams, trained_model, encoder, label_type, seed: Optional[int] = None):
+        """seed: the run's seed (run_utils.run_seed); by default run.seed, or one drawn when that is None."""
         self.hparams = hparams
         self.label_type = label_type
         self.padding_token = trained_model.encoding.padding_token
         task = hparams.task
         self.rollout_per_rank = mpi.exact_div(hparams.rollout_batch_size, mpi.size(), "rollout_batch_size")
         self.batch_per_rank = mpi.exact_div(hparams.batch_size, mpi.size(), "batch_size")
-        seed = mpi.rank_seed(hparams.run.seed)  # ranks sample differently; initial weights come from rank 0
-        if seed is not None:
-            tf.set_random_seed(seed)
+        self.seed = run_utils.run_seed(hparams.run.seed) if seed is None else seed
+        tf.set_random_seed(mpi.rank_seed(self.seed))  # initialisers (rank 0's weights are shared)
         embed_queries = lm_tasks.query_formatter(task, encoder)
         compute_dtype = tf.bfloat16 if hparams.run.mixed_precision else tf.float32
         self.reward_model = rewards.RewardModelTrainer(trained_model, scope="reward_model",
@@ -119,7 +122,8 @@ class RewardTraining:
 
         self.queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
         self.responses = tf.placeholder(tf.int32, [None, task.response_length], name="responses")
-        self.sampled = self.policy.respond_op(self.queries, task.response_length)
+        self.sample_seed = tf.placeholder(tf.int64, [2], name="sample_seed")  # stateless: see trainer.py
+        self.sampled = self.policy.respond_op(self.queries, task.response_length, seed=self.sample_seed)
         self.rewards = self.reward_model.get_rewards_op(self.queries, self.responses)  # [b]
 
         self.label_placeholders = {
@@ -131,41 +135,49 @@ class RewardTraining:
                                              epsilon=1e-5)
         # Relative paths in the checkpoint state file, so that a moved or uploaded run still loads (as 2019).
         self.saver = tf.train.Saver(self.reward_model.get_params(), max_to_keep=1, save_relative_paths=True)
-        self.sess = devices.new_session(xla=hparams.run.xla, tf32=hparams.run.tf32)
-        self.sess.run(tf.global_variables_initializer())
-        mpi.broadcast_variables(self.sess, tf.global_variables())
+        # What --resume needs: the weights, Adam's state, the steps done and whether normalize_before is done.
+        self.state = run_utils.TrainingState("reward_model", self.reward_model.get_params() + self.optimizer.variables,
+                                             {"step": tf.int64, "normalized_before": tf.int64, "seed": tf.int64})
+        self.sess = run_utils.new_session(hparams.run, tf.global_variables())
 
     # -- sampling from the initial policy
-    def sample(self, queries):
-        """Responses of the initial policy, raw and post-processed (what the reward model scores)."""
-        raw = self.sess.run(self.sampled["responses"], {self.queries: queries})
+    def sample(self, queries, purpose: int, index: int):
+        """Responses of the initial policy, raw and post-processed (what the reward model scores), drawn with
+        the stateless seed of (run seed, rank, purpose, index): the same in a resumed run."""
+        seed = run_utils.stateless_seed(self.seed, mpi.rank(), purpose, index)
+        raw = self.sess.run(self.sampled["responses"], {self.queries: queries, self.sample_seed: seed})
         return raw, lm_tasks.postprocess_responses(raw, self.hparams.task, self.padding_token)
 
-    def rewards_on_policy_samples(self, query_batches, count):
+    def rewards_on_policy_samples(self, query_batches, count, purpose: int):
         """This rank's rewards of the initial policy's raw samples (no truncation, no penalty, as 2019 scored
         them for the normalisation): ceil(count / rollout_batch_size) whole rollout batches over all ranks, so
         that count is rounded up to a multiple of rollout_batch_size (512 samples where 256 are asked for with
         a batch of 512, as in the 2019 book tasks)."""
         rewards_seen = []
-        for _ in range(math.ceil(count / self.hparams.rollout_batch_size)):
+        for index in range(math.ceil(count / self.hparams.rollout_batch_size)):
             queries = next(query_batches)
-            raw, _ = self.sample(queries)
+            raw, _ = self.sample(queries, purpose, index)
             rewards_seen.append(self.sess.run(self.rewards, {self.queries: queries, self.responses: raw}))
         return np.concatenate(rewards_seen)
 
-    def normalize(self, query_batches, target_mean, target_std, when):
+    def normalization_batches(self) -> int:
+        """Query batches one normalisation takes, its debug_normalize check included."""
+        return sum(math.ceil(count / self.hparams.rollout_batch_size)
+                   for count in (self.hparams.normalize_samples, self.hparams.debug_normalize))
+
+    def normalize(self, query_batches, target_mean, target_std, when, purposes):
         """Set gain and bias so that rewards of fresh initial-policy samples have the target mean and std. As in
         2019 the scale is reset first (gain 1, bias 0), so the result does not depend on where it started; then
         `debug_normalize` fresh samples report what was reached."""
         self.reward_model.reset_reward_scale(self.sess)
-        samples = self.rewards_on_policy_samples(query_batches, self.hparams.normalize_samples)
+        samples = self.rewards_on_policy_samples(query_batches, self.hparams.normalize_samples, purposes[0])
         mean, std = rewards.mean_and_std_over_ranks(samples)
         self.reward_model.set_reward_norm(self.sess, measured_mean=mean, measured_std=std,
                                           target_mean=target_mean, target_std=target_std)
         stats.log(f"rewards {when}: mean {mean:.4f} ± std {std:.4f} on {len(samples) * mpi.size()} policy samples; "
                   f"normalised to mean {target_mean:.4f}, std {target_std:.4f}")
         if self.hparams.debug_normalize:
-            fresh = self.rewards_on_policy_samples(query_batches, self.hparams.debug_normalize)
+            fresh = self.rewards_on_policy_samples(query_batches, self.hparams.debug_normalize, purposes[1])
             mean, std = rewards.mean_and_std_over_ranks(fresh)
             stats.log(f"after normalising {when}: mean {mean:.4f} ± std {std:.4f} on {len(fresh) * mpi.size()} "
                       f"fresh policy samples")
@@ -194,6 +206,11 @@ class RewardTraining:
             seen += len(ids)
         weighted = mpi.allreduce_mean(np.array([seen] + [totals.get(k, 0.0) for k in sorted(totals)], np.float64))
         return {name: weighted[i + 1] / max(weighted[0], 1e-12) for i, name in enumerate(sorted(totals))}
+
+    def save_state(self, local_dir, step, normalized_before):
+        """What resuming after `step` training steps needs (rank 0; the run's local directory)."""
+        self.state.save(self.sess, local_dir, step, step=step, normalized_before=int(normalized_before),
+                        seed=self.seed)
 
     def save(self, save_dir):
         """SAVE_DIR/reward_model/checkpoints/model.ckpt, without a step suffix as 2019 (rank 0; local save_dir)."""
@@ -226,7 +243,12 @@ def make_synthetic_labels(training: "RewardTraining", label_type, hparams: HPara
     """Records of the released format: queries from the task, samples from the initial policy, the judge's choice."""
     query_batches = lm_tasks.query_batches(hparams.task, encoder, training.rollout_per_rank, mode="train",
                                            seed=(hparams.run.seed or 0) + 1, rank=0, size=1)
-    return labeler.label_samples(lambda queries: training.sample(queries)[1], query_batches, label_type,
+    batches = iter(range(10 ** 9))
+
+    def sample(queries):
+        return training.sample(queries, training.LABELS, next(batches))[1]
+
+    return labeler.label_samples(sample, query_batches, label_type,
                                  labeler.get_judge(hparams.labels.judge), encoder, count,
                                  hparams.labels.judge_temperature, np.random.RandomState(hparams.run.seed or 0))
 
@@ -235,24 +257,44 @@ def make_synthetic_labels(training: "RewardTraining", label_type, hparams: HPara
 TRAIN_TAG, VALID_TAG = "train_reward/minibatch/", "train_reward/valid/"
 
 
-def train(hparams: HParams):
+def is_finished(local_dir: str) -> bool:
+    """Whether the run in `local_dir` holds a trained reward model (written once, at the very end)."""
+    return os.path.exists(os.path.join(local_dir, "reward_model", "checkpoints", "model.ckpt.index"))
+
+
+def train(hparams: HParams, resume: bool = False):
     """Train a reward model from preference labels and save it to SAVE_DIR/reward_model, with TensorBoard logs
-    in SAVE_DIR/tb/reward_model. SAVE_DIR may be a gs:// URL (written locally, uploaded at the end)."""
+    in SAVE_DIR/tb/reward_model. SAVE_DIR may be a gs:// URL (written locally, uploaded at the end).
+    resume: continue the run saved in SAVE_DIR from its last saved state; a SIGTERM, SIGINT or SIGUSR1 saves
+    that state at the next step and raises trainer.RunInterrupted."""
     save_dir = hparams.run.save_dir
     local_dir = files.staging_dir(save_dir)
+    if resume and is_finished(local_dir):
+        stats.log(f"the reward model in {files.join(save_dir, 'reward_model')} is trained; nothing to resume")
+        return None
     task = hparams.task
     label_type = label_types.get(hparams.labels.type)
     num_steps = hparams.labels.num_train // hparams.batch_size  # exact: checked by HParams.check
     trained_model = TrainedModel(task.policy.initial_model)
     encoding = trained_model.encoding
     encoder = encoding.get_encoder()
+    made_labels = os.path.join(local_dir, "labels.json")
     split = None
     if hparams.labels.source is not None:  # validate before anything is written or built
         split = split_labels(load_or_make_labels(hparams, None, label_type, encoding, encoder), hparams)
+    elif resume and os.path.exists(made_labels):  # the synthetic labels of the run being resumed
+        split = split_labels(label_types.load_labels(made_labels, label_type, query_length=task.query_length,
+                                                     response_length=task.response_length, encoding=encoding),
+                             hparams)
 
-    graph = tf.Graph()
-    with graph.as_default():
+    with run_utils.StopSignals() as stop, tf.Graph().as_default():
         training = RewardTraining(hparams, trained_model, encoder, label_type)
+        saved = training.state.restore(training.sess, local_dir) if resume else None
+        start, normalized_before = 0, False
+        if saved is not None:
+            training.seed, start, normalized_before = int(saved["seed"]), int(saved["step"]), bool(
+                saved["normalized_before"])
+            stats.log(f"resuming the reward model after step {start} of {num_steps}")
         if mpi.is_root():
             os.makedirs(local_dir, exist_ok=True)
             hparams.save_json(os.path.join(local_dir, "train_reward_hparams.json"))
@@ -262,36 +304,59 @@ def train(hparams: HParams):
         train_labels, valid_labels = split
         query_batches = lm_tasks.query_batches(task, encoder, training.rollout_per_rank, mode="train",
                                                seed=hparams.run.seed or 0)
-        logger = stats.StatsLogger(os.path.join(local_dir, "tb", "reward_model"))
+        logger = stats.StatsLogger(os.path.join(local_dir, "tb", "reward_model"), restart_at=start)
+
+        def stop_if_asked(step):
+            if stop.agreed():
+                training.save_state(local_dir, step, normalized_before)
+                if mpi.is_root():
+                    files.sync_up(local_dir, save_dir)
+                raise run_utils.RunInterrupted(run_utils.stop_message(
+                    "train_reward", "step", step, num_steps, save_dir))
 
         if hparams.normalize_before:
-            scales = label_type.target_scales(train_labels)
-            target_mean, target_std = (0.0, 1.0) if scales is None else (float(np.mean(scales)),
-                                                                         float(np.std(scales)))
-            training.normalize(query_batches, target_mean, target_std, "before training")
+            if normalized_before:
+                for _ in range(training.normalization_batches()):  # the queries the saved run used
+                    next(query_batches)
+            else:
+                scales = label_type.target_scales(train_labels)
+                target_mean, target_std = (0.0, 1.0) if scales is None else (float(np.mean(scales)),
+                                                                             float(np.std(scales)))
+                training.normalize(query_batches, target_mean, target_std, "before training",
+                                   (training.NORMALIZE_BEFORE, training.DEBUG_BEFORE))
+        normalized_before = True
 
-        progress = stats.progress_bar(range(num_steps), "reward model")
-        for step in progress:
-            lr = hparams.lr * (1 - step / num_steps)  # linear decay to 0 over the pass
-            global_ids = np.arange(step * hparams.batch_size, (step + 1) * hparams.batch_size)
-            rank_ids = global_ids[mpi.rank()::mpi.size()]  # this rank's share of the global batch
-            record = {TRAIN_TAG + k: v for k, v in training.train_step(train_labels, rank_ids, lr).items()}
-            record["train_reward/lr"] = lr
-            last = step == num_steps - 1
-            if hparams.labels.num_valid and (last or (step + 1) % hparams.run.log_interval == 0):
-                record.update({VALID_TAG + k: v for k, v in training.evaluate(valid_labels).items()})
-            record = logger.record(step, record)  # averaged over ranks (collective); steps start at 0 as in 2019
-            if last or (step + 1) % hparams.run.log_interval == 0:
-                stats.log(stats.compact_line(step + 1, record, sorted(record), step_name="reward model step"))
-            progress.set_postfix({k.rsplit("/", 1)[1] + ("(valid)" if k.startswith(VALID_TAG) else ""): f"{v:.3f}"
-                                  for k, v in record.items() if k.startswith((TRAIN_TAG + "loss", VALID_TAG))})
-
+        try:
+            for step in stats.progress_bar(range(start, num_steps), "reward model", initial=start, total=num_steps):
+                stop_if_asked(step)
+                _train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps)
+                if (step + 1) % hparams.run.save_interval == 0 and step + 1 < num_steps:
+                    training.save_state(local_dir, step + 1, normalized_before)
+            stop_if_asked(num_steps)
+        finally:
+            logger.close()
         if hparams.normalize_after:
-            training.normalize(query_batches, 0.0, 1.0, "after training")
+            training.normalize(query_batches, 0.0, 1.0, "after training",
+                               (training.NORMALIZE_AFTER, training.DEBUG_AFTER))
         mpi.check_identical_across_ranks(training.sess, training.reward_model.get_params(), "reward_model")
         training.save(local_dir)
-        logger.close()
         if mpi.is_root():
             files.sync_up(local_dir, save_dir)
         stats.log(f"saved the reward model to {files.join(save_dir, 'reward_model')}")
         return training
+
+
+def _train_step(training: RewardTraining, hparams: HParams, logger, train_labels, valid_labels, step, num_steps):
+    """One Adam step on the global batch `step` (this rank's share), with its logs."""
+    lr = hparams.lr * (1 - step / num_steps)  # linear decay to 0 over the pass
+    global_ids = np.arange(step * hparams.batch_size, (step + 1) * hparams.batch_size)
+    rank_ids = global_ids[mpi.rank()::mpi.size()]  # this rank's share of the global batch
+    record = {TRAIN_TAG + k: v for k, v in training.train_step(train_labels, rank_ids, lr).items()}
+    record["train_reward/lr"] = lr
+    report = step == num_steps - 1 or (step + 1) % hparams.run.log_interval == 0
+    if hparams.labels.num_valid and report:
+        record.update({VALID_TAG + k: v for k, v in training.evaluate(valid_labels).items()})
+    record = logger.record(step, record)  # averaged over ranks (collective); steps start at 0 as in 2019
+    if report:
+        stats.log(stats.compact_line(f"{step + 1}/{num_steps}", record, sorted(record),
+                                     step_name="reward model step"))

@@ -253,7 +253,7 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
 def test_a_failure_while_saving_is_not_followed_by_a_second_save(tmp_path, monkeypatch):
     calls = []
 
-    def failing_save(self, save_dir, step):
+    def failing_save(self, save_dir, step, state=True):
         calls.append(step)
         raise OSError("disk full")
 

@@ -112,7 +112,7 @@ def test_normalize_after_gives_mean_0_std_1_on_fresh_policy_samples(tmp_path):
     with training.sess.graph.as_default():
         query_batches = lm_tasks.query_batches(hparams.task, TrainedModel("demo").encoding.get_encoder(), 64,
                                                mode="test", seed=99, rank=0, size=1)
-        fresh = training.rewards_on_policy_samples(query_batches, 1024)
+        fresh = training.rewards_on_policy_samples(query_batches, 1024, purpose=99)
     mean, std = rewards.mean_and_std_over_ranks(fresh)
     # 1024 fresh samples: the standard error of the mean is ~0.03
     assert abs(mean) < 0.15 and abs(std - 1) < 0.15, (mean, std)
@@ -211,9 +211,9 @@ def test_normalisation_scores_raw_samples_in_whole_rollout_batches(tmp_path):
     training.sess.run(training.reward_model.gain.assign(3.0))  # a scale that makes truncation visible
     sampled = []
     real_sample = training.sample
-    training.sample = lambda queries: sampled.append((queries, *real_sample(queries))) or sampled[-1][1:]
+    training.sample = lambda queries, *seed: sampled.append((queries, *real_sample(queries, *seed))) or sampled[-1][1:]
     query_batches = lm_tasks.query_batches(hparams.task, encoder, 32, mode="train", seed=3, rank=0, size=1)
-    got = training.rewards_on_policy_samples(query_batches, 40)  # 40 asked with batches of 32: 2 whole batches
+    got = training.rewards_on_policy_samples(query_batches, 40, 1)  # 40 asked with batches of 32: 2 whole batches
     assert len(sampled) == 2 and got.shape == (64,)
     queries = np.concatenate([q for q, _, _ in sampled])
     raw = np.concatenate([r for _, r, _ in sampled])
@@ -236,12 +236,12 @@ def test_normalisation_starts_from_a_reset_scale_and_reports_each_result(tmp_pat
     model = training.reward_model
     training.sess.run([model.gain.assign(-4.0), model.bias.assign(7.0)])  # far from 1 and 0, and negative
     query_batches = lm_tasks.query_batches(hparams.task, encoder, 64, mode="train", seed=1, rank=0, size=1)
-    training.normalize(query_batches, 0.5, 2.0, "before training")
+    training.normalize(query_batches, 0.5, 2.0, "before training", (1, 2))
     gain, bias = training.sess.run([model.gain, model.bias])
     assert gain > 0, gain  # as 2019: the raw reward's scale is measured, whatever the scale was
     # measured independently: rewards of fresh samples, with plain numpy
-    fresh = [training.sess.run(training.rewards, {training.queries: q, training.responses: training.sample(q)[0]})
-             for q in (next(query_batches) for _ in range(16))]
+    fresh = [training.sess.run(training.rewards, {training.queries: q, training.responses: training.sample(q, 7, i)[0]})
+             for i, q in enumerate(next(query_batches) for _ in range(16))]
     fresh = np.concatenate(fresh)
     assert abs(fresh.mean() - 0.5) < 0.25 and abs(fresh.std() - 2.0) < 0.25, (fresh.mean(), fresh.std())
     printed = capsys.readouterr().out

@@ -28,7 +28,7 @@ def mean_over_ranks(stats: Dict[str, float]) -> Dict[str, float]:
     return mpi.mean_dict(stats)
 
 
-def compact_line(step: int, stats: Dict[str, float], keys: Sequence[str], *, step_name: str = "step") -> str:
+def compact_line(step, stats: Dict[str, float], keys: Sequence[str], *, step_name: str = "step") -> str:
     """One console line: `step 12 | objective/score 0.1234 | objective/kl 1.5`. Keys not in `stats` are
     skipped (e.g. a judge's score exists only in the demo); numbers keep 4 significant digits."""
     parts = [f"{step_name} {step}"] + [f"{key} {stats[key]:.4g}" for key in keys if key in stats]
@@ -40,7 +40,9 @@ class StatsLogger:
     compact line per step on the console. Only an enabled logger (by default: on rank 0) writes or prints."""
 
     def __init__(self, logdir: str, *, enabled: Optional[bool] = None, console_keys: Sequence[str] = (),
-                 step_name: str = "step"):
+                 step_name: str = "step", restart_at: Optional[int] = None):
+        """restart_at: a resumed run continues from this step; what an earlier run logged from it on is void
+        (a SessionLog START event: TensorBoard, and `read_scalars`, drop those values, so nothing is duplicated)."""
         self.logdir = logdir
         self.enabled = _is_root() if enabled is None else enabled
         self.console_keys = list(console_keys)
@@ -53,6 +55,9 @@ class StatsLogger:
             # adds nothing to the caller's graph (we write protos, not summary ops).
             with tf.Graph().as_default():
                 self.writer = tf.summary.FileWriter(logdir)
+            if restart_at is not None:
+                self.writer.add_session_log(tf.SessionLog(status=tf.SessionLog.START), global_step=restart_at)
+                self.writer.flush()
 
     def write(self, step: int, scalars: Dict[str, float]):
         """Write statistics already averaged over ranks (no collective); a no-op when disabled."""
@@ -103,23 +108,55 @@ def _tfrecords(path: str):
 
 
 def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
-    """{tag: [(step, value), ...] in step order} from every event file under `logdir` (recursively)."""
+    """{tag: [(step, value), ...] in step order} from every event file under `logdir` (recursively). As in
+    TensorBoard, a SessionLog START at step s (a resumed run) drops the values logged earlier at steps >= s in
+    the same directory."""
     from tensorflow.core.util import event_pb2
+    found = defaultdict(list)  # directory -> [(wall time, path)]
+    for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True):
+        found[os.path.dirname(path)].append(path)
     scalars = defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)):
-        for record in _tfrecords(path):
-            event = event_pb2.Event.FromString(record)
-            for value in event.summary.value:
-                scalars[value.tag].append((event.step, value.simple_value))
+    for directory, paths in found.items():
+        in_directory = defaultdict(list)
+        for path in sorted(paths, key=lambda p: (_file_wall_time(p), p)):  # the order the runs wrote them
+            for record in _tfrecords(path):
+                event = event_pb2.Event.FromString(record)
+                if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                    for tag in in_directory:
+                        in_directory[tag] = [(step, v) for step, v in in_directory[tag] if step < event.step]
+                for value in event.summary.value:
+                    in_directory[value.tag].append((event.step, value.simple_value))
+        for tag, values in in_directory.items():
+            scalars[tag].extend(values)
     return {tag: sorted(values) for tag, values in scalars.items()}
+
+
+def _file_wall_time(path: str) -> float:
+    """When an event file was started: the wall time of its first event (its file-version record)."""
+    from tensorflow.core.util import event_pb2
+    for record in _tfrecords(path):
+        return event_pb2.Event.FromString(record).wall_time
+    return 0.0
 
 
 # ----- console ---------------------------------------------------------------------------------------------------
 
-def progress_bar(iterable, desc: str):
-    """A tqdm bar on rank 0 when stderr is a terminal; none in logs (the per-step lines say it all there)."""
+def progress_bar(iterable, desc: str, *, initial: int = 0, total: Optional[int] = None):
+    """A tqdm bar on rank 0 when stderr is a terminal; none in logs (the per-step lines say it all there).
+    A resumed run starts its bar at `initial` of `total`."""
     from tqdm import tqdm
-    return tqdm(iterable, desc=desc, disable=not (_is_root() and sys.stderr.isatty()), dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, disable=not (_is_root() and sys.stderr.isatty()), dynamic_ncols=True,
+                initial=initial, total=total)
+
+
+def duration(seconds: float) -> str:
+    """4s, 3m07s, 2h05m: a time left, readable at a glance."""
+    seconds = int(round(max(seconds, 0)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def log(message: str):
