@@ -160,9 +160,11 @@ def load_model(name: str, location: str, *, saved_reward_model: bool, network: b
     """The TrainedModel the hyperparameter `name` gives as `location`, its hparams read and, with `network`, its
     checkpoint found; None without `network` when its shape is not on this machine."""
     from lm_human_preferences.language import trained_models  # imports TensorFlow
+    expected = SAVED_REWARD_MODEL if saved_reward_model else MODEL_DIRECTORY
+    if location is None:
+        raise ValueError(f"{name} is not set; expected {expected}")
     builtin = not saved_reward_model and location in trained_models.BUILTIN_MODELS
     remote = files.is_remote(location) or (not saved_reward_model and location in trained_models.GPT2_SIZES)
-    expected = SAVED_REWARD_MODEL if saved_reward_model else MODEL_DIRECTORY
     if not builtin and not remote:
         directory = os.path.expanduser(location)
         if not os.path.isdir(directory):
