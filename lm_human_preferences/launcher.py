@@ -203,7 +203,7 @@ def launch(command: str, experiment: str, name: str, *, mpi: Optional[int] = Non
             print_trials(trials)
         return trials
     if trials_in_parallel:
-        run_in_parallel(command, trials)
+        run_in_parallel(command, trials, resume=resume)
         return trials
     for index, (trial, hparams) in enumerate(trials):
         if len(trials) > 1 and speaks:
@@ -258,20 +258,31 @@ def call_forwarding_stop_signals(argv: List[str], env: Dict[str, str]) -> int:
     in a session of its own (a scheduler's or Ctrl-C's signal to our process group does not reach it) and we
     forward. A second SIGINT (Ctrl-C again) ends the ranks at once."""
     process = subprocess.Popen(argv, env=env, start_new_session=True)
+    with stop_signals_forwarded([process]):
+        return process.wait()
+
+
+@contextlib.contextmanager
+def stop_signals_forwarded(processes: List[subprocess.Popen]):
+    """Inside, a SIGTERM, SIGINT or SIGUSR1 sent to this process reaches each of `processes` still running (the
+    list may grow inside) as SIGUSR1, the trainers' signal to stop with their state saved; a second SIGINT
+    terminates them. Outside the main thread, where Python cannot set signal handlers, nothing changes."""
     received = []
 
     def forward(signum, frame):
         received.append(signum)
-        if len(received) > 1 and signum == signal.SIGINT:
-            process.terminate()
-        else:
-            process.send_signal(signal.SIGUSR1)
+        for process in processes:
+            if process.poll() is None:
+                if len(received) > 1 and signum == signal.SIGINT:
+                    process.terminate()
+                else:
+                    process.send_signal(signal.SIGUSR1)
 
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     previous = {signum: signal.signal(signum, forward) for signum in stop_signals} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
-        return process.wait()
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -338,38 +349,44 @@ def check_run_directory(command: str, hparams: HParams, resume: bool):
                          "\nresume with the saved values, or start a new run under another NAME")
 
 
-def run_in_parallel(command: str, trials: List[Tuple[experiments.Trial, HParams]]):
+def run_in_parallel(command: str, trials: List[Tuple[experiments.Trial, HParams]], resume: bool = False):
     """Run every trial at once, each a single-rank subprocess with one GPU (round-robin; CPU without GPUs).
 
     Every output line is prefixed with `[DESCRIPTOR]`. Waits for all trials; if any failed, exits with an error
-    naming them (the others still ran to their end). Ctrl-C stops them all.
+    naming them (the others still ran to their end). A stop signal (SIGTERM, Ctrl-C) reaches every trial, which
+    stops with its state saved, as a single run does.
     """
     gpus = visible_gpus()
     lock = threading.Lock()
     started = []  # (descriptor, process, relay thread)
+    processes = []
     try:
-        for index, (trial, hparams) in enumerate(trials):
-            label = trial.descriptor or os.path.basename(hparams.run.save_dir)
-            env = rank_environment()
-            device = "CPU"
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = device = gpus[index % len(gpus)]
-                device = f"GPU {device}"
-            print(f"trial {label} starting on {device} -> {hparams.run.save_dir}", flush=True)
-            process = subprocess.Popen(rank_argv(command, hparams), env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, errors="replace")
-            relay = threading.Thread(target=_relay_lines, args=(process.stdout, f"[{label}] ", lock), daemon=True)
-            relay.start()
-            started.append((label, process, relay))
-        failed = []
-        for label, process, relay in started:
-            returncode = process.wait()
-            relay.join()
-            if returncode != 0:
-                failed.append(f"{label} (exit code {returncode})")
+        with stop_signals_forwarded(processes):
+            for index, (trial, hparams) in enumerate(trials):
+                label = trial.descriptor or os.path.basename(hparams.run.save_dir)
+                env = rank_environment()
+                device = "CPU"
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = device = gpus[index % len(gpus)]
+                    device = f"GPU {device}"
+                print(f"trial {label} starting on {device} -> {hparams.run.save_dir}", flush=True)
+                # a session of its own: the stop signals reach it once, forwarded (see call_forwarding_stop_signals)
+                process = subprocess.Popen(rank_argv(command, hparams, resume=resume), env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True, errors="replace",
+                                           start_new_session=True)
+                processes.append(process)
+                relay = threading.Thread(target=_relay_lines, args=(process.stdout, f"[{label}] ", lock), daemon=True)
+                relay.start()
+                started.append((label, process, relay))
+            failed = []
+            for label, process, relay in started:
+                returncode = process.wait()
+                relay.join()
+                if returncode != 0:
+                    failed.append(f"{label} (exit code {returncode})")
     finally:
-        for _, process, _ in started:
-            if process.poll() is None:  # interrupted: do not leave trials running behind us
+        for process in processes:
+            if process.poll() is None:  # an error here: do not leave trials running behind us
                 process.terminate()
                 process.wait()
     if failed:

@@ -5,8 +5,10 @@ after another or in parallel, the --mpi default, and joining an outer mpiexec jo
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -195,9 +197,10 @@ def test_fire_flags_after_the_separator_are_left_alone():
 
 # ----- launcher --------------------------------------------------------------------------------------------------
 
-def test_mpi_relaunch_command_round_trips_the_hparams(monkeypatch):
+def test_mpi_relaunch_command_round_trips_the_hparams(monkeypatch, tmp_path):
     overrides = {"task.query_suffix": "\n\nTL;DR: 'q' \"x\"", "ppo.lr": "3e-6", "rewards.adaptive_kl": "off"}
-    hparams = launcher.resolve_hparams("train_policy", "descriptiveness", "x", overrides=overrides)
+    hparams = launcher.resolve_hparams("train_policy", "descriptiveness", "x", save_dir=str(tmp_path),
+                                       overrides=overrides)
     argv, env = launcher.rank_command("train_policy", hparams, 2)
     assert argv[:-1] == mpi.mpiexec_command(2) + [sys.executable, "-m", "lm_human_preferences.launcher",
                                                   "train_policy"]
@@ -205,14 +208,17 @@ def test_mpi_relaunch_command_round_trips_the_hparams(monkeypatch):
     received = launcher.hparams_from_json("train_policy", argv[-1])
     assert received == hparams and received.task.query_suffix == "\n\nTL;DR: 'q' \"x\""
 
+    # the preflight checks would fetch the 124M model's hparams.json (tests run offline); not this test's subject
+    monkeypatch.setattr(launcher.preflight, "check", lambda *args, **kwargs: None)
     calls = []
-    monkeypatch.setattr(launcher.subprocess, "call", lambda argv, env: calls.append(argv) or 0)
-    [(trial, launched)] = launcher.launch("train_policy", "descriptiveness", "x", mpi=2, overrides=overrides)
+    monkeypatch.setattr(launcher, "call_forwarding_stop_signals", lambda argv, env: calls.append(argv) or 0)
+    [(trial, launched)] = launcher.launch("train_policy", "descriptiveness", "x", mpi=2, save_dir=str(tmp_path),
+                                          overrides=overrides)
     assert (trial.descriptor, launched) == ("", hparams)
     assert calls == [argv]
-    monkeypatch.setattr(launcher.subprocess, "call", lambda argv, env: 5)
+    monkeypatch.setattr(launcher, "call_forwarding_stop_signals", lambda argv, env: 5)
     with pytest.raises(SystemExit) as info:  # a failed job fails launch.py with the job's exit code
-        launcher.launch("train_policy", "descriptiveness", "x", mpi=2, overrides=overrides)
+        launcher.launch("train_policy", "descriptiveness", "x", mpi=2, save_dir=str(tmp_path), overrides=overrides)
     assert info.value.code == 5
 
 
@@ -315,7 +321,7 @@ def test_parallel_trials_all_run_and_failures_are_reported(capsys, monkeypatch):
     program = ("import os, sys, time; seed = {seed}; time.sleep(0.5 * seed); "
                "print('on', os.environ['CUDA_VISIBLE_DEVICES'], 'pythonpath', os.environ['PYTHONPATH']); "
                "sys.exit(3 if seed == 2 else 0)")
-    monkeypatch.setattr(launcher, "rank_argv", lambda command, hparams: [
+    monkeypatch.setattr(launcher, "rank_argv", lambda command, hparams, resume: [
         sys.executable, "-c", program.format(seed=hparams.run.seed)])
     trials = launcher.resolve_trials("train_policy", "descriptiveness_seeds", "x")
     with pytest.raises(SystemExit) as info:
@@ -324,6 +330,27 @@ def test_parallel_trials_all_run_and_failures_are_reported(capsys, monkeypatch):
     out = capsys.readouterr().out
     for descriptor, gpu in [("seed1", "0"), ("seed2", "1"), ("seed3", "0")]:  # round-robin over the GPUs
         assert f"[{descriptor}] on {gpu} pythonpath {REPO_ROOT}" in out
+
+
+def test_a_stop_signal_reaches_every_parallel_trial(capsys, monkeypatch, no_gpus):
+    """SIGTERM to the launcher (a scheduler ending the job) reaches each trial as SIGUSR1, the trainers' signal
+    to stop with their state saved; the trials are in sessions of their own, so it arrives once."""
+    program = ("import signal, sys, time; "
+               "signal.signal(signal.SIGUSR1, lambda *_: (print('stopping', flush=True), sys.exit(75))); "
+               "print('ready', flush=True); time.sleep(60)")
+    monkeypatch.setattr(launcher, "rank_argv", lambda command, hparams, resume: [sys.executable, "-c", program])
+    trials = launcher.resolve_trials("train_reward", "test_seeds", "x")
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit) as info:
+            launcher.run_in_parallel("train_reward", trials)
+    finally:
+        timer.cancel()
+    assert info.value.code == "error: 2 of 2 trials failed: seed1 (exit code 75), seed2 (exit code 75)"
+    out = capsys.readouterr().out
+    assert "[seed1] stopping" in out and "[seed2] stopping" in out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the launcher's handlers are gone again
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -343,13 +370,13 @@ def test_trials_in_parallel_is_a_bare_flag_with_a_short_form():
 
 # ----- how many ranks -------------------------------------------------------------------------------------------
 
-def test_mpi_defaults_to_one_rank_per_visible_gpu(capsys, monkeypatch):
+def test_mpi_defaults_to_one_rank_per_visible_gpu(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(launcher, "visible_gpus", lambda: ["0", "1", "2", "3"])
     assert launcher.plan_ranks(None) == launcher.RankPlan(4, False, "--mpi not given: 4 ranks (one per visible GPU)")
     assert launcher.plan_ranks(2) == launcher.RankPlan(2, False, None)  # --mpi N overrides
     calls = []
-    monkeypatch.setattr(launcher.subprocess, "call", lambda argv, env: calls.append(argv) or 0)
-    cli.main(["train_reward", "test", "x"])
+    monkeypatch.setattr(launcher, "call_forwarding_stop_signals", lambda argv, env: calls.append(argv) or 0)
+    cli.main(["train_reward", "test", "x", "--save_dir", str(tmp_path)])
     [argv] = calls
     assert argv[:len(mpi.mpiexec_command(4))] == mpi.mpiexec_command(4)
     assert capsys.readouterr().out.splitlines()[0] == "--mpi not given: 4 ranks (one per visible GPU)"
