@@ -201,6 +201,7 @@ def ppo_hparams(shape: Shape, settings: Settings, *, xla: bool, mixed_precision:
         "rewards.train_new_model": "off", "rewards.trained_model": "random weights (bench.py)",
         "ppo.batch_size": shape.batch, "ppo.total_episodes": shape.batch, "ppo.noptepochs": settings.noptepochs,
         "ppo.nminibatches": 1, "ppo.micro_batches": 1, "ppo.lr": 1e-5,
+        "ppo.whiten_rewards": shape.batch >= 8,  # whitening needs 8 episodes; the CPU rows time batches of 2
         "run.xla": xla, "run.mixed_precision": mixed_precision, "run.seed": 1})
 
 
@@ -226,7 +227,8 @@ def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, p
         trainer = PPOTrainer(hparams, trained_model, trained_model, encoder)
         try:
             if sampling:
-                runs = timed_runs(lambda: trainer.sess.run(trainer.rollout_op, {trainer.queries: queries}), settings)
+                feed = {trainer.queries: queries, trainer.rollout_seed: [1, 2]}
+                runs = timed_runs(lambda: trainer.sess.run(trainer.rollout_op, feed), settings)
                 sample_flops = flops.sampling_flops(model_hparams, batch=shape.batch, context_length=context_length,
                                                     response_length=shape.response_length)
                 results["sampling"] = rate(runs, sample_flops, peak,

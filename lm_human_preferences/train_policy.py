@@ -280,7 +280,7 @@ def reward_model_source(hparams: HParams, local_dir: str, resume: bool = False) 
     if resume and train_reward.is_finished(local_dir):
         stats.log(f"resuming: the reward model in {files.join(hparams.run.save_dir, 'reward_model')} is trained")
     else:
-        train_reward.train(reward_hparams, resume=resume)
+        train_reward.train(reward_hparams, resume=resume, local_dir=local_dir)
     return TrainedModel("reward_model", savedir=local, scope="reward_model")
 
 

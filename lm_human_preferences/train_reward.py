@@ -262,13 +262,14 @@ def is_finished(local_dir: str) -> bool:
     return os.path.exists(os.path.join(local_dir, "reward_model", "checkpoints", "model.ckpt.index"))
 
 
-def train(hparams: HParams, resume: bool = False):
+def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = None):
     """Train a reward model from preference labels and save it to SAVE_DIR/reward_model, with TensorBoard logs
     in SAVE_DIR/tb/reward_model. SAVE_DIR may be a gs:// URL (written locally, uploaded at the end).
     resume: continue the run saved in SAVE_DIR from its last saved state; a SIGTERM, SIGINT or SIGUSR1 saves
-    that state at the next step and raises trainer.RunInterrupted."""
+    that state at the next step and raises trainer.RunInterrupted. local_dir: the run's local directory when the
+    caller (train_policy) has it already; by default `files.staging_dir(SAVE_DIR)`."""
     save_dir = hparams.run.save_dir
-    local_dir = files.staging_dir(save_dir)
+    local_dir = files.staging_dir(save_dir) if local_dir is None else local_dir
     if resume and is_finished(local_dir):
         stats.log(f"the reward model in {files.join(save_dir, 'reward_model')} is trained; nothing to resume")
         return None
