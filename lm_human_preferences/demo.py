@@ -135,9 +135,24 @@ def plot_learning_curves(save_dir: str) -> str:
     return path
 
 
+def free_name(save_dir: str, name: str) -> str:
+    """NAME, or NAME-2, NAME-3, ... : the first that does not hold a run yet (a run is never overwritten, and a
+    newcomer's second `make demo` should simply run again)."""
+    candidate, number = name, 1
+    while launcher.run_exists(os.path.join(os.path.expanduser(save_dir), candidate)):
+        number += 1
+        candidate = f"{name}-{number}"
+    return candidate
+
+
 def run_demo(name: str = "demo", save_dir: str = "/tmp/save/demo", overrides=None):
-    """Train with the `demo` experiment, then print the report and the path of the learning curves."""
-    hparams = launcher.resolve_hparams("train_policy", "demo", name, save_dir=save_dir, overrides=overrides)
+    """Train with the `demo` experiment, then print the report and the path of the learning curves. The run is
+    saved to SAVE_DIR/NAME, or to the first free SAVE_DIR/NAME-N when that holds a run already."""
+    free = free_name(save_dir, name)
+    if free != name:
+        print(f"{os.path.join(save_dir, name)} holds an earlier run (never overwritten); this demo saves to "
+              f"{os.path.join(save_dir, free)}", flush=True)
+    hparams = launcher.resolve_hparams("train_policy", "demo", free, save_dir=save_dir, overrides=overrides)
     train_policy.train(hparams)
     report = evaluate(hparams)
     print(format_report(report))

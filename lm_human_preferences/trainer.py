@@ -16,6 +16,7 @@ A long run (hours, on machines that may be preempted) must be able to stop and c
   stops at once (KeyboardInterrupt).
 """
 
+import contextlib
 import os
 import signal
 import threading
@@ -70,6 +71,19 @@ def new_session(run_hparams, variables_to_share: Sequence) -> tf.Session:
     return sess
 
 
+@contextlib.contextmanager
+def quiet_tensorflow_warnings():
+    """TensorFlow's Saver warns that its own way of deleting old checkpoints (max_to_keep) is deprecated, once
+    per process, in the middle of a run's log: say nothing below errors while saving."""
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 # ----- the training state -------------------------------------------------------------------------------------------
 
 class TrainingState:
@@ -99,8 +113,9 @@ class TrainingState:
         if mpi.is_root():
             sess.run(self._assign, {self._new_values[name]: value for name, value in counters.items()})
             os.makedirs(self.directory(local_dir), exist_ok=True)
-            self.saver.save(sess, f"{self.directory(local_dir)}/state.ckpt", global_step=checkpoint_step,
-                            write_meta_graph=False)
+            with quiet_tensorflow_warnings():
+                self.saver.save(sess, f"{self.directory(local_dir)}/state.ckpt", global_step=checkpoint_step,
+                                write_meta_graph=False)
 
     def restore(self, sess, local_dir: str) -> Optional[Dict[str, float]]:
         """Load the saved state on every rank (each machine holds the run); its counters, or None if none."""

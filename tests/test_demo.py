@@ -21,3 +21,14 @@ def test_demo_improves_the_true_objective_and_the_reward_model_agrees_with_the_j
     assert os.path.getsize(plot_path) > 10_000 and plot_path.endswith(".png")
     text = demo.format_report(report)
     assert "standard errors" in text and "agrees with the judge" in text and "KL" in text
+
+
+def test_a_second_demo_saves_beside_the_first_instead_of_overwriting_it(tmp_path):
+    assert demo.free_name(str(tmp_path), "demo") == "demo"
+    (tmp_path / "demo").mkdir()
+    assert demo.free_name(str(tmp_path), "demo") == "demo"  # an empty directory holds no run
+    (tmp_path / "demo" / "train_policy_hparams.json").write_text("{}")
+    assert demo.free_name(str(tmp_path), "demo") == "demo-2"
+    (tmp_path / "demo-2").mkdir()
+    (tmp_path / "demo-2" / "labels.json").write_text("[]")
+    assert demo.free_name(str(tmp_path), "demo") == "demo-3"

@@ -18,10 +18,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
 
 # A policy run of the tiny `test` experiment long enough to be interrupted in the middle: its reward model
-# (trained first) and then 40 PPO updates, a checkpoint every 15.
-POLICY_FLAGS = ["--ppo.total_episodes", str(16 * 40), "--ppo.batch_size", "16", "--run.save_interval", "15",
+# (trained first) and then 30 PPO updates, a checkpoint every 12.
+POLICY_FLAGS = ["--ppo.total_episodes", str(16 * 30), "--ppo.batch_size", "16", "--run.save_interval", "12",
                 "--run.log_interval", "1000"]
-REWARD_FLAGS = ["--labels.num_train", "1600", "--batch_size", "8", "--run.log_interval", "1000",
+REWARD_FLAGS = ["--labels.num_train", "800", "--batch_size", "8", "--run.log_interval", "1000",
                 "--normalize_samples", "32", "--debug_normalize", "16"]
 
 
@@ -62,18 +62,18 @@ def test_a_sigterm_saves_the_run_and_resume_ends_where_an_uninterrupted_run_ends
     assert straight.returncode == 0, straight.stdout[-3000:]
 
     code, output = interrupt(["train_policy", "test", "cut", "--save_dir", str(tmp_path), *POLICY_FLAGS],
-                             "update 5/40")
+                             "update 4/30")
     assert code == trainer.INTERRUPTED_EXIT_CODE, output[-3000:]
     assert "received SIGTERM" in output and "interrupted: train_policy stopped after update" in output
     assert "--resume" in output
     stopped_at = int(output.split("interrupted: train_policy stopped after update ")[1].split()[0])
-    assert 5 <= stopped_at < 40, output[-2000:]
+    assert 4 <= stopped_at < 30, output[-2000:]
     state = os.path.join(tmp_path, "cut", "resume", "ppo")
     assert tf.train.latest_checkpoint(state).endswith(f"state.ckpt-{stopped_at}")
 
     resumed = launch("train_policy", "test", "cut", "--save_dir", str(tmp_path), *POLICY_FLAGS, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert f"resuming after update {stopped_at} of 40" in resumed.stdout
+    assert f"resuming after update {stopped_at} of 30" in resumed.stdout
     assert "the reward model in" in resumed.stdout  # trained before the interruption: not trained again
     # the same final policy and the same optimizer state as the run that never stopped
     for part in ("policy/checkpoints", "resume/ppo"):
@@ -82,7 +82,7 @@ def test_a_sigterm_saves_the_run_and_resume_ends_where_an_uninterrupted_run_ends
     # TensorBoard continues on the same steps without duplicates, and the logged numbers agree
     cut_events = stats.read_scalars(os.path.join(tmp_path, "cut", "tb", "ppo"))
     straight_events = stats.read_scalars(os.path.join(tmp_path, "straight", "tb", "ppo"))
-    assert [step for step, _ in cut_events["objective/score"]] == list(range(40))
+    assert [step for step, _ in cut_events["objective/score"]] == list(range(30))
     np.testing.assert_allclose([v for _, v in cut_events["objective/kl_coef"]],
                                [v for _, v in straight_events["objective/kl_coef"]], rtol=1e-6)
 
@@ -126,10 +126,13 @@ def test_reward_training_resumes_exactly(tmp_path):
 
 
 def test_two_ranks_stop_at_the_same_update_and_resume_exactly(tmp_path):
-    flags = ["--mpi", "2", "--save_dir", str(tmp_path), *POLICY_FLAGS]
+    reward = launch("train_reward", "test", "rm", "--save_dir", str(tmp_path))  # one reward model for all 3 runs
+    assert reward.returncode == 0, reward.stdout[-3000:]
+    flags = ["--mpi", "2", "--save_dir", str(tmp_path), *POLICY_FLAGS, "--rewards.train_new_model", "off",
+             "--rewards.trained_model", os.path.join(tmp_path, "rm", "reward_model")]
     straight = launch("train_policy", "test", "straight", *flags)
     assert straight.returncode == 0, straight.stdout[-3000:]
-    code, output = interrupt(["train_policy", "test", "cut", *flags], "update 5/40")
+    code, output = interrupt(["train_policy", "test", "cut", *flags], "update 4/30")
     assert code == trainer.INTERRUPTED_EXIT_CODE, output[-3000:]
     assert output.count("interrupted: train_policy stopped after update") == 1  # rank 0 speaks for both
     resumed = launch("train_policy", "test", "cut", *flags, "--resume")

@@ -68,8 +68,10 @@ def save_model(sess, saver, model_dir, hparams: HParams, encoding_name: str, ste
     """Save a model in the run layout: hparams.json, encoding, checkpoints/model.ckpt-STEP (or model.ckpt when
     step is None, as 2019 saved reward models). Make `saver` with save_relative_paths=True so that the run
     directory can be moved."""
+    from lm_human_preferences.trainer import quiet_tensorflow_warnings
     write_model_files(model_dir, hparams, encoding_name)
-    saver.save(sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
+    with quiet_tensorflow_warnings():
+        saver.save(sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
 
 
 def _known_names():
