@@ -1,4 +1,4 @@
-"""Kinds of human labels (SPEC section 7): their record schemas, validation, losses and target scales.
+"""Kinds of human labels: their record schemas, validation, losses and target scales.
 
 * `best_of_N` (e.g. `best_of_4`): `query`, `sample0..sample{N-1}`, `best` in [0, N); softmax cross-entropy
   of the N rewards against `best`.

@@ -1,7 +1,7 @@
 """A synthetic labeler for the offline demo: a programmatic judge with a known preference plays the human.
 
 A judge maps (query text, response text) to a score. `make_records` turns queries and policy samples into
-label records in exactly the released JSON format (SPEC section 7):
+label records in exactly the released JSON format:
 
 * best_of_N:      {"query": [...], "sample0": [...], ..., "sample{N-1}": [...], "best": int}
 * scalar_rating:  {"query": [...], "sample": [...], "score": float}

@@ -1,4 +1,4 @@
-"""The policy: GPT-2 with a `value` head on the same trunk (SPEC sections 4, 8 and 13).
+"""The policy: GPT-2 with a `value` head on the same trunk.
 
 Variables: `SCOPE/model/...` (GPT-2 names) and `SCOPE/model/heads/value/{w,b}`. They are created when the
 policy is built and take the trained model's weights from the global variables initialiser (the value head,

@@ -1,4 +1,4 @@
-"""PPO for language models (SPEC section 8): hyperparameters, the KL controllers, and the pure graph functions
+"""PPO for language models: hyperparameters, the KL controllers, and the pure graph functions
 of one update — KL-penalised rewards, whitening, GAE, the clipped losses and their statistics.
 
 An episode is one query and its `T = response_length` response tokens; every tensor here is [batch, T] unless
@@ -172,7 +172,7 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, cliprange):
 
 
 def ppo_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, advantages, returns, hparams: PpoHParams):
-    """The PPO loss pg + vf_coef·vf of a (micro-)batch and its statistics, named as in SPEC section 8.
+    """The PPO loss pg + vf_coef·vf of a (micro-)batch and its statistics, named as the 2019 code logged them.
 
     logprobs, vpred, entropies: the current policy's, [b, T]; old_logprobs, old_values: the rollout's, [b, T];
     advantages, returns: from `advantages_and_returns` over the enclosing minibatch, [b, T].

@@ -1,4 +1,4 @@
-"""The reward model (SPEC sections 4 and 7): a GPT-2 trunk, a scalar `reward` head read at the last
+"""The reward model: a GPT-2 trunk, a scalar `reward` head read at the last
 position of query + response, and an affine normalisation `reward_norm/{gain,bias}`.
 
 Variables: `SCOPE/model/...` (GPT-2 names), `SCOPE/model/heads/reward/{w,b}`, `SCOPE/reward_norm/{gain,bias}`.

@@ -1,4 +1,4 @@
-"""PPO fine-tuning of a policy against a reward model (SPEC section 8): `./launch.py train_policy`."""
+"""PPO fine-tuning of a policy against a reward model: `./launch.py train_policy`."""
 
 import copy
 import math

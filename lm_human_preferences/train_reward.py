@@ -1,4 +1,4 @@
-"""Reward-model training from human preference labels (SPEC section 7): `./launch.py train_reward`."""
+"""Reward-model training from human preference labels: `./launch.py train_reward`."""
 
 import math
 import os

@@ -1,4 +1,4 @@
-"""Token encodings (SPEC section 5): `main` (GPT-2's byte-level BPE) and `test` (27 characters).
+"""Token encodings: `main` (GPT-2's byte-level BPE) and `test` (27 characters).
 
 `get(name)` returns an Encoding: `.name`, `.n_vocab`, `.padding_token`, `.get_encoder(model_dir=None)`.
 An encoder has `.encode(text) -> list[int]` and `.decode(tokens) -> str`; the padding token decodes to "".

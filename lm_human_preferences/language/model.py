@@ -1,6 +1,6 @@
 """The GPT-2 transformer in TF1 graph style, with scalar heads, padding semantics and a key/value cache.
 
-Variables carry the names of the 2019 checkpoints (SPEC section 4) under the model's scope:
+Variables carry the names of the 2019 checkpoints under the model's scope:
 `model/wte`, `model/wpe`, `model/h{L}/{ln_1,attn/c_attn,attn/c_proj,ln_2,mlp/c_fc,mlp/c_proj}/...`,
 `model/ln_f/{g,b}`, and one `model/heads/<name>/{w [n_embd], b []}` per scalar head.
 

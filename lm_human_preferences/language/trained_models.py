@@ -1,4 +1,4 @@
-"""Where a language model's shape, encoding and weights come from (SPEC sections 3, 4 and 13).
+"""Where a language model's shape, encoding and weights come from.
 
 `TrainedModel(name, *, savedir=None, scope=None)` names one of:
 
@@ -58,7 +58,7 @@ def is_optimizer_state(name: str) -> bool:
 
 
 def write_model_files(model_dir, hparams: HParams, encoding_name: str):
-    """Write the files that make `model_dir` loadable by TrainedModel: hparams.json and encoding (SPEC 3).
+    """Write the files that make `model_dir` loadable by TrainedModel: hparams.json and encoding.
     The weights go to `model_dir/checkpoints/` through a tf Saver."""
     files.write_text_atomic(os.path.join(model_dir, "hparams.json"), hparams.to_json() + "\n")
     files.write_text_atomic(os.path.join(model_dir, "encoding"), json.dumps(encoding_name) + "\n")

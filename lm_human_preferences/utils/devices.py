@@ -1,6 +1,6 @@
 """Which device a process computes on, and how its TensorFlow session is configured.
 
-One MPI rank per GPU (SPEC section 10): rank `local_rank` on a machine sees only GPU `local_rank`, so
+One MPI rank per GPU: rank `local_rank` on a machine sees only GPU `local_rank`, so
 `--mpi 8` on an 8-GPU box spreads the ranks over the GPUs; with fewer GPUs than ranks they share round-robin,
 and with none everything runs on the CPU. `xla` switches on TensorFlow's XLA auto-clustering (JIT), one of
 the speed switches measured by bench.py.

@@ -1,4 +1,4 @@
-"""Files from local disk, `https://`/`http://` and `gs://` (SPEC section 11).
+"""Files from local disk, `https://`/`http://` and `gs://`.
 
 Wherever a path is accepted, a URL is too. A remote file is fetched once into a disk cache and then read
 locally; the cache keeps the remote layout, `cache_dir()/<scheme>/<host or bucket>/<path>`, so files that
@@ -12,7 +12,7 @@ next to `model.ckpt.data-*`).
   exponential backoff and jitter; a definitive answer (404, 403, ...) fails at once. A host that cannot be
   reached at all (offline: no DNS, connection refused, connect timeout) also fails at once, so an offline run
   stops within seconds. Errors are :class:`FileFetchError` naming the URL and the cache path.
-* Under MPI, :func:`local_path` is collective: one rank per machine downloads (SPEC 10: fetched once per
+* Under MPI, :func:`local_path` is collective: one rank per machine downloads (fetched once per
   machine), the others receive its result or its error.
 
 Runs can be saved to `gs://BUCKET/PATH` (:func:`staging_dir`, :func:`sync_up`). Training writes to a local staging

@@ -1,4 +1,4 @@
-"""MPI helpers (SPEC section 10): ranks, exact batch division, seeds, broadcast, averaging, abort on error.
+"""MPI helpers: ranks, exact batch division, seeds, broadcast, averaging, abort on error.
 
 One process per device; the job is started by `mpiexec` (see :func:`mpiexec_command`). MPI is only
 initialised when the process was started by an MPI launcher (``OMPI_COMM_WORLD_SIZE`` or ``PMI_SIZE`` is
@@ -139,7 +139,7 @@ def allreduce_mean(array: np.ndarray) -> np.ndarray:
 def horovod_tensorflow():
     """horovod.tensorflow, initialised, when it imports and several ranks run; else None.
 
-    horovod is optional (its last release does not build against current TensorFlow, SPEC 1); when present
+    horovod is optional (its last release does not build against current TensorFlow); when present
     it all-reduces gradients inside the graph (NCCL on GPUs) instead of through numpy and mpi4py.
     """
     if comm() is None:
@@ -186,7 +186,7 @@ def _assign_ops(variables):
 
 
 def broadcast_variables(sess, variables: List):
-    """Give every rank rank 0's values of `variables` (parameters are initialised on rank 0, SPEC 10)."""
+    """Give every rank rank 0's values of `variables` (parameters are initialised on rank 0)."""
     world = comm()
     variables = list(variables)
     if world is None or not variables:

@@ -2,9 +2,9 @@
 
 The optimizer is TensorFlow 1's Adam (`tf.compat.v1.train.AdamOptimizer`) on purpose: its epsilon sits
 outside the bias correction (lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t); p -= lr_t * m / (sqrt(v) + eps)), and
-PyTorch-style Adam gave about 6x larger early policy updates on this task (SPEC 7). Do not swap it.
+PyTorch-style Adam gave about 6x larger early policy updates on this task. Do not swap it.
 
-Gradient accumulation (SPEC 8): a minibatch that does not fit in memory is split into `micro_batches` equal
+Gradient accumulation: a minibatch that does not fit in memory is split into `micro_batches` equal
 micro-batches. The caller runs `accumulate_op` once per micro-batch (feeding that micro-batch), then
 `apply_op` once; the applied gradient is the mean of the micro-batch gradients, which for a loss that is a
 mean over examples equals the gradient of the whole minibatch. :meth:`Optimizer.step` does exactly that.
