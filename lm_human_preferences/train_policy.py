@@ -15,7 +15,7 @@ from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.ppo import PpoHParams
-from lm_human_preferences.utils import devices, files, hyperparams, mpi, stats, train_ops
+from lm_human_preferences.utils import files, hyperparams, mpi, stats, train_ops
 from lm_human_preferences.utils.hyperparams import require
 
 # Whitening rewards over fewer episodes than this is meaningless (2019 refused it too).

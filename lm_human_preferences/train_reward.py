@@ -12,7 +12,7 @@ from lm_human_preferences import label_types, labeler, lm_tasks, rewards, traine
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.utils import devices, files, hyperparams, mpi, stats, train_ops
+from lm_human_preferences.utils import files, hyperparams, mpi, stats, train_ops
 from lm_human_preferences.utils.hyperparams import require
 
 

@@ -12,7 +12,6 @@ import tensorflow.compat.v1 as tf
 
 from lm_human_preferences import launcher, lm_tasks, rewards, train_reward
 from lm_human_preferences.language.trained_models import TrainedModel
-from lm_human_preferences.utils import mpi
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E = 4  # the `test` encoding's id of "e"
