@@ -336,8 +336,7 @@ def _run_updates(trainer: PPOTrainer, hparams: HParams, local_dir: str, encoder,
         nonlocal saving
         saving = True
         trainer.save(local_dir, step, state=state)
-        if mpi.is_root():
-            files.sync_up(local_dir, save_dir)
+        run_utils.publish(local_dir, save_dir)
         saving = False
 
     session_start = last_time = time.time()

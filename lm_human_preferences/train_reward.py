@@ -310,8 +310,7 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
         def stop_if_asked(step):
             if stop.agreed():
                 training.save_state(local_dir, step, normalized_before)
-                if mpi.is_root():
-                    files.sync_up(local_dir, save_dir)
+                run_utils.publish(local_dir, save_dir)
                 raise run_utils.RunInterrupted(run_utils.stop_message(
                     "train_reward", "step", step, num_steps, save_dir))
 
@@ -333,6 +332,7 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
                 _train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps)
                 if (step + 1) % hparams.run.save_interval == 0 and step + 1 < num_steps:
                     training.save_state(local_dir, step + 1, normalized_before)
+                    run_utils.publish(local_dir, save_dir)  # a preempted machine's local copy may be gone
             stop_if_asked(num_steps)
         finally:
             logger.close()
@@ -341,8 +341,7 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
                                (training.NORMALIZE_AFTER, training.DEBUG_AFTER))
         mpi.check_identical_across_ranks(training.sess, training.reward_model.get_params(), "reward_model")
         training.save(local_dir)
-        if mpi.is_root():
-            files.sync_up(local_dir, save_dir)
+        run_utils.publish(local_dir, save_dir)
         stats.log(f"saved the reward model to {files.join(save_dir, 'reward_model')}")
         return training
 

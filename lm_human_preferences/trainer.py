@@ -62,6 +62,13 @@ def numpy_rng(seed: int, *parts: int) -> np.random.Generator:
     return np.random.default_rng(_entropy(seed, *parts))
 
 
+def publish(local_dir: str, save_dir: str):
+    """After a save: rank 0 uploads what changed in the run's local directory when SAVE_DIR is gs:// (a no-op for a
+    local SAVE_DIR); see `files.sync_up`."""
+    if mpi.is_root():
+        files.sync_up(local_dir, save_dir)
+
+
 def new_session(run_hparams, variables_to_share: Sequence) -> tf.Session:
     """The run's session (XLA and TF32 switches), every variable initialised, and rank 0's values of
     `variables_to_share` on every rank."""
