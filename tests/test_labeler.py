@@ -169,14 +169,58 @@ def test_scalar_labels_get_gaussian_noise_of_the_temperature():
     assert noise.std() == pytest.approx(0.5, rel=0.1)
 
 
-def test_noisy_best_of_n_sometimes_picks_a_worse_sample_but_mostly_a_better_one():
-    judge = labeler.get_judge("letter_e")
-    queries, samples = batch(9, 2, batch_size=2000)
-    records = labeler.make_records("best_of_2", queries, samples, judge, ENCODER, 0.1, np.random.RandomState(0))
-    scores = np.stack([labeler.judge_scores(judge, ENCODER, queries, s) for s in samples], axis=1)
-    decided = scores[:, 0] != scores[:, 1]
-    agrees = np.array([r["best"] for r in records])[decided] == np.argmax(scores, axis=1)[decided]
-    assert 0.5 < agrees.mean() < 0.95, agrees.mean()
+def letter_rich_batch(seed, count, num_samples):
+    """Queries [count, QUERY_LENGTH] and `num_samples` responses [count, RESPONSE_LENGTH] whose share of e's
+    varies from sample to sample (uniform random letters rarely hold an e, and would mostly tie)."""
+    rng = np.random.RandomState(seed)
+    queries = rng.randint(0, 27, (count, QUERY_LENGTH)).astype(np.int32)
+    samples = []
+    for _ in range(num_samples):
+        share = rng.uniform(0, 0.7, (count, 1))  # this sample's probability of an "e" at each position
+        letters = rng.randint(0, 27, (count, RESPONSE_LENGTH))
+        samples.append(np.where(rng.uniform(size=(count, RESPONSE_LENGTH)) < share, tokens("e")[0], letters))
+    return queries, samples
+
+
+def agreement_with_the_judge(scores, temperature):
+    """Per record, the probability that a softmax(scores / temperature) pick is one of the best samples: the
+    judge at that temperature. scores [n, N] -> [n]"""
+    logits = (scores - scores.max(axis=1, keepdims=True)) / temperature
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return (probabilities * (scores == scores.max(axis=1, keepdims=True))).sum(axis=1)
+
+
+def test_noisy_best_of_n_agrees_with_the_judge_as_often_as_its_temperature_says():
+    judge, temperature, count = labeler.get_judge("letter_e"), 0.1, 2000
+    queries, samples = letter_rich_batch(9, count, 4)
+    scores = np.stack([labeler.judge_scores(judge, ENCODER, queries, s) for s in samples], axis=1)  # [count, 4]
+    best = scores == scores.max(axis=1, keepdims=True)  # [count, 4]
+
+    def observed_agreement(records):
+        return best[np.arange(count), [r["best"] for r in records]].mean()
+
+    # Given these samples, each record agrees with probability p_i: a sum of Bernoulli(p_i), whose mean has
+    # standard error sqrt(sum p_i (1 - p_i)) / count (about 0.007 here, so the band is about ±0.03).
+    p = agreement_with_the_judge(scores, temperature)
+    expected, standard_error = p.mean(), np.sqrt(np.sum(p * (1 - p))) / count  # expected ≈ 0.88
+    band = 4 * standard_error
+    records = labeler.make_records("best_of_4", queries, samples, judge, ENCODER, temperature,
+                                   np.random.RandomState(0))
+    assert abs(observed_agreement(records) - expected) < band, (observed_agreement(records), expected, band)
+
+    # The band tells the temperature apart: a judge 10x noisier (≈0.42), 10x sharper (≈1.0) or a random pick
+    # (≈0.33) is expected more than its own 4 standard errors outside it, and labels made so do fall outside it.
+    for name, p_wrong in {"temperature x10": agreement_with_the_judge(scores, 10 * temperature),
+                          "temperature /10": agreement_with_the_judge(scores, temperature / 10),
+                          "random pick": best.mean(axis=1)}.items():
+        wrong_error = np.sqrt(np.sum(p_wrong * (1 - p_wrong))) / count
+        assert abs(p_wrong.mean() - expected) > band + 4 * wrong_error, (name, p_wrong.mean(), expected, band)
+    for wrong_temperature in (10 * temperature, temperature / 10):
+        records = labeler.make_records("best_of_4", queries, samples, judge, ENCODER, wrong_temperature,
+                                       np.random.RandomState(0))
+        assert abs(observed_agreement(records) - expected) > band, wrong_temperature
+    random_picks = np.random.RandomState(0).randint(0, 4, count)
+    assert abs(best[np.arange(count), random_picks].mean() - expected) > band
 
 
 @pytest.mark.parametrize("label_type, count, message", [

@@ -23,6 +23,15 @@ def test_exact_div_names_the_hyperparameter():
         mpi.exact_div(16, 3, "batch_size / ranks", "ppo.nminibatches")
 
 
+
+@pytest.mark.parametrize("parts", [0, -2])
+def test_exact_div_refuses_zero_or_negative_parts(parts):
+    # -2 divides 64 exactly and 0 would raise ZeroDivisionError: both must be this message instead
+    with pytest.raises(ValueError) as info:
+        mpi.exact_div(64, parts, "ppo.batch_size / ranks", "ppo.nminibatches")
+    assert str(info.value) == (f"ppo.batch_size / ranks=64: cannot split into ppo.nminibatches ({parts}); "
+                               "it must be positive")
+
 def test_single_process_never_initialises_mpi():
     """A plain python process is one rank; collectives return their input; mpi4py.MPI is never imported."""
     code = (
