@@ -102,8 +102,15 @@ class RewardTraining:
     # What sampling from the initial policy is for (with the run seed, the rank and a batch index).
     LABELS, NORMALIZE_BEFORE, DEBUG_BEFORE, NORMALIZE_AFTER, DEBUG_AFTER = 1, 2, 3, 4, 5
 
-    def __init__(self, hparams: HParams, trained_model, encoder, label_type, seed: Optional[int] = None):
-        """seed: the run's seed (run_utils.run_seed); by default run.seed, or one drawn when that is None."""
+    def __init__(self, hparams: HParams, trained_model, encoder, label_type, seed: Optional[int] = None, *,
+                 reward_model: Optional[rewards.RewardModelTrainer] = None, policy: Optional[Policy] = None,
+                 new_session: bool = True):
+        """seed: the run's seed (run_utils.run_seed); by default run.seed, or one drawn when that is None.
+
+        Built alone (`train` below) it makes its reward model, initial policy and session. A PPO run that
+        retrains its reward model online (online_labels.py) builds it into its own graph instead: `reward_model`
+        and `policy` (the frozen reference policy, which is the initial policy) are the PPO graph's, and with
+        `new_session=False` the caller sets `.sess` once its graph is complete."""
         self.hparams = hparams
         self.label_type = label_type
         self.padding_token = trained_model.encoding.padding_token
@@ -114,11 +121,11 @@ class RewardTraining:
         tf.set_random_seed(mpi.rank_seed(self.seed))  # initialisers (rank 0's weights are shared)
         embed_queries = lm_tasks.query_formatter(task, encoder)
         compute_dtype = tf.bfloat16 if hparams.run.mixed_precision else tf.float32
-        self.reward_model = rewards.RewardModelTrainer(trained_model, scope="reward_model",
-                                                       compute_dtype=compute_dtype)
+        self.reward_model = reward_model or rewards.RewardModelTrainer(trained_model, scope="reward_model",
+                                                                       compute_dtype=compute_dtype)
         # The initial policy: what the labelers were shown, and what the normalisation is measured on.
-        self.policy = Policy(trained_model, scope="ref_policy", temperature=task.policy.temperature,
-                             embed_queries=embed_queries, compute_dtype=compute_dtype)
+        self.policy = policy or Policy(trained_model, scope="ref_policy", temperature=task.policy.temperature,
+                                       embed_queries=embed_queries, compute_dtype=compute_dtype)
 
         self.queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
         self.responses = tf.placeholder(tf.int32, [None, task.response_length], name="responses")
@@ -138,7 +145,7 @@ class RewardTraining:
         # What --resume needs: the weights, Adam's state, the steps done and whether normalize_before is done.
         self.state = run_utils.TrainingState("reward_model", self.reward_model.get_params() + self.optimizer.variables,
                                              {"step": tf.int64, "normalized_before": tf.int64, "seed": tf.int64})
-        self.sess = run_utils.new_session(hparams.run, tf.global_variables())
+        self.sess = run_utils.new_session(hparams.run, tf.global_variables()) if new_session else None
 
     # -- sampling from the initial policy
     def sample(self, queries, purpose: int, index: int):
@@ -346,8 +353,10 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
         return training
 
 
-def _train_step(training: RewardTraining, hparams: HParams, logger, train_labels, valid_labels, step, num_steps):
-    """One Adam step on the global batch `step` (this rank's share), with its logs."""
+def _train_step(training: RewardTraining, hparams: HParams, logger, train_labels, valid_labels, step, num_steps,
+                log_step: Optional[int] = None):
+    """One Adam step on the global batch `step` (this rank's share), with its logs at TensorBoard step `log_step`
+    (default `step`; an online run's retrainings continue one another's steps)."""
     lr = hparams.lr * (1 - step / num_steps)  # linear decay to 0 over the pass
     global_ids = np.arange(step * hparams.batch_size, (step + 1) * hparams.batch_size)
     rank_ids = global_ids[mpi.rank()::mpi.size()]  # this rank's share of the global batch
@@ -356,7 +365,7 @@ def _train_step(training: RewardTraining, hparams: HParams, logger, train_labels
     report = step == num_steps - 1 or (step + 1) % hparams.run.log_interval == 0
     if hparams.labels.num_valid and report:
         record.update({VALID_TAG + k: v for k, v in training.evaluate(valid_labels).items()})
-    record = logger.record(step, record)  # averaged over ranks (collective); steps start at 0 as in 2019
+    record = logger.record(step if log_step is None else log_step, record)  # averaged over ranks (collective)
     if report:
         stats.log(stats.compact_line(f"{step + 1}/{num_steps}", record, sorted(record),
                                      step_name="reward model step"))
