@@ -292,7 +292,8 @@ def stop_signals_forwarded(processes: List[subprocess.Popen]):
 
 # Hyperparameters that cannot change what a run computes (logging, checkpoint frequency, where it is saved): a
 # --resume may give them other values. Matched as the last parts of a dotted name, nested groups included.
-RESULT_NEUTRAL = ("run.log_interval", "run.save_interval", "run.save_dir", "run.judge")
+RESULT_NEUTRAL = ("run.log_interval", "run.save_interval", "run.save_dir", "run.judge",
+                  "labels.online.host", "labels.online.port", "labels.online.token")  # where people label
 
 
 def _on_rank_0(plan: "RankPlan", check):

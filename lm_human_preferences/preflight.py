@@ -15,7 +15,8 @@ raises a ValueError for the first problem it finds, in this order:
    the initial model's `n_ctx`, and the bare query + response (the reward model reads no prefix or suffix)
    fit a saved reward model's `n_ctx`;
 5. files: label files (`labels.source`) exist, and a local one is JSON holding a list of at least
-   `labels.num_train + labels.num_valid` records; `task.query_source` exists.
+   `labels.num_train + labels.num_valid` records (not looked at when `labels.online` collects the labels); a
+   human-judged online run finds the labeling web app and its instructions file; `task.query_source` exists.
 
 Remote files are checked where they are: a HEAD request or object lookup for label files, query sources and
 checkpoint state files; a remote model's `hparams.json` (a few hundred bytes) is fetched into the download
@@ -55,8 +56,11 @@ def check(command: str, hparams, ranks: int, *, dry_run: bool = False):
     check_save_dir(hparams.run.save_dir)
     check_models(command, hparams, network=True)
     reward, reward_prefix = reward_training(command, hparams)
-    if reward is not None:
+    online = hparams.labels.online if command == "train_policy" else None
+    if reward is not None and online is None:  # online, the run collects the reward model's labels itself
         check_label_source(reward.labels, f"{reward_prefix}labels.")
+    if online is not None:
+        check_online_labels(online)
     check_query_source(hparams.task.query_source)
 
 
@@ -242,6 +246,18 @@ def check_label_source(labels, prefix: str):
     if len(records) < needed:
         raise ValueError(f"{name} {source!r} holds {len(records)} labels, but {prefix}num_train + "
                          f"{prefix}num_valid = {labels.num_train} + {labels.num_valid} = {needed} are needed")
+
+
+def check_online_labels(online):
+    """A human-judged online run can serve its rounds: the labeling web app imports, and the instructions file
+    (labels.online.instructions) is there."""
+    from lm_human_preferences import online_labels
+    if online.judge != online_labels.HUMAN:
+        return
+    online_labels.check_human_judge_available()
+    if online.instructions is not None and not files.exists(online.instructions):
+        raise ValueError(f"labels.online.instructions: {online.instructions} does not exist; expected a text file of "
+                         f"task instructions for the labelers (or leave it unset for generic ones)")
 
 
 def check_query_source(source: Optional[str]):

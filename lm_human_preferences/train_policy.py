@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import labeler, lm_tasks, ppo, rewards, train_reward, trainer as run_utils
+from lm_human_preferences import labeler, lm_tasks, online_labels, ppo, rewards, train_reward, trainer as run_utils
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
@@ -36,13 +36,22 @@ class RewardHParams(hyperparams.HParams):
 
 
 @dataclass
+class LabelHParams(hyperparams.HParams):
+    """Labels a policy run collects itself (a reward model trained first takes its own from rewards.train_new_model)."""
+    online: Optional[online_labels.OnlineLabelHParams] = None  # on: label current-policy samples during PPO (paper 2.3)
+
+
+@dataclass
 class HParams(hyperparams.HParams):
     run: train_reward.RunHParams = field(default_factory=train_reward.RunHParams)
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
     rewards: RewardHParams = field(default_factory=RewardHParams)
     ppo: PpoHParams = field(default_factory=PpoHParams)
+    labels: LabelHParams = field(default_factory=LabelHParams)
 
     def check(self, prefix):
+        if self.labels.online is not None:
+            online_labels.check_online(self.labels.online, self.rewards, self.ppo, f"{prefix}labels.online.")
         reward_hparams = self.rewards.train_new_model
         if reward_hparams is not None:
             ours = hyperparams.flatten(self.task.to_nested_dict())
@@ -143,10 +152,21 @@ class PPOTrainer:
                                              micro_batches=ppo_hp.micro_batches)
         # As 2019: the last 20 checkpoints, named relative to their directory so that a moved run still loads.
         self.saver = tf.train.Saver(self.policy.get_params(), max_to_keep=20, save_relative_paths=True)
-        # What --resume needs beyond the weights: Adam's state and the run's counters.
-        self.state = run_utils.TrainingState("ppo", self.policy.get_params() + self.optimizer.variables,
-                                             {"update": tf.int64, "kl_coef": tf.float64, "seed": tf.int64})
+        # Online labels: the reward model's retraining, in this graph (built after PPO's optimizer, whose variable
+        # names stay those of an offline run). `reward_model` is then the initial model, which round 0 trains.
+        self.online = None if hparams.labels.online is None else online_labels.OnlineLabels(
+            hparams, policy_model, encoder, self.reward_model, self.ref_policy, self.seed)
+        # What --resume needs beyond the weights: Adam's state and the run's counters; online, also the reward
+        # model, which each round retrains, and the rounds done.
+        state_variables = self.policy.get_params() + self.optimizer.variables
+        counters = {"update": tf.int64, "kl_coef": tf.float64, "seed": tf.int64}
+        if self.online is not None:
+            state_variables += self.reward_model.get_params()
+            counters["online_rounds"] = tf.int64
+        self.state = run_utils.TrainingState("ppo", state_variables, counters)
         self.sess = run_utils.new_session(hparams.run, tf.global_variables())
+        if self.online is not None:
+            self.online.training.sess = self.sess
 
     def update(self, queries, update_index):
         """One PPO update on this rank's `queries` [batch_per_rank, query_length]; returns its statistics."""
@@ -224,15 +244,17 @@ class PPOTrainer:
         return update_stats, dict(responses=responses, scored_responses=scored, scores=scores, kl=kl.sum(axis=1),
                                   kl_coef=kl_coef, timings=timings)
 
-    def save(self, save_dir, step, *, state=True):
-        """Checkpoint the policy as SAVE_DIR/policy/checkpoints/model.ckpt-STEP and, with `state`, what resuming
-        after `step` updates needs (rank 0; `save_dir` is the run's local directory)."""
-        if mpi.is_root():
+    def save(self, save_dir, step, *, state=True, policy=True):
+        """Checkpoint the policy as SAVE_DIR/policy/checkpoints/model.ckpt-STEP (with `policy`) and, with `state`,
+        what resuming after `step` updates needs (rank 0; `save_dir` is the run's local directory)."""
+        if mpi.is_root() and policy:
             model = self.policy
             trained_models.save_model(self.sess, self.saver, os.path.join(save_dir, "policy"), model.model_hparams,
                                       model.trained_model.encoding.name, step)
         if state:
-            self.state.save(self.sess, save_dir, step, update=step, kl_coef=self.kl_controller.value, seed=self.seed)
+            online = {} if self.online is None else {"online_rounds": self.online.rounds_done}
+            self.state.save(self.sess, save_dir, step, update=step, kl_coef=self.kl_controller.value, seed=self.seed,
+                            **online)
 
     def restore(self, save_dir) -> int:
         """Continue a saved run: weights, Adam's state, kl_coef and seed; returns the updates already done."""
@@ -241,7 +263,15 @@ class PPOTrainer:
             return 0
         self.kl_controller.value = saved["kl_coef"]
         self.seed = int(saved["seed"])
+        if self.online is not None:
+            self.online.seed, self.online.rounds_done = self.seed, int(saved["online_rounds"])
         return int(saved["update"])
+
+    def current_policy_samples(self, queries, seed):
+        """The policy's responses to `queries` [b, query_length], drawn with the stateless `seed` [2] and
+        post-processed as they are scored (what labelers are shown): [b, response_length]."""
+        responses = self.sess.run(self.rollout_op["responses"], {self.queries: queries, self.rollout_seed: seed})
+        return lm_tasks.postprocess_responses(responses, self.hparams.task, self.policy.padding_token)
 
 
 # What rank 0 prints once per update: the numbers a researcher watches.
@@ -305,18 +335,25 @@ def train(hparams: HParams, resume: bool = False):
     local_dir = files.staging_dir(save_dir)
     task = hparams.task
     batch_sizes(hparams.ppo, mpi.size())  # refuse sizes that cannot work before a reward model is trained
+    online = hparams.labels.online
+    if online is not None and online.judge == online_labels.HUMAN:
+        online_labels.check_human_judge_available()
     with run_utils.StopSignals() as stop:
         if mpi.is_root():  # first, so that a run stopped while its reward model trains is known as a policy run
             os.makedirs(local_dir, exist_ok=True)
             saved_hparams(hparams).save_json(os.path.join(local_dir, "train_policy_hparams.json"))
-        reward_model = reward_model_source(hparams, local_dir, resume)
         policy_model = TrainedModel(task.policy.initial_model)
+        # Online, the rounds train the reward model from the initial model, round 0 before the first update.
+        reward_model = policy_model if online is not None else reward_model_source(hparams, local_dir, resume)
         encoder = policy_model.encoding.get_encoder()
         with tf.Graph().as_default():
             trainer = PPOTrainer(hparams, policy_model, reward_model, encoder)
             start = trainer.restore(local_dir) if resume else 0
             if start:
                 stats.log(f"resuming after update {start} of {trainer.num_updates}")
+            if trainer.online is not None:
+                trainer.online.load(local_dir, resume)
+                stats.log(online_labels.describe_schedule(trainer.online.rounds))
             _run_updates(trainer, hparams, local_dir, encoder, start, stop)
             return trainer
 
@@ -331,11 +368,14 @@ def _run_updates(trainer: PPOTrainer, hparams: HParams, local_dir: str, encoder,
     for _ in range(start):  # the queries the saved updates used
         next(query_batches)
     saving = False
+    online = trainer.online
+    reward_logger = None if online is None else stats.StatsLogger(  # the retrainings' steps follow one another
+        os.path.join(local_dir, "tb", "reward_model"), restart_at=online.reward_steps_before(online.rounds_done))
 
-    def save(step, *, state=True):
+    def save(step, *, state=True, policy=True):
         nonlocal saving
         saving = True
-        trainer.save(local_dir, step, state=state)
+        trainer.save(local_dir, step, state=state, policy=policy)
         run_utils.publish(local_dir, save_dir)
         saving = False
 
@@ -348,6 +388,13 @@ def _run_updates(trainer: PPOTrainer, hparams: HParams, local_dir: str, encoder,
                 save(updates_done)
                 raise run_utils.RunInterrupted(run_utils.stop_message(
                     "train_policy", "update", updates_done, trainer.num_updates, save_dir))
+            for due in ([] if online is None else online.due(update_index)):  # the paper's rounds (online_labels.py)
+                round_stats = online.run_round(
+                    due, sess=trainer.sess, sample=trainer.current_policy_samples, stop=stop, local_dir=local_dir,
+                    save_dir=save_dir, reward_logger=reward_logger,
+                    save_state=lambda: save(update_index, policy=False))
+                logger.write(update_index, round_stats)
+                last_time = time.time()  # the update's speed leaves out the round (a human one may take hours)
             queries = next(query_batches)
             update_stats, details = trainer.update(queries, update_index)
             updates_done = update_index + 1
@@ -373,6 +420,8 @@ def _run_updates(trainer: PPOTrainer, hparams: HParams, local_dir: str, encoder,
             if updates_done % hparams.run.save_interval == 0 and updates_done != trainer.num_updates:
                 save(updates_done)
         mpi.check_identical_across_ranks(trainer.sess, trainer.policy.get_params(), "policy")
+        if online is not None:
+            mpi.check_identical_across_ranks(trainer.sess, trainer.reward_model.get_params(), "reward model")
     except run_utils.RunInterrupted:
         raise
     except BaseException:
@@ -385,6 +434,8 @@ def _run_updates(trainer: PPOTrainer, hparams: HParams, local_dir: str, encoder,
         raise
     finally:
         logger.close()
+        if reward_logger is not None:
+            reward_logger.close()
     if start == trainer.num_updates:
         stats.log(f"the run in {save_dir} had finished all {start} updates; nothing to resume")
         return
