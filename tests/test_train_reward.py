@@ -81,9 +81,10 @@ def test_best_of_4_learns_the_hidden_rule(tmp_path):
     hparams = reward_hparams(tmp_path, labels)
     train_reward.train(hparams)
     valid = final_validation(hparams.run.save_dir)
-    # chance is 0.25; a model that found "more e's wins" picks the best of four most of the time
-    assert valid["valid/accuracy"] > 0.6, valid
-    assert valid["valid/loss"] < np.log(4) - 0.3, valid
+    # Chance is 0.25 (loss ln 4 = 1.39). Measured over 5 seeds (labels seed s, run.seed s + 1, s = 0..4): accuracy
+    # 0.864 ± 0.024 (0.823-0.885), loss 0.379 ± 0.041 (0.330-0.428). Thresholds at mean ∓ 4 sd.
+    assert valid["valid/accuracy"] > 0.76, valid
+    assert valid["valid/loss"] < 0.55, valid
 
 
 @pytest.mark.parametrize("label_type", ["scalar_rating", "scalar_compare"])
@@ -96,25 +97,74 @@ def test_scalar_label_types_learn_the_hidden_rule(tmp_path, label_type):
     valid = final_validation(hparams.run.save_dir)
     records = records[2816:]
     targets = np.array([r["score"] if label_type == "scalar_rating" else r["difference"] for r in records])
-    # predicting the mean (no learning) has squared error = the targets' variance
-    assert valid["valid/loss"] < 0.5 * targets.var(), (valid, targets.var())
-    if label_type == "scalar_compare":
-        assert valid["valid/accuracy"] > 0.7, valid
+    # Predicting the mean (no learning) has squared error = the targets' variance. Measured over 5 seeds (labels
+    # seed s, run.seed s + 1, s = 0..4), loss / variance: scalar_rating 0.094 ± 0.038 (0.041-0.134), with
+    # correlation 0.953 ± 0.019 (0.933-0.979); scalar_compare 0.0033 ± 0.0006 (0.0024-0.0040), with the sign of
+    # every decided pair right. Thresholds at mean ± 4 sd (sign errors would need a residual of 9 rms: none).
+    if label_type == "scalar_rating":
+        assert valid["valid/loss"] < 0.25 * targets.var(), (valid, targets.var())
+        assert valid["valid/corr"] > 0.87, valid
+    else:
+        assert valid["valid/loss"] < 0.006 * targets.var(), (valid, targets.var())
+        assert valid["valid/accuracy"] > 0.99, valid
 
 
-def test_normalize_after_gives_mean_0_std_1_on_fresh_policy_samples(tmp_path):
-    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 128))
-    hparams = reward_hparams(tmp_path, labels, **{
-        "labels.num_train": 64, "labels.num_valid": 0, "normalize_before": True, "normalize_after": True,
-        "normalize_samples": 256, "rollout_batch_size": 64})
-    training = train_reward.train(hparams)
-    with training.sess.graph.as_default():
-        query_batches = lm_tasks.query_batches(hparams.task, TrainedModel("demo").encoding.get_encoder(), 64,
-                                               mode="test", seed=99, rank=0, size=1)
-        fresh = training.rewards_on_policy_samples(query_batches, 1024, purpose=99)
-    mean, std = rewards.mean_and_std_over_ranks(fresh)
-    # 1024 fresh samples: the standard error of the mean is ~0.03
-    assert abs(mean) < 0.15 and abs(std - 1) < 0.15, (mean, std)
+def test_normalisation_gives_the_target_scale_on_fresh_samples_from_any_starting_gain_and_bias(
+        tmp_path, monkeypatch, capsys):
+    """normalize_before reaches the training labels' mean/std, normalize_after mean 0/std 1, measured with plain
+    numpy on fresh samples of the initial policy, though gain and bias start far from 1 and 0 (2019 reset them)."""
+    num_train, normalize_samples, rollout, fresh_count = 32, 2048, 256, 4096
+    records = hidden_rule_labels("scalar_rating", 64)
+    rng = np.random.RandomState(5)
+    for index, record in enumerate(records):  # training scores N(-1.5, 3); held-out ones elsewhere (not a target)
+        record["score"] = float(rng.normal(-1.5, 3.0) if index < num_train else rng.normal(6.0, 0.5))
+    train_scores = np.array([r["score"] for r in records[:num_train]])
+    labels = write_labels(tmp_path / "labels.json", records)
+    hparams = reward_hparams(tmp_path, labels, label_type="scalar_rating", **{
+        "labels.num_train": num_train, "labels.num_valid": 64 - num_train, "batch_size": num_train,
+        "normalize_before": True, "normalize_after": True, "normalize_samples": normalize_samples,
+        "rollout_batch_size": rollout, "debug_normalize": rollout})
+    encoder = TrainedModel("demo").encoding.get_encoder()
+    # (gain, bias) each normalisation starts from: positive then negative gain (a skipped reset keeps the sign)
+    starts = iter([(3.0, -2.0), (-3.0, 2.0)])
+    measured = []  # (fresh rewards, gain) after each normalisation
+    real_normalize = train_reward.RewardTraining.normalize
+
+    def normalize_from_elsewhere(training, *args, **kwargs):
+        model, sess = training.reward_model, training.sess
+        if not measured:  # stretch the raw head (raw mean ≈ 2, std ≈ 3) so that mean, std and variance differ
+            [head] = [v for v in model.get_params() if v.op.name == "reward_model/model/heads/reward/w"]
+            [head_bias] = [v for v in model.get_params() if v.op.name == "reward_model/model/heads/reward/b"]
+            sess.run([head.assign(3 * head), head_bias.assign(1.0)])
+        gain, bias = next(starts)
+        sess.run([model.gain.assign(gain), model.bias.assign(bias)])
+        real_normalize(training, *args, **kwargs)
+        fresh_batches = lm_tasks.query_batches(hparams.task, encoder, rollout, mode="test", seed=99 + len(measured),
+                                               rank=0, size=1)
+        fresh = []
+        for index in range(fresh_count // rollout):  # purpose 99+: draws that the normalisation never made
+            queries = next(fresh_batches)
+            responses = training.sample(queries, 99 + len(measured), index)[0]
+            fresh.append(sess.run(training.rewards, {training.queries: queries, training.responses: responses}))
+        measured.append((np.concatenate(fresh), sess.run(model.gain)))
+
+    monkeypatch.setattr(train_reward.RewardTraining, "normalize", normalize_from_elsewhere)
+    train_reward.train(hparams)
+
+    for (fresh, gain), (target_mean, target_std), when in zip(
+            measured, [(train_scores.mean(), train_scores.std()), (0.0, 1.0)], ["before training", "after"]):
+        # Normalised rewards are t_std (r - m) / s + t_mean, m and s estimated on n = normalize_samples draws; the
+        # fresh mean and std estimate the same on m = fresh_count others. Standard errors: of the mean
+        # t_std sqrt(1/n + 1/m) (≈ 0.027 t_std), of the std t_std sqrt((kurtosis - 1) / 4 (1/n + 1/m))
+        # (≈ 0.016 t_std: these rewards have kurtosis ≈ 2.3).
+        both = 1 / normalize_samples + 1 / fresh_count
+        kurtosis = np.mean(((fresh - fresh.mean()) / fresh.std()) ** 4)
+        mean_error, std_error = target_std * np.sqrt(both), target_std * np.sqrt((kurtosis - 1) / 4 * both)
+        assert abs(fresh.mean() - target_mean) < 4 * mean_error, (when, fresh.mean(), target_mean, mean_error)
+        assert abs(fresh.std() - target_std) < 4 * std_error, (when, fresh.std(), target_std, std_error)
+        assert gain > 0, (when, gain)  # the reward still grows with the head's output, whatever the gain was
+    printed = capsys.readouterr().out
+    assert "after normalising before training: mean" in printed and f"on {rollout} fresh policy samples" in printed
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -222,29 +272,6 @@ def test_normalisation_scores_raw_samples_in_whole_rollout_batches(tmp_path):
     on_cut = training.sess.run(training.rewards, {training.queries: queries, training.responses: cut})
     np.testing.assert_allclose(got, on_raw, rtol=1e-5)
     assert not np.allclose(got, on_cut)
-
-
-def test_normalisation_starts_from_a_reset_scale_and_reports_each_result(tmp_path, capsys):
-    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
-    hparams = reward_hparams(tmp_path, labels, **{
-        "labels.num_train": 32, "labels.num_valid": 0, "normalize_samples": 256, "rollout_batch_size": 64,
-        "debug_normalize": 64})
-    encoder = TrainedModel("demo").encoding.get_encoder()
-    training = train_reward.RewardTraining(hparams, TrainedModel("demo"), encoder,
-                                           train_reward.label_types.get("best_of_4"))
-    model = training.reward_model
-    training.sess.run([model.gain.assign(-4.0), model.bias.assign(7.0)])  # far from 1 and 0, and negative
-    query_batches = lm_tasks.query_batches(hparams.task, encoder, 64, mode="train", seed=1, rank=0, size=1)
-    training.normalize(query_batches, 0.5, 2.0, "before training", (1, 2))
-    gain, bias = training.sess.run([model.gain, model.bias])
-    assert gain > 0, gain  # as 2019: the raw reward's scale is measured, whatever the scale was
-    # measured independently: rewards of fresh samples, with plain numpy
-    fresh = [training.sess.run(training.rewards, {training.queries: q, training.responses: training.sample(q, 7, i)[0]})
-             for i, q in enumerate(next(query_batches) for _ in range(16))]
-    fresh = np.concatenate(fresh)
-    assert abs(fresh.mean() - 0.5) < 0.25 and abs(fresh.std() - 2.0) < 0.25, (fresh.mean(), fresh.std())
-    printed = capsys.readouterr().out
-    assert "after normalising before training: mean" in printed and "on 64 fresh policy samples" in printed
 
 
 def test_debug_normalize_follows_each_normalisation(tmp_path, capsys):
