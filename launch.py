@@ -5,7 +5,7 @@
                                              [--resume] [--some.hparam VALUE ...]
     ./launch.py train_policy EXPERIMENT NAME [--mpi N] [--save_dir DIR] [--dry_run] [--trials_in_parallel]
                                              [--resume] [--some.hparam VALUE ...]
-    ./launch.py demo [NAME] [--save_dir DIR] [--some.hparam VALUE ...]   the offline demo, with a report
+    ./launch.py demo [NAME] [--save_dir DIR] [--online] [--some.hparam VALUE ...]   the offline demo, with a report
     ./launch.py label EXPERIMENT OUTPUT.json --count N --judge letter_e [--temperature T] [--label_type best_of_4]
     ./launch.py experiments          list the registered experiments, and which are sweeps
 
@@ -143,12 +143,14 @@ def train_policy(experiment, name, mpi=None, save_dir=None, dry_run=False, trial
                     trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
 
 
-def demo(name="demo", save_dir="/tmp/save/demo", **overrides):
-    """The offline demo: synthetic labels -> reward model -> PPO, then a report and learning curves."""
+def demo(name="demo", save_dir="/tmp/save/demo", online=False, **overrides):
+    """The offline demo: synthetic labels -> reward model -> PPO, then a report and learning curves. --online: the
+    labels are collected from the current policy during PPO (experiment demo_online)."""
     import tensorflow as tf
     from lm_human_preferences import demo as demo_module
+    experiment = "demo_online" if _flag(online, "online") else "demo"
     tf.compat.v1.disable_eager_execution()
-    demo_module.run_demo(name, save_dir, overrides=overrides)
+    demo_module.run_demo(name, save_dir, overrides=overrides, experiment=experiment)
 
 
 def label(experiment, output, count, judge, temperature=0.0, label_type=None, seed=0, **overrides):

@@ -4,6 +4,10 @@ A synthetic judge with a known preference plays the human labeler: it labels sam
 policy, a reward model learns those labels, and PPO fine-tunes the policy against the reward model under
 the KL penalty. Because the judge's preference is known, the report can say what no real run can: how
 much the policy improved by the true objective, and how well the reward model agrees with it.
+
+`demo_online` (`./launch.py demo --online`) collects the labels online instead, as the paper's summarization runs
+did (online_labels.py): the judge labels samples of the current policy in rounds during PPO, and each round
+retrains the reward model on all labels so far; the plot marks the rounds.
 """
 
 import math
@@ -25,7 +29,9 @@ def mean_and_stderr(values):
 
 def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int = 12345):
     """The judge's true score of the initial and the trained policy on the same held-out queries, the reward
-    model's agreement with the judge on pairs of initial-policy samples, and the trained policy's KL."""
+    model's agreement with the judge on pairs of initial-policy samples and on pairs of trained-policy samples
+    (where an offline reward model meets the distribution shift that online labels address), and the trained
+    policy's KL."""
     task, save_dir = hparams.task, hparams.run.save_dir
     judge = labeler.get_judge(hparams.run.judge)
     initial_model = TrainedModel(task.policy.initial_model)
@@ -59,25 +65,39 @@ def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int
             initial_a = sess.run(initial_op, {queries_ph: queries})["responses"]
             initial_b = sess.run(initial_op, {queries_ph: queries})["responses"]
             after = sess.run(trained_op, {queries_ph: queries})
+            after_b = sess.run(trained_op, {queries_ph: queries})["responses"]
             ref_logprobs = sess.run(ref_logprobs_op, {queries_ph: queries, responses_ph: after["responses"]})
-            reward_a, reward_b = (sess.run(rewards_op, {queries_ph: queries, responses_ph: cut(r)})
-                                  for r in (initial_a, initial_b))
+            reward_a, reward_b, reward_after, reward_after_b = (
+                sess.run(rewards_op, {queries_ph: queries, responses_ph: cut(r)})
+                for r in (initial_a, initial_b, after["responses"], after_b))
 
-    judge_a, judge_b, judge_after = (labeler.judge_scores(judge, encoder, queries, cut(r))
-                                     for r in (initial_a, initial_b, after["responses"]))
-    decided = judge_a != judge_b
-    agreement = float(np.mean(np.sign(reward_b - reward_a)[decided] == np.sign(judge_b - judge_a)[decided]))
+    judge_a, judge_b, judge_after, judge_after_b = (labeler.judge_scores(judge, encoder, queries, cut(r))
+                                                    for r in (initial_a, initial_b, after["responses"], after_b))
+    agreement, pairs = _agreement(reward_a, reward_b, judge_a, judge_b)
+    trained_agreement, trained_pairs = _agreement(reward_after, reward_after_b, judge_after, judge_after_b)
     return {
         "judge": hparams.run.judge,
         "queries": num_queries,
         "initial_judge_score": mean_and_stderr(judge_a),
         "trained_judge_score": mean_and_stderr(judge_after),
         "reward_model_agreement": agreement,
-        "agreement_pairs": int(decided.sum()),
+        "agreement_pairs": pairs,
+        "trained_reward_model_agreement": trained_agreement,
+        "trained_agreement_pairs": trained_pairs,
         "kl_to_reference": mean_and_stderr((after["logprobs"] - ref_logprobs).sum(axis=1)),
         "trained_examples": [encoder.decode(r) for r in cut(after["responses"][:4])],
         "initial_examples": [encoder.decode(r) for r in cut(initial_a[:4])],
     }
+
+
+def _agreement(reward_a, reward_b, judge_a, judge_b):
+    """How often the reward model orders a pair of samples as the judge does, over the pairs the judge does not
+    find equal; and how many those were (nan of 0 when the judge finds every pair equal)."""
+    decided = judge_a != judge_b
+    if not decided.any():
+        return float("nan"), 0
+    return float(np.mean(np.sign(reward_b - reward_a)[decided] == np.sign(judge_b - judge_a)[decided])), int(
+        decided.sum())
 
 
 def format_report(report) -> str:
@@ -91,6 +111,8 @@ def format_report(report) -> str:
         f"(change {m1 - m0:+.4f} = {(m1 - m0) / math.hypot(s0, s1):+.1f} standard errors)",
         f"  reward model agrees with the judge on {100 * report['reward_model_agreement']:.1f}% of "
         f"{report['agreement_pairs']} pairs of initial-policy samples (chance: 50%)",
+        f"  ... and on {100 * report['trained_reward_model_agreement']:.1f}% of {report['trained_agreement_pairs']} "
+        f"pairs of trained-policy samples",
         f"  KL(trained || initial) per response: {kl:.3f} ± {kl_se:.3f} nats",
         "  initial samples: " + " | ".join(report["initial_examples"]),
         "  trained samples: " + " | ".join(report["trained_examples"]),
@@ -107,20 +129,27 @@ PLOTS = [
     ("train_reward/minibatch/accuracy", "reward model: training accuracy"),
 ]
 REWARD_TRAIN_TAG, REWARD_VALID_TAG = "train_reward/minibatch/", "train_reward/valid/"
+ONLINE_ROUNDS_TAG = "online/labels"  # logged at the PPO update of each online round (online_labels.py)
 
 
 def plot_learning_curves(save_dir: str) -> str:
     """Learning curves from the run's TensorBoard events (tb/ppo and tb/reward_model), as a PNG in the run
-    directory."""
+    directory. An online run's label rounds are dotted vertical lines on the PPO curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scalars = stats.read_scalars(os.path.join(save_dir, "tb"))
+    rounds = [step for step, _ in scalars.get(ONLINE_ROUNDS_TAG, [])]
     figure, axes = plt.subplots(2, 3, figsize=(13, 7))
     for axis, (tag, title) in zip(axes.flat, PLOTS):
         steps, values = zip(*scalars[tag]) if scalars.get(tag) else ((), ())
         axis.plot(steps, values)
+        if rounds and not tag.startswith(REWARD_TRAIN_TAG):
+            for index, step in enumerate(rounds):
+                axis.axvline(step, color="gray", linestyle=":", linewidth=1,
+                             label="online label round" if index == 0 else None)
+            axis.legend()
         held_out = tag.replace(REWARD_TRAIN_TAG, REWARD_VALID_TAG)
         if tag.startswith(REWARD_TRAIN_TAG) and scalars.get(held_out):
             axis.plot(*zip(*scalars[held_out]), "o-", label="held out")
@@ -145,14 +174,14 @@ def free_name(save_dir: str, name: str) -> str:
     return candidate
 
 
-def run_demo(name: str = "demo", save_dir: str = "/tmp/save/demo", overrides=None):
-    """Train with the `demo` experiment, then print the report and the path of the learning curves. The run is
-    saved to SAVE_DIR/NAME, or to the first free SAVE_DIR/NAME-N when that holds a run already."""
+def run_demo(name: str = "demo", save_dir: str = "/tmp/save/demo", overrides=None, experiment: str = "demo"):
+    """Train with the `demo` experiment (or `demo_online`), then print the report and the path of the learning
+    curves. The run is saved to SAVE_DIR/NAME, or to the first free SAVE_DIR/NAME-N when that holds a run already."""
     free = free_name(save_dir, name)
     if free != name:
         print(f"{os.path.join(save_dir, name)} holds an earlier run (never overwritten); this demo saves to "
               f"{os.path.join(save_dir, free)}", flush=True)
-    hparams = launcher.resolve_hparams("train_policy", "demo", free, save_dir=save_dir, overrides=overrides)
+    hparams = launcher.resolve_hparams("train_policy", experiment, free, save_dir=save_dir, overrides=overrides)
     train_policy.train(hparams)
     report = evaluate(hparams)
     print(format_report(report))

@@ -297,6 +297,19 @@ POLICY_EXPERIMENTS: Dict[str, Bindings] = {
                     bind("run.judge", "letter_e")),  # log the judge's true score of every rollout
 }
 
+# The demo with labels collected online (paper section 2.3, as its summarization runs): the judge labels 512
+# samples of the initial policy, then samples of the current policy every 1,280 episodes on the paper's l(n)
+# schedule (towards 2,048), and each round retrains the reward model on all labels so far (online_labels.py).
+POLICY_EXPERIMENTS["demo_online"] = combine(
+    POLICY_EXPERIMENTS["demo"],
+    bind("labels.online", "on"),
+    bind("labels.online.judge", "letter_e"),
+    bind("labels.online.judge_temperature", 0.03),  # the demo's noisy judge
+    bind("labels.online.initial_labels", 512),
+    bind("labels.online.total_labels", 2048),
+    bind("labels.online.episodes_between_rounds", 1_280),  # 10 trainings in 12,800 episodes (paper: 20 in 2M)
+)
+
 # Seeds vary widely in the paper's runs (its curves average 10 of them): the same experiment with seeds 1, 2
 # and 3, each trial in SAVE_DIR/NAME/seedN. Each trial trains its own reward model (seed 1, the nested
 # experiment's); to share one, add --rewards.train_new_model off --rewards.trained_model PATH.

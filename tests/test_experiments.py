@@ -54,7 +54,7 @@ def resolve(command, experiment):
 
 def test_every_experiment_resolves_and_validates_for_both_commands():
     assert sorted(experiments.REWARD_EXPERIMENTS) == sorted(ALL + list(SWEEPS["train_reward"]))
-    assert sorted(experiments.POLICY_EXPERIMENTS) == sorted(ALL + list(SWEEPS["train_policy"]))
+    assert sorted(experiments.POLICY_EXPERIMENTS) == sorted(ALL + ["demo_online"] + list(SWEEPS["train_policy"]))
     for experiment in ALL:
         for command in launcher.COMMANDS:
             hparams = resolve(command, experiment)
@@ -134,8 +134,8 @@ def test_unknown_experiment_lists_the_known_ones_and_suggests_the_closest():
     message = str(info.value)
     assert "unknown train_policy experiment 'descriptivness'" in message
     assert "did you mean descriptiveness?" in message
-    assert ("known experiments: cnndm, demo, descriptiveness, descriptiveness_seeds, sentiment, test, test_seeds, "
-            "tldr") in message
+    assert ("known experiments: cnndm, demo, demo_online, descriptiveness, descriptiveness_seeds, sentiment, test, "
+            "test_seeds, tldr") in message
     with pytest.raises(ValueError, match="unknown command 'train'; known commands: train_reward, train_policy"):
         experiments.get("train", "test")
 
