@@ -12,6 +12,7 @@ import tensorflow.compat.v1 as tf
 
 from lm_human_preferences import launcher, lm_tasks, rewards, train_reward
 from lm_human_preferences.language.trained_models import TrainedModel
+from lm_human_preferences.utils import stats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E = 4  # the `test` encoding's id of "e"
@@ -70,7 +71,6 @@ def reward_hparams(tmp_path, labels_path, label_type="best_of_4", **overrides):
 
 
 def final_validation(save_dir):
-    from lm_human_preferences.utils import stats
     scalars = stats.read_scalars(os.path.join(save_dir, "tb", "reward_model"))
     return {tag[len("train_reward/"):]: values[-1][1] for tag, values in scalars.items()
             if tag.startswith("train_reward/valid/")}
@@ -156,7 +156,7 @@ def test_normalisation_gives_the_target_scale_on_fresh_samples_from_any_starting
         # Normalised rewards are t_std (r - m) / s + t_mean, m and s estimated on n = normalize_samples draws; the
         # fresh mean and std estimate the same on m = fresh_count others. Standard errors: of the mean
         # t_std sqrt(1/n + 1/m) (≈ 0.027 t_std), of the std t_std sqrt((kurtosis - 1) / 4 (1/n + 1/m))
-        # (≈ 0.016 t_std: these rewards have kurtosis ≈ 2.3).
+        # (≈ 0.016 t_std before training, 0.023 after: these rewards have kurtosis ≈ 2.4, then 3.9).
         both = 1 / normalize_samples + 1 / fresh_count
         kurtosis = np.mean(((fresh - fresh.mean()) / fresh.std()) ** 4)
         mean_error, std_error = target_std * np.sqrt(both), target_std * np.sqrt((kurtosis - 1) / 4 * both)
@@ -285,6 +285,42 @@ def test_debug_normalize_follows_each_normalisation(tmp_path, capsys):
         < printed.index("rewards after training") < printed.index("after normalising after training"), printed
 
 
+def test_the_learning_rate_decays_linearly_over_the_pass_as_logged_and_as_applied(tmp_path, monkeypatch):
+    """lr (1 - step / steps) at step 0, 1, ... (2019: (1 - start_index / num_train) lr), in TensorBoard and in the
+    step Adam takes, which is recovered from the parameters and Adam's own state before and after each step."""
+    lr, batch_size, num_steps = 3e-3, 8, 5
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("scalar_rating", batch_size * num_steps))
+    hparams = reward_hparams(tmp_path, labels, label_type="scalar_rating", **{
+        "labels.num_train": batch_size * num_steps, "labels.num_valid": 0, "batch_size": batch_size, "lr": lr})
+    applied = []
+    real_train_step = train_reward._train_step
+
+    def train_step_and_recover_the_lr(training, *args):
+        # TF1 Adam at step t: p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), with m and v the slots
+        # after the step, and b1^t, b2^t the beta powers before it (Adam multiplies them by b1, b2 after).
+        optimizer = training.optimizer
+        state = {v.op.name: v for v in optimizer.variables}
+        slots = [(state[f"{optimizer.scope}/{p.op.name}/Adam"], state[f"{optimizer.scope}/{p.op.name}/Adam_1"])
+                 for p in optimizer.params]
+        powers = [state[f"{optimizer.scope}/beta1_power"], state[f"{optimizer.scope}/beta2_power"]]
+        before, (beta1_power, beta2_power) = training.sess.run([optimizer.params, powers])
+        real_train_step(training, *args)
+        after, moments = training.sess.run([optimizer.params, slots])
+        change = np.concatenate([(b - a).ravel() for b, a in zip(before, after)])
+        direction = np.concatenate([(m / (np.sqrt(v) + 1e-5)).ravel() for m, v in moments])
+        direction *= np.sqrt(1 - beta2_power) / (1 - beta1_power)
+        steady = np.abs(direction) > 0.5 * np.abs(direction).max()  # coordinates whose float32 change is precise
+        applied.append(np.median(change[steady] / direction[steady]))
+
+    monkeypatch.setattr(train_reward, "_train_step", train_step_and_recover_the_lr)
+    train_reward.train(hparams)
+    expected = [lr * (1 - step / num_steps) for step in range(num_steps)]  # 3e-3, 2.4e-3, ..., 0.6e-3
+    logged = stats.read_scalars(os.path.join(hparams.run.save_dir, "tb", "reward_model"))["train_reward/lr"]
+    assert [step for step, _ in logged] == list(range(num_steps))
+    np.testing.assert_allclose([value for _, value in logged], expected, rtol=1e-6)  # float32 in the event file
+    np.testing.assert_allclose(applied, expected, rtol=1e-4)
+
+
 @pytest.mark.parametrize("label_type, tags", [
     ("best_of_4", ["loss", "error", "accuracy"]),
     ("scalar_rating", ["loss", "error", "label_mean", "label_var", "corr"]),
@@ -294,7 +330,6 @@ def test_reward_training_logs_the_2019_tags_from_step_0(tmp_path, label_type, ta
     hparams = reward_hparams(tmp_path, labels, label_type=label_type,
                              **{"labels.num_train": 32, "labels.num_valid": 16, "batch_size": 8})
     train_reward.train(hparams)
-    from lm_human_preferences.utils import stats
     assert os.listdir(os.path.join(hparams.run.save_dir, "tb")) == ["reward_model"]
     events = stats.read_scalars(os.path.join(hparams.run.save_dir, "tb", "reward_model"))
     for tag in tags:
