@@ -184,6 +184,8 @@ from test_launch import load_script  # noqa: E402
 from test_train_policy import write_2019_style_run  # noqa: E402  (a run directory without training one)
 
 from lm_human_preferences import launcher  # noqa: E402
+from lm_human_preferences.language.trained_models import TrainedModel  # noqa: E402
+from lm_human_preferences.policy import Policy  # noqa: E402
 from lm_human_preferences.utils import mpi  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,3 +273,52 @@ def test_inside_an_outer_mpi_job_sample_py_starts_no_ranks(monkeypatch):
 def test_sample_py_user_errors(flags, message):
     with pytest.raises(ValueError, match=message):
         sample_cli.sample("/some/run", **flags)
+
+
+E = 4  # the `test` encoding's id of "e"
+
+
+def make_policy_say_only(run_dir, token):
+    """Save a later policy checkpoint in a run, whose next token is `token` almost surely: the final layer norm gives
+    the constant h (gain 0, bias h, |h| = 1) and the output embedding of `token` is 100 h, a logit of 100 against
+    |logit| < 1 for every other token (the initial `test` model has small random weights). The earlier checkpoint
+    stays, as in a run that saved twice."""
+    checkpoints = os.path.join(run_dir, "policy", "checkpoints")
+    earlier = tf.train.latest_checkpoint(checkpoints)
+    with tf.Graph().as_default():
+        policy = Policy(TrainedModel("policy", savedir=os.path.join(run_dir, "policy"), scope="policy"),
+                        scope="policy")
+        params = {v.op.name: v for v in policy.get_params()}
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            wte = sess.run(params["policy/model/wte"])  # [n_vocab, n_embd]
+            h = np.ones(wte.shape[1], np.float32) / np.sqrt(wte.shape[1])
+            wte[token] = 100 * h
+            params["policy/model/wte"].load(wte, sess)
+            params["policy/model/ln_f/g"].load(np.zeros_like(h), sess)
+            params["policy/model/ln_f/b"].load(h, sess)
+            assert np.abs(np.delete(wte, token, axis=0) @ h).max() < 1  # the other tokens' logits
+            saver = tf.train.Saver(policy.get_params(), save_relative_paths=True)
+            saver.recover_last_checkpoints([earlier])
+            saver.save(sess, os.path.join(checkpoints, "model.ckpt"), global_step=2000, write_meta_graph=False)
+
+
+def sampled_responses(printed):
+    """The response lines of sample.py's output: separator, query, response for each sample."""
+    blocks = printed.split(SAMPLE_SEPARATOR)[1:]
+    return [block.split("\n")[1] for block in blocks]
+
+
+def test_sample_py_samples_the_saved_policy_not_the_initial_model(tmp_path, saved_run, capsys, monkeypatch):
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: [])
+    run_dir = str(tmp_path / "run")
+    with tf.Graph().as_default():
+        write_2019_style_run(run_dir)  # the saved policy holds the initial `test` model's weights ...
+    make_policy_say_only(run_dir, E)  # ... until a later checkpoint says "e" and nothing else
+    sample_cli.sample(run_dir, nsamples=8, batch_size=4)
+    responses = sampled_responses(capsys.readouterr().out)
+    assert responses == ["eeee"] * 8  # response_length 4 of the run's task
+    # the same command on a run that saved the initial model's weights says other things
+    sample_cli.sample(saved_run, nsamples=8, batch_size=4)
+    responses = sampled_responses(capsys.readouterr().out)
+    assert len(responses) == 8 and responses != ["eeee"] * 8 and all(len(r) == 4 for r in responses), responses
