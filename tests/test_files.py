@@ -3,10 +3,13 @@ fail-fast errors, atomic writes, and the once-per-machine download under MPI; gs
 local Cloud Storage emulator: round trip of a checkpoint, upload order, changed files only, deletions, staging."""
 
 import collections
+import contextlib
 import http.server
 import json
 import os
 import re
+import resource
+import signal
 import socket
 import sys
 import threading
@@ -262,6 +265,67 @@ def test_write_text_atomic(tmp_path):
     assert os.listdir(path.parent) == ["encoding"]
     with pytest.raises(ValueError, match="only local paths"):
         files.write_text_atomic("gs://bucket/x", "y")
+
+
+@contextlib.contextmanager
+def file_size_limit(limit):
+    """Writes beyond `limit` bytes of any file fail with EFBIG, as on a full disk (RLIMIT_FSIZE; SIGXFSZ ignored
+    so that the process gets the error instead of being killed)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def fail_fsync(monkeypatch):
+    def fsync(fd):
+        raise OSError(5, "Input/output error (fsync)")
+    monkeypatch.setattr(files.os, "fsync", fsync)
+
+
+def fail_rename(monkeypatch):
+    def replace(source, target):
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(files.os, "replace", replace)
+
+
+@pytest.mark.parametrize("failure", ["disk full after 4 KiB", "fsync", "rename"])
+def test_an_interrupted_write_leaves_the_old_content_and_no_temporary_file(tmp_path, monkeypatch, failure):
+    path = tmp_path / "labels.json"
+    files.write_text_atomic(str(path), '"old"\n')
+    new = json.dumps(list(range(20000)))  # about 110 KB: the disk fills up in the middle of it
+    if failure == "fsync":
+        fail_fsync(monkeypatch)
+    elif failure == "rename":
+        fail_rename(monkeypatch)
+    limit = file_size_limit(4096) if failure.startswith("disk full") else contextlib.nullcontext()
+    with pytest.raises(OSError):
+        with limit:
+            files.write_text_atomic(str(path), new)
+    monkeypatch.undo()
+    assert path.read_text() == '"old"\n'
+    assert os.listdir(tmp_path) == ["labels.json"]
+
+
+def test_a_stream_that_breaks_halfway_leaves_the_old_file(tmp_path):
+    """As a download whose connection drops: the part written so far never replaces the file."""
+    path = tmp_path / "model.ckpt.data-00000-of-00001"
+    path.write_bytes(b"old weights")
+
+    def chunks():
+        yield b"new weights, first half " * 1000
+        raise ConnectionError("connection reset in the middle of the transfer")
+
+    with pytest.raises(ConnectionError):
+        with files._atomic_file(str(path)) as f:
+            for chunk in chunks():
+                f.write(chunk)
+    assert path.read_bytes() == b"old weights"
+    assert os.listdir(tmp_path) == [path.name]
 
 
 # ----- MPI: once per machine ------------------------------------------------------------------------------
