@@ -293,6 +293,17 @@ def fail_rename(monkeypatch):
     monkeypatch.setattr(files.os, "replace", replace)
 
 
+def open_files_under(directory):
+    """This process's open file descriptors on files in `directory` (removed ones too)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed meanwhile (e.g. listdir's own descriptor)
+            pass
+    return [target for target in targets if target.startswith(str(directory) + os.sep)]
+
+
 @pytest.mark.parametrize("failure", ["disk full after 4 KiB", "fsync", "rename"])
 def test_an_interrupted_write_leaves_the_old_content_and_no_temporary_file(tmp_path, monkeypatch, failure):
     path = tmp_path / "labels.json"
@@ -303,12 +314,14 @@ def test_an_interrupted_write_leaves_the_old_content_and_no_temporary_file(tmp_p
     elif failure == "rename":
         fail_rename(monkeypatch)
     limit = file_size_limit(4096) if failure.startswith("disk full") else contextlib.nullcontext()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as raised:
         with limit:
             files.write_text_atomic(str(path), new)
     monkeypatch.undo()
     assert path.read_text() == '"old"\n'
     assert os.listdir(tmp_path) == ["labels.json"]
+    # the temporary file is closed, not only removed, even while the caller still holds the error
+    assert not open_files_under(tmp_path), raised.value
 
 
 def test_a_stream_that_breaks_halfway_leaves_the_old_file(tmp_path):

@@ -241,10 +241,12 @@ class _atomic_file:
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            if exc_type is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-            self.file.close()
+            try:
+                if exc_type is None:
+                    self.file.flush()
+                    os.fsync(self.file.fileno())
+            finally:
+                self.file.close()  # also when flush or fsync failed: no descriptor is left open
             if exc_type is None:
                 umask = os.umask(0)
                 os.umask(umask)
