@@ -314,9 +314,8 @@ def test_an_interrupted_write_leaves_the_old_content_and_no_temporary_file(tmp_p
     elif failure == "rename":
         fail_rename(monkeypatch)
     limit = file_size_limit(4096) if failure.startswith("disk full") else contextlib.nullcontext()
-    with pytest.raises(OSError) as raised:
-        with limit:
-            files.write_text_atomic(str(path), new)
+    with pytest.raises(OSError) as raised, limit:
+        files.write_text_atomic(str(path), new)
     monkeypatch.undo()
     assert path.read_text() == '"old"\n'
     assert os.listdir(tmp_path) == ["labels.json"]
@@ -333,10 +332,9 @@ def test_a_stream_that_breaks_halfway_leaves_the_old_file(tmp_path):
         yield b"new weights, first half " * 1000
         raise ConnectionError("connection reset in the middle of the transfer")
 
-    with pytest.raises(ConnectionError):
-        with files._atomic_file(str(path)) as f:
-            for chunk in chunks():
-                f.write(chunk)
+    with pytest.raises(ConnectionError), files._atomic_file(str(path)) as f:
+        for chunk in chunks():
+            f.write(chunk)
     assert path.read_bytes() == b"old weights"
     assert os.listdir(tmp_path) == [path.name]
 

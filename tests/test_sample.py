@@ -310,7 +310,7 @@ def sampled_responses(printed):
 
 
 def test_sample_py_samples_the_saved_policy_not_the_initial_model(tmp_path, saved_run, capsys, monkeypatch):
-    monkeypatch.setattr(launcher, "visible_gpus", lambda: [])
+    monkeypatch.setattr(launcher, "visible_gpus", list)
     run_dir = str(tmp_path / "run")
     with tf.Graph().as_default():
         write_2019_style_run(run_dir)  # the saved policy holds the initial `test` model's weights ...
