@@ -151,8 +151,9 @@ def schedule(online: OnlineLabelHParams, ppo_hparams, reward_batch_size: int) ->
 
 def describe_schedule(rounds: List[Round]) -> str:
     later = ", ".join(f"{r.labels} at update {r.update}" for r in rounds[1:])
-    return (f"online labels: {rounds[0].labels} before PPO starts, then {len(rounds) - 1} rounds (labels held after "
-            f"each: {later})")
+    plural = "s" if len(rounds) != 2 else ""
+    return (f"online labels: {rounds[0].labels} before PPO starts, then {len(rounds) - 1} round{plural} (labels held "
+            f"after each: {later})")
 
 
 # ----- the label file -------------------------------------------------------------------------------------------

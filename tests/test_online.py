@@ -1,0 +1,283 @@
+"""Online labels during PPO (paper section 2.3, online_labels.py): rounds on the paper's schedule, a reward model that
+catches up with the current policy, labels kept across a stop and --resume, people labelling a round in the web
+app while PPO waits, and clear errors for settings that cannot work."""
+
+import json
+import math
+import os
+import signal
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+
+import lm_human_preferences
+from lm_human_preferences import labeler, label_types, launcher, lm_tasks, online_labels, train_policy
+from lm_human_preferences import trainer as run_utils
+from lm_human_preferences.language.trained_models import TrainedModel
+from lm_human_preferences.utils import stats
+from lm_human_preferences.utils.hyperparams import HParamError
+
+JUDGE = labeler.get_judge("letter_e")
+
+# The `test` experiment on the small `demo` model: 12 PPO updates of 32 episodes; 32 labels before PPO, then a round
+# every 128 episodes (updates 4 and 8) on the way to 512 labels.
+SETTINGS = {
+    "task.query_length": 4, "task.response_length": 8, "task.policy.initial_model": "demo",
+    "ppo.total_episodes": 384, "ppo.batch_size": 32, "ppo.lr": 3e-3, "rewards.kl_coef": 0.01,
+    "rewards.train_new_model.batch_size": 16, "rewards.train_new_model.lr": 3e-3,
+    "rewards.train_new_model.normalize_samples": 64, "rewards.train_new_model.rollout_batch_size": 32,
+    "labels.online": "on", "labels.online.judge": "letter_e", "labels.online.initial_labels": 32,
+    "labels.online.total_labels": 512, "labels.online.episodes_between_rounds": 128,
+    "run.log_interval": 1000, "run.save_interval": 1000,
+}
+
+
+def online_hparams(save_dir, name="run", **overrides):
+    return launcher.resolve_hparams("train_policy", "test", name, save_dir=str(save_dir),
+                                    overrides={**SETTINGS, **overrides})
+
+
+def scheduled_labels(settings):
+    """[(PPO update, labels held after the round)], from the paper's l(n) written out here independently:
+    l(n) = N0 + (N - N0)(1 - (1 - n / N_pi)^2), rounded up to whole reward batches, before updates 0, E/B, 2E/B, ..."""
+    total, batch = settings["ppo.total_episodes"], settings["ppo.batch_size"]
+    n0, n = settings["labels.online.initial_labels"], settings["labels.online.total_labels"]
+    every, reward_batch = settings["labels.online.episodes_between_rounds"], settings["rewards.train_new_model.batch_size"]
+    result = []
+    for update in range(0, total // batch, every // batch):  # E is a multiple of B here
+        wanted = n0 + (n - n0) * (1 - (1 - update * batch / total) ** 2)
+        result.append((update, min(n, reward_batch * math.ceil(wanted / reward_batch))))
+    return result
+
+
+def agreement_with_judge(trainer, seed, count=512):
+    """How often the reward model orders two fresh samples of the CURRENT policy as the judge does (pairs the judge
+    finds equal left out)."""
+    queries = next(lm_tasks.query_batches(trainer.hparams.task, trainer.encoder, count, mode="test", seed=seed,
+                                          rank=0, size=1))
+    a, b = (trainer.current_policy_samples(queries, run_utils.stateless_seed(seed, k)) for k in (1, 2))
+    reward_a, reward_b = (trainer.sess.run(trainer.score_op, {trainer.queries: queries, trainer.responses: r})
+                          for r in (a, b))
+    judge_a, judge_b = (labeler.judge_scores(JUDGE, trainer.encoder, queries, r) for r in (a, b))
+    decided = judge_a != judge_b
+    return float(np.mean(np.sign(reward_b - reward_a)[decided] == np.sign(judge_b - judge_a)[decided]))
+
+
+def scalars(save_dir, tag, kind="ppo"):
+    return stats.read_scalars(os.path.join(save_dir, "tb", kind)).get(tag, [])
+
+
+def read_labels(save_dir):
+    with open(os.path.join(save_dir, online_labels.LABELS_FILE)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def online_run(tmp_path_factory):
+    """An online run that a SIGTERM stops in the middle of round 2 and --resume then finishes. Around each round,
+    the reward model's agreement with the judge on fresh samples of the current policy is measured before and after
+    it: {round: (before, after)}; `labelled`: the labels the judge made in each part, `stopped`: the label file when
+    the run stopped."""
+    hparams = online_hparams(tmp_path_factory.mktemp("online"), "run")
+    agreement, labelled = {}, [[], []]
+    run_round, make_records = online_labels.OnlineLabels.run_round, labeler.make_records
+
+    def measured(self, round, **kwargs):
+        trainer = kwargs["sample"].__self__  # the PPO trainer whose policy samples the round
+        before = agreement_with_judge(trainer, 1000 + round.index)
+        result = run_round(self, round, **kwargs)
+        agreement[round.index] = (before, agreement_with_judge(trainer, 1000 + round.index))
+        return result
+
+    def judged(label_type, queries, *args, **kwargs):
+        labelled[part].append(len(queries))
+        if part == 0 and len(labelled[0]) == 3:  # round 2 is being labelled: a scheduler's SIGTERM arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+        return make_records(label_type, queries, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(online_labels.OnlineLabels, "run_round", measured)
+        patch.setattr(labeler, "make_records", judged)
+        part = 0
+        with tf.Graph().as_default(), pytest.raises(run_utils.RunInterrupted, match="stopped after update 8 of 12"):
+            train_policy.train(hparams)
+        stopped = read_labels(hparams.run.save_dir)
+        part = 1
+        with tf.Graph().as_default():
+            train_policy.train(hparams, resume=True)
+    return types.SimpleNamespace(hparams=hparams, agreement=agreement, labelled=labelled, stopped=stopped)
+
+
+def test_rounds_come_on_the_papers_schedule_and_the_label_count_grows_as_scheduled(online_run):
+    save_dir = online_run.hparams.run.save_dir
+    expected = scheduled_labels(SETTINGS)
+    assert expected == [(0, 32), (4, 304), (8, 464)]  # front-loaded: 272 new labels, then 160
+    assert [(step, int(value)) for step, value in scalars(save_dir, "online/labels")] == expected
+    assert [int(v) for _, v in scalars(save_dir, "online/new_labels")] == [32, 272, 160]
+    # how stale the reward model had become: measured on each later round's new labels, before retraining
+    assert [step for step, _ in scalars(save_dir, "online/accuracy_before_retrain")] == [4, 8]
+    # every label is kept, in the released format (usable as --labels.source), with its round
+    records = read_labels(save_dir)
+    assert [sum(r["round"] == k for r in records) for k in range(3)] == [32, 272, 160]
+    label_types.load_labels(os.path.join(save_dir, online_labels.LABELS_FILE), label_types.get("best_of_4"),
+                            query_length=4, response_length=8, encoding=TrainedModel("demo").encoding)
+    assert len({tuple(r["query"]) for r in records}) > 0.9 * len(records)  # each label has a query of its own
+    # each retraining is one epoch over all labels so far; their TensorBoard steps follow one another
+    steps = [step for step, _ in scalars(save_dir, "train_reward/minibatch/loss", "reward_model")]
+    assert steps == list(range((32 + 304 + 464) // 16))
+    # PPO ran all its updates against the retrained reward model, saved where 2019 saved one
+    assert [step for step, _ in scalars(save_dir, "objective/score")] == list(range(12))
+    assert os.path.exists(os.path.join(save_dir, "reward_model", "checkpoints", "model.ckpt.index"))
+    with open(os.path.join(save_dir, "train_policy_hparams.json")) as f:
+        assert json.load(f)["rewards"]["trained_model"] == os.path.join(save_dir, "reward_model")
+
+
+def test_after_a_round_the_reward_model_agrees_better_with_the_judge_on_current_policy_samples(online_run):
+    agreement = online_run.agreement
+    # Measured: round 1 0.63 -> 0.79, round 2 0.85 -> 1.0 (chance 0.5) on about 450 decided pairs each.
+    for round_index in (1, 2):
+        before, after = agreement[round_index]
+        assert after > before + 0.08, agreement
+
+
+def test_a_stop_during_a_round_keeps_its_labels_and_resume_collects_only_what_is_missing(online_run):
+    # the run stopped while retraining in round 2, after that round's labels were saved: none is lost ...
+    assert [sum(r["round"] == k for r in online_run.stopped) for k in range(3)] == [32, 272, 160]
+    assert online_run.labelled[0] == [32, 272, 160]
+    # ... nor labelled twice: the resumed run retrained on them and went on
+    assert online_run.labelled[1] == []
+    assert read_labels(online_run.hparams.run.save_dir) == online_run.stopped
+    state = tf.train.load_checkpoint(os.path.join(online_run.hparams.run.save_dir, "resume", "ppo"))
+    assert state.get_tensor("run_state_ppo/online_rounds") == 3 and state.get_tensor("run_state_ppo/update") == 12
+
+
+class FakeLabelApp:
+    """Stands in for label_app (the browser is tested with the app itself): people who prefer e's answer every
+    item, except that on `interrupt_at` call they stop half way with Ctrl-C, as the app's collect_labels does (it
+    exports the labels so far, then re-raises)."""
+
+    def __init__(self, interrupt_at=None):
+        self.calls, self.interrupt_at = [], interrupt_at
+
+    def collect_labels(self, items, label_type_name, output, **options):
+        self.calls.append(dict(items=items, label_type=label_type_name, output=output, **options))
+        queries = np.array([item["query"] for item in items])
+        samples = [np.array([item[name] for item in items]) for name in sorted(items[0]) if name != "query"]
+        records = labeler.make_records(label_type_name, queries, samples, JUDGE, options["encoder"], 0.0,
+                                       np.random.RandomState(0))
+        if len(self.calls) == self.interrupt_at:
+            records = records[:len(records) // 2]
+        labeler.write_label_file(output, records)
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        return records
+
+
+def install(monkeypatch, app):
+    module = types.ModuleType("lm_human_preferences.label_app")
+    module.collect_labels = app.collect_labels
+    monkeypatch.setitem(sys.modules, "lm_human_preferences.label_app", module)
+    monkeypatch.setattr(lm_human_preferences, "label_app", module, raising=False)
+
+
+def test_people_label_each_round_in_the_web_app_while_ppo_waits_and_a_restart_serves_the_same_items(
+        tmp_path, monkeypatch):
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("Pick the continuation with the most e's.")
+    settings = {"ppo.total_episodes": 96, "labels.online.judge": "human", "labels.online.type": "best_of_2",
+                "labels.online.initial_labels": 16,
+                "labels.online.total_labels": 64, "labels.online.episodes_between_rounds": 32,
+                "labels.online.port": 8123, "labels.online.overlap": 0.1, "labels.online.token": "secret-token",
+                "labels.online.instructions": str(instructions)}
+    hparams = online_hparams(tmp_path, "people", **settings)
+    interrupted = FakeLabelApp(interrupt_at=2)
+    install(monkeypatch, interrupted)
+    with tf.Graph().as_default(), pytest.raises(run_utils.RunInterrupted, match="stopped after update 1 of 3"):
+        train_policy.train(hparams)
+    first, second = interrupted.calls
+    save_dir = hparams.run.save_dir
+    assert first["output"] == os.path.join(save_dir, "online", "round_00.json")
+    assert second["output"] == os.path.join(save_dir, "online", "round_01.json")
+    assert second["made_by"]["update"] == 1  # PPO waited after its first update for round 1's labels
+    assert (second["host"], second["port"], second["token"], second["overlap"]) == ("127.0.0.1", 8123,
+                                                                                    "secret-token", 0.1)
+    assert second["instructions"] == "Pick the continuation with the most e's." and second["label_type"] == "best_of_2"
+    assert len(first["items"]) == 16 and set(first["items"][0]) == {"query", "sample0", "sample1"}
+    assert [len(first["items"][0]["query"]), len(first["items"][0]["sample0"])] == [4, 8]
+    assert [r["round"] for r in read_labels(save_dir)] == [0] * 16  # round 1's half is in the app's files only
+
+    resumed = FakeLabelApp()
+    install(monkeypatch, resumed)
+    with tf.Graph().as_default():
+        train_policy.train(hparams, resume=True)
+    assert resumed.calls[0]["items"] == second["items"]  # the same policy samples the same items: the app resumes
+    assert [(step, int(v)) for step, v in scalars(save_dir, "online/labels")] == scheduled_labels(
+        {**SETTINGS, **settings}) == [(0, 16), (1, 48), (2, 64)]
+    assert [sum(r["round"] == k for r in read_labels(save_dir)) for k in range(3)] == [16, 32, 16]
+
+
+# ----- the schedule, the registry and errors -------------------------------------------------------------------
+
+def test_the_schedule_is_the_papers_l_of_n_with_retrainings_at_evenly_spaced_episodes():
+    online = online_labels.OnlineLabelHParams(initial_labels=4_992, total_labels=60_000,
+                                              episodes_between_rounds=50_000, judge="human")
+    ppo = train_policy.PpoHParams(total_episodes=1_000_000, batch_size=32)
+    rounds = online_labels.schedule(online, ppo, reward_batch_size=16)
+    assert len(rounds) == 20  # trained before PPO, then 19 more times (paper 2.3)
+    assert [r.update for r in rounds] == [math.ceil(k * 50_000 / 32) for k in range(20)]
+    for r in rounds:
+        wanted = 4_992 + (60_000 - 4_992) * (1 - (1 - r.episodes / 1_000_000) ** 2)
+        assert r.labels % 16 == 0 and wanted <= r.labels < wanted + 16
+    added = np.diff([r.labels for r in rounds])
+    assert np.all(added > 0) and np.all(np.diff(added) <= 0)  # front-loaded: every round adds fewer labels
+
+
+def test_online_labels_are_off_in_every_registered_experiment_but_demo_online():
+    for name in ("sentiment", "descriptiveness", "cnndm", "tldr", "test", "demo"):
+        assert launcher.resolve_hparams("train_policy", name, "x").labels.online is None, name
+    online = launcher.resolve_hparams("train_policy", "demo_online", "x")
+    demo = launcher.resolve_hparams("train_policy", "demo", "x")
+    assert online.labels.online.judge == "letter_e" and online.labels.online.initial_labels == 512
+    online.labels.online = None
+    assert online.to_nested_dict() == demo.to_nested_dict()  # the demo, with online labels switched on
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"labels.online.judge": "oracle"}, "labels.online.judge: unknown judge 'oracle'; known judges: letter_X"),
+    ({"labels.online.judge": None}, "labels.online.judge is required"),
+    ({"labels.online.initial_labels": 0}, "labels.online.initial_labels must be positive, got 0"),
+    ({"labels.online.total_labels": 32},
+     "labels.online.total_labels=32 must exceed labels.online.initial_labels=32"),
+    ({"labels.online.initial_labels": 24},
+     "labels.online.initial_labels=24 must be a multiple of rewards.train_new_model.batch_size=16"),
+    ({"labels.online.episodes_between_rounds": 16},
+     "labels.online.episodes_between_rounds=16 must be at least ppo.batch_size=32"),
+    ({"labels.online.episodes_between_rounds": 384},
+     "labels.online.episodes_between_rounds=384 leaves no round within ppo.total_episodes=384"),
+    ({"labels.online.type": "best_of_1"}, "labels.online.type: unknown label type 'best_of_1'"),
+    ({"labels.online.judge_temperature": -1}, "labels.online.judge_temperature must be >= 0"),
+    ({"labels.online.overlap": 1.5}, "labels.online.overlap must be a fraction in [0, 1], got 1.5"),
+    ({"labels.online.port": 70000}, "labels.online.port must be a TCP port 0..65535"),
+    ({"rewards.train_new_model": "off", "rewards.trained_model": "/some/reward_model"},
+     "labels.online retrains the reward model with the recipe of rewards.train_new_model"),
+])
+def test_bad_online_settings_are_refused_with_the_hyperparameter_named(tmp_path, overrides, message):
+    settings = {**SETTINGS, **overrides}
+    if overrides.get("rewards.train_new_model") == "off":  # its fields would switch it on again
+        settings = {name: value for name, value in settings.items() if not name.startswith("rewards.train_new_model.")}
+    with pytest.raises(HParamError) as info:
+        launcher.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides=settings)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_human_judged_run_without_the_web_app_stops_before_anything_is_written(tmp_path, monkeypatch):
+    hparams = online_hparams(tmp_path, **{"labels.online.judge": "human"})
+    monkeypatch.setitem(sys.modules, "lm_human_preferences.label_app", None)  # the import fails
+    monkeypatch.delattr(lm_human_preferences, "label_app", raising=False)
+    with pytest.raises(ValueError, match="labels.online.judge human serves the rounds in the labeling web app"):
+        train_policy.train(hparams)
+    assert not os.path.exists(hparams.run.save_dir)
