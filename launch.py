@@ -7,6 +7,9 @@
                                              [--resume] [--some.hparam VALUE ...]
     ./launch.py demo [NAME] [--save_dir DIR] [--online] [--some.hparam VALUE ...]   the offline demo, with a report
     ./launch.py label EXPERIMENT OUTPUT.json --count N --judge letter_e [--temperature T] [--label_type best_of_4]
+                                             [--policy SAVE_DIR]
+    ./launch.py label EXPERIMENT OUTPUT.json --count N --judge human [--port 8000] [--host 127.0.0.1]
+                      [--token T] [--overlap 0.1] [--instructions FILE] [--policy SAVE_DIR]   people label in a web page
     ./launch.py experiments          list the registered experiments, and which are sweeps
 
 Outputs go to SAVE_DIR/NAME (default /tmp/save/train_reward or /tmp/save/train_policy). An experiment that is
@@ -49,7 +52,8 @@ from lm_human_preferences import experiments, launcher  # noqa: E402
 
 _OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "trials_in_parallel", "notrials_in_parallel", "resume",
               "noresume", "count",
-              "judge", "temperature", "label_type", "seed"}
+              "judge", "temperature", "label_type", "seed", "policy", "host", "port", "token", "overlap",
+              "instructions"}
 # fire's help offers these short forms, but with **overrides in the signature fire takes `-m` for a
 # hyperparameter named m; so they are spelled out here.
 _SHORT_FLAGS = {"-m": "--mpi", "-s": "--save_dir", "-d": "--dry_run", "-t": "--trials_in_parallel"}
@@ -153,11 +157,21 @@ def demo(name="demo", save_dir="/tmp/save/demo", online=False, **overrides):
     demo_module.run_demo(name, save_dir, overrides=overrides, experiment=experiment)
 
 
-def label(experiment, output, count, judge, temperature=0.0, label_type=None, seed=0, **overrides):
-    """Write a label file: samples of a train_reward EXPERIMENT's initial policy, chosen by a synthetic judge."""
+def label(experiment, output, count, judge, temperature=None, label_type=None, seed=0, policy=None, host=None,
+          port=None, token=None, overlap=None, instructions=None, **overrides):
+    """Write a label file: samples of a train_reward EXPERIMENT's initial policy (or of a saved --policy), chosen
+    by a synthetic judge, or by people in a web page (--judge human).
+
+    JUDGE: letter_X, vowels, or human. TEMPERATURE: a synthetic judge's noise. POLICY: a train_policy run
+    directory to sample instead of the initial policy. Human only: HOST (default 127.0.0.1; another address needs
+    a token), PORT (default 8000; 0 = any free port), TOKEN (generated off loopback when not given), OVERLAP
+    (fraction of items labelled by two people, default 0), INSTRUCTIONS (a text file shown to labelers). The same
+    command again resumes a stopped human labeling job.
+    """
     from lm_human_preferences import labeler
     labeler.label_command(experiment, output, count=count, judge=judge, temperature=temperature,
-                          label_type=label_type, seed=seed, **overrides)
+                          label_type=label_type, seed=seed, policy=policy, host=host, port=port, token=token,
+                          overlap=overlap, instructions=instructions, **overrides)
 
 
 def list_experiments():

@@ -292,25 +292,31 @@ def load_label_set(path: str) -> Optional[LabelSet]:
         raise ValueError(f"{path}: the items file lacks {error}; it is damaged") from None
 
 
+def check_new_job(paths: LabelFiles):
+    """A new job must not overwrite anything: no output or journal of something else at its paths."""
+    if os.path.exists(paths.journal):
+        raise ValueError(f"{paths.journal} exists but its items file {paths.items} does not; label into another "
+                         f"OUTPUT, or move that journal away")
+    if os.path.exists(paths.output):
+        raise ValueError(f"{paths.output} exists and is not the output of an unfinished labeling job (no "
+                         f"{os.path.basename(paths.items)} beside it); choose another OUTPUT or remove it")
+
+
 def prepare_label_set(paths: LabelFiles, items: List[dict], label_type: label_types.LabelType, overlap: float,
                       encoder=None, made_by: Optional[dict] = None) -> LabelSet:
     """The label set of this job: the recorded one when the same items were started before (resume), else a new
     one, written atomically to the items file. Refuses to mix jobs."""
     existing = load_label_set(paths.items)
-    fresh_start = "label into another OUTPUT, or move the job's files away"
     if existing is not None:
         if existing.label_type != label_type.name or existing.items != items:
             raise ValueError(f"{paths.items} holds the items of another labeling job ({existing.label_type}, "
-                             f"{len(existing.items)} items); {fresh_start} ({paths.items}, {paths.journal})")
+                             f"{len(existing.items)} items); label into another OUTPUT, or move the job's files "
+                             f"away ({paths.items}, {paths.journal})")
         if not math.isclose(existing.overlap, overlap):
             raise ValueError(f"this labeling job ({paths.items}) was started with --overlap {existing.overlap}; "
                              f"resume it with the same --overlap")
         return existing
-    if os.path.exists(paths.journal):
-        raise ValueError(f"{paths.journal} exists but its items file {paths.items} does not; {fresh_start}")
-    if os.path.exists(paths.output):
-        raise ValueError(f"{paths.output} exists and is not the output of an unfinished labeling job (no "
-                         f"{os.path.basename(paths.items)}); choose another OUTPUT or remove it")
+    check_new_job(paths)
     texts = [{"query": _decode(encoder, item["query"]),
               "samples": [_decode(encoder, item[field]) for field in label_type.sample_fields()]} for item in items]
     double = sorted(random.Random(len(items)).sample(range(len(items)), round(overlap * len(items))))
@@ -339,8 +345,8 @@ class Journal:
                              f"OUTPUT)") from None
         if created:
             _fsync_directory(os.path.dirname(path))  # the new file's name survives a crash too
-        self.events = self._read()
         self.dropped_torn_line = False
+        self.events = self._read()
 
     def _read(self) -> List[dict]:
         with open(self.path, "rb") as f:
@@ -706,7 +712,7 @@ def create_app(labeling: Labeling, *, instructions: str, token: Optional[str] = 
 
     @app.errorhandler(HTTPException)
     def http_error(exception: HTTPException):  # 404, 405, 413 ... as JSON too
-        return error(exception.code or 500, exception.description or exception.name)
+        return error(exception.code or 500, f"{exception.name}: {exception.description}")
 
     @app.before_request
     def check_request():
@@ -844,9 +850,14 @@ class LabelServer:
 
 # ----- the whole job -------------------------------------------------------------------------------------------
 
+def say(message: str):
+    """Announce on stdout at once (a pipe or `tee` would otherwise hold the URL back)."""
+    print(message, flush=True)
+
+
 def collect_labels(items: List[dict], label_type_name: str, output: str, *, host="127.0.0.1", port=8000,
                    token=None, overlap=0.0, instructions: Optional[str] = None, encoder=None,
-                   announce: Callable[[str], None] = print, made_by: Optional[dict] = None) -> List[dict]:
+                   announce: Callable[[str], None] = say, made_by: Optional[dict] = None) -> List[dict]:
     """Serve `items` to people in a web page until every one is labelled; returns the labelled records.
 
     items: records in the released format without the label field (`query`, `sample0`.. or `sample`, token
@@ -868,7 +879,7 @@ def collect_labels(items: List[dict], label_type_name: str, output: str, *, host
 
 
 def serve_label_set(label_set: LabelSet, paths: LabelFiles, options: ServingOptions, instructions: str,
-                    announce: Callable[[str], None] = print) -> List[dict]:
+                    announce: Callable[[str], None] = say) -> List[dict]:
     """Serve a prepared label set until it is done (see collect_labels)."""
     with Journal(paths.journal) as journal:
         if journal.dropped_torn_line:

@@ -12,11 +12,15 @@ the scores at that temperature (0: always the best, ties broken at random), as a
 a worse sample; scalar labels get Gaussian noise with that standard deviation (0: exact).
 
 `label_samples` runs the labelling loop over any sampler; `label_command` (`./launch.py label`) samples an
-experiment's initial policy and writes a label file. TensorFlow is imported only inside `label_command`.
+experiment's initial policy (or a saved policy) and writes a label file. With `--judge human` people label
+instead, in the web app of label_app.py. TensorFlow is imported only to sample (`sample_policy_records`).
 """
 
 import json
+import math
 import re
+import signal
+import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -124,20 +128,25 @@ def make_records(label_type, queries: np.ndarray, samples: Sequence[np.ndarray],
                              f"got shape {sample.shape}")
     scores = np.stack([judge_scores(judge, encoder, queries, sample) for sample in samples], axis=1)  # [b, N]
 
-    records = []
-    for i, query in enumerate(queries):
-        record = {"query": _tokens(query)}
+    records = unlabelled_records(label_type, queries, samples)
+    for i, record in enumerate(records):
         if layout == "best_of_N":
-            record.update({f"sample{n}": _tokens(sample[i]) for n, sample in enumerate(samples)})
             record["best"] = choose(scores[i], temperature, rng)
         elif layout == "scalar_rating":
-            record["sample"] = _tokens(samples[0][i])
             record["score"] = float(scores[i, 0] + temperature * rng.standard_normal())
         else:  # scalar_compare
-            record["sample0"], record["sample1"] = _tokens(samples[0][i]), _tokens(samples[1][i])
             record["difference"] = float(scores[i, 1] - scores[i, 0] + temperature * rng.standard_normal())
-        records.append(record)
     return records
+
+
+def unlabelled_records(label_type, queries: np.ndarray, samples: Sequence[np.ndarray]) -> List[dict]:
+    """Records in the released format without the label field (what people label in the web app): `query` and
+    `sample0..` (`sample` for scalar_rating) as plain int lists. queries [b, query_length]; samples: the label
+    type's number of [b, response_length] arrays."""
+    layout, _ = _record_layout(label_type)
+    names = ["sample"] if layout == "scalar_rating" else [f"sample{n}" for n in range(len(samples))]
+    return [{"query": _tokens(query), **{name: _tokens(sample[i]) for name, sample in zip(names, samples)}}
+            for i, query in enumerate(np.asarray(queries))]
 
 
 def write_label_file(path: str, records: List[dict]):
@@ -151,12 +160,19 @@ def label_samples(sample: Callable[[np.ndarray], np.ndarray], query_batches: Ite
                   judge: Judge, encoder, count: int, temperature: float, rng: np.random.RandomState) -> List[dict]:
     """`count` records: for each batch of queries [b, query_length], the label type's number of samples drawn
     with `sample(queries) -> [b, response_length]` (already post-processed, as the labelers saw them), judged."""
+    return _sampled_records(sample, query_batches, label_type, count, lambda queries, samples: make_records(
+        label_type, queries, samples, judge, encoder, temperature, rng))
+
+
+def _sampled_records(sample, query_batches, label_type, count: int, make) -> List[dict]:
+    """`count` records made by `make(queries, samples)` from batches of queries and the label type's number of
+    samples of each."""
     _, num_samples = _record_layout(label_type)
     records = []
     while len(records) < count:
         queries = next(query_batches)  # [b, query_length]
         samples = [sample(queries) for _ in range(num_samples)]  # each [b, response_length]
-        records.extend(make_records(label_type, queries, samples, judge, encoder, temperature, rng))
+        records.extend(make(queries, samples))
     return records[:count]
 
 
@@ -171,44 +187,155 @@ def _parse_number(value, kind, flag: str, accepted: str, minimum):
     return number
 
 
-def label_command(experiment: str, output: str, *, count, judge: str, temperature=0.0,
-                  label_type: Optional[str] = None, seed=0, **overrides):
+HUMAN = "human"  # the judge that is people, labelling in the web app (label_app.py)
+_SERVING_FLAGS = ("host", "port", "token", "overlap", "instructions")  # --judge human only
+
+
+def label_command(experiment: str, output: str, *, count, judge: str, temperature=None,
+                  label_type: Optional[str] = None, seed=0, policy: Optional[str] = None, host=None, port=None,
+                  token=None, overlap=None, instructions=None, **overrides):
     """`./launch.py label EXPERIMENT OUTPUT.json --count N --judge NAME [--temperature T] [--label_type TYPE]
-    [--seed S] [--some.hparam VALUE ...]`: write `count` label records in the released format.
+    [--seed S] [--policy SAVE_DIR] [--some.hparam VALUE ...]`: write `count` label records in the released format.
 
     EXPERIMENT is a `train_reward` experiment (overrides apply as for `train_reward`); its task gives the
     queries (train split) and its initial policy, sampled at the task's temperature, the responses,
-    post-processed as for scoring. `judge` plays the human (see JUDGES); `temperature` is its noise (module
-    docstring); `label_type` defaults to the experiment's `labels.type`; `seed` fixes queries, samples and
-    noise. The file is written atomically to the local path `output`."""
-    from lm_human_preferences import label_types, launcher, lm_tasks
+    post-processed as for scoring; `policy` samples a saved policy instead (a train_policy run directory, or its
+    `policy` directory). `judge` plays the human (see JUDGES); `temperature` is its noise (module docstring);
+    `label_type` defaults to the experiment's `labels.type`; `seed` fixes queries, samples and noise. The file
+    is written atomically to the local path `output`.
+
+    `--judge human`: people label the samples in a web page (label_app.py) served on host:port (default
+    127.0.0.1:8000; another address needs `token`, generated when not given), `overlap` of the items by two of
+    them; `instructions` is a text file replacing the experiment's instructions. The samples and every answer
+    are kept next to `output`, so the same command again resumes where it stopped, without sampling again."""
+    from lm_human_preferences import label_types, launcher
 
     count = _parse_number(count, int, "--count", "a positive number of labels", 1)
-    temperature = _parse_number(temperature, float, "--temperature", "a judge noise >= 0 (0 = exact)", 0.0)
     seed = _parse_number(seed, int, "--seed", "an integer >= 0", 0)
     if not output or files.is_remote(str(output)):
         raise ValueError(f"label output {output!r}: expected a local file path (write locally, then upload)")
-    judge_fn = get_judge(judge)  # fail before any model is built
+    serving = dict(host=host, port=port, token=token, overlap=overlap, instructions=instructions)
+    if judge == HUMAN:
+        if temperature is not None:
+            raise ValueError("--temperature is a synthetic judge's noise; people (--judge human) need none")
+        return _label_by_people(experiment, output, count=count, label_type=label_type, seed=seed, policy=policy,
+                                overrides=overrides, **serving)
+    for flag in _SERVING_FLAGS:
+        if serving[flag] is not None:
+            raise ValueError(f"--{flag} applies only to --judge human (people labelling in the web app)")
+    temperature = _parse_number(0.0 if temperature is None else temperature, float, "--temperature",
+                                "a judge noise >= 0 (0 = exact)", 0.0)
+    try:
+        judge_fn = get_judge(judge)  # fail before any model is built
+    except ValueError as error:
+        raise ValueError(f"{error}; or {HUMAN}: people label in a web page") from None
     hparams = launcher.resolve_hparams("train_reward", experiment, "label", overrides=overrides)
     label_type = label_types.get(label_type or hparams.labels.type)
-    task = hparams.task
+
+    rng = np.random.RandomState(seed)  # one stream for ties, choices and noise, batch after batch
+
+    def judged(queries, samples, encoder):
+        return make_records(label_type, queries, samples, judge_fn, encoder, temperature, rng)
+
+    records, _ = sample_policy_records(hparams, label_type, count, seed, policy, judged)
+    write_label_file(output, records)
+    source = f"policy {policy}" if policy else "the initial policy"
+    print(f"wrote {count} {label_type.name} labels of experiment {experiment!r} ({source}) by judge {judge!r} "
+          f"(temperature {temperature}) to {output}")
+
+
+def _label_by_people(experiment, output, *, count, label_type, seed, policy, overrides, host, port, token, overlap,
+                     instructions):
+    """`label_command` with `--judge human`: sample the items (unless a stopped run of this very command left
+    them next to OUTPUT), then serve them in the web app until they are all labelled."""
+    from lm_human_preferences import label_app, label_types, launcher
+
+    options = label_app.serving_options(host="127.0.0.1" if host is None else host,
+                                        port=8000 if port is None else port, token=token,
+                                        overlap=0.0 if overlap is None else overlap)
+    text = label_app.default_instructions(experiment) if instructions is None else \
+        label_app.read_instructions(instructions)
+    paths = label_app.label_files(output)
+    made_by = {"command": "label", "experiment": experiment, "count": count, "label_type": label_type,
+               "seed": seed, "policy": policy, "overrides": {name: str(value) for name, value in overrides.items()}}
+    label_set = label_app.load_label_set(paths.items)
+    if label_set is not None and label_set.made_by != made_by:
+        recorded = label_set.made_by or {}
+        changed = ", ".join(f"{name} {recorded.get(name)!r} -> {made_by[name]!r}" for name in made_by
+                            if recorded.get(name) != made_by[name])
+        raise ValueError(f"{paths.items} holds the items of a different labeling command ({changed}); repeat that "
+                         f"command to resume it, or label into another OUTPUT")
+    if label_set is not None and not math.isclose(label_set.overlap, options.overlap):
+        raise ValueError(f"this labeling job ({paths.items}) was started with --overlap {label_set.overlap}; "
+                         f"resume it with the same --overlap")
+    label_app.check_can_bind(options)
+    if label_set is None:  # a new job: sample the items (the only part that needs TensorFlow)
+        label_app.check_new_job(paths)
+        hparams = launcher.resolve_hparams("train_reward", experiment, "label", overrides=overrides)
+        resolved_type = label_types.get(label_type or hparams.labels.type)
+        items, encoder = sample_policy_records(hparams, resolved_type, count, seed, policy,
+                                               lambda queries, samples, _: unlabelled_records(resolved_type, queries,
+                                                                                              samples))
+        label_set = label_app.prepare_label_set(paths, items, resolved_type, options.overlap, encoder, made_by)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: labels so far exported
+    try:
+        label_app.serve_label_set(label_set, paths, options, text)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # the app has said what it wrote and how to resume
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def saved_policy_model(save_dir: str):
+    """The TrainedModel of a saved policy: a train_policy run directory (its `policy/`) or that `policy/`
+    directory itself (local, https:// or gs://)."""
+    from lm_human_preferences.language.trained_models import TrainedModel
+    for directory in (files.join(save_dir, "policy"), save_dir):
+        if files.exists(files.join(directory, "hparams.json")):
+            return TrainedModel("policy", savedir=directory)
+    raise ValueError(f"--policy {save_dir}: no saved policy there (expected a train_policy run directory holding "
+                     f"policy/hparams.json and policy/checkpoints/, or such a policy directory)")
+
+
+def sample_policy_records(hparams, label_type, count: int, seed: int, policy: Optional[str], make):
+    """(`count` records made by `make(queries, samples, encoder)` from samples of the experiment's initial policy,
+    or of the saved policy at `policy`, post-processed as for scoring; the encoder)."""
+    from lm_human_preferences import lm_tasks
 
     import tensorflow.compat.v1 as tf
     from lm_human_preferences.language.trained_models import TrainedModel
     from lm_human_preferences.policy import Policy
     from lm_human_preferences.utils import devices
 
+    task = hparams.task
     trained_model = TrainedModel(task.policy.initial_model)
+    if policy:
+        saved = saved_policy_model(policy)
+        if saved.encoding.name != trained_model.encoding.name:
+            raise ValueError(f"--policy {policy}: it uses the {saved.encoding.name!r} encoding, but the "
+                             f"experiment's task uses {trained_model.encoding.name!r}; pick the experiment it was "
+                             f"trained on")
+        trained_model = saved
     encoding = trained_model.encoding
     encoder = encoding.get_encoder()
     batch_size = min(count, hparams.rollout_batch_size)
     with tf.Graph().as_default():
         tf.set_random_seed(seed)
-        # The labelers saw samples of the initial policy: the reference policy of a later PPO run.
-        policy = Policy(trained_model, scope="ref_policy", temperature=task.policy.temperature,
-                        embed_queries=lm_tasks.query_formatter(task, encoder))
+        # The labelers saw samples of the initial policy, the reference policy of a later PPO run (or, online, of
+        # the policy being trained).
+        policy_model = Policy(trained_model, scope="policy" if policy else "ref_policy",
+                              temperature=task.policy.temperature,
+                              embed_queries=lm_tasks.query_formatter(task, encoder))
         queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
-        responses = policy.respond_op(queries, task.response_length)["responses"]  # [b, response_length]
+        responses = policy_model.respond_op(queries, task.response_length)["responses"]  # [b, response_length]
         with devices.new_session() as sess:
             sess.run(tf.global_variables_initializer())
 
@@ -218,8 +345,6 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
 
             query_batches = lm_tasks.query_batches(task, encoder, batch_size, mode="train", seed=seed, rank=0,
                                                    size=1)
-            records = label_samples(sample, query_batches, label_type, judge_fn, encoder, count, temperature,
-                                    np.random.RandomState(seed))
-    write_label_file(output, records)
-    print(f"wrote {count} {label_type.name} labels of experiment {experiment!r} by judge {judge!r} "
-          f"(temperature {temperature}) to {output}")
+            records = _sampled_records(sample, query_batches, label_type, count,
+                                       lambda queries_batch, samples: make(queries_batch, samples, encoder))
+    return records, encoder
