@@ -370,10 +370,16 @@ class Journal:
 
     def append(self, event: dict):
         data = (json.dumps(event) + "\n").encode("utf-8")
-        while data:
-            written = os.write(self._fd, data)
-            data = data[written:]
-        os.fsync(self._fd)  # on disk before the client hears "recorded"
+        size = os.fstat(self._fd).st_size
+        try:
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
+            os.fsync(self._fd)  # on disk before the client hears "recorded"
+        except OSError as error:  # e.g. a full disk: take back any part written, so later lines stay whole
+            os.ftruncate(self._fd, size)
+            raise ApiError(503, f"the answer could not be recorded ({error.strerror or error}); nothing was "
+                                f"recorded, try again") from None
         self.events.append(event)
 
     def close(self):

@@ -288,6 +288,26 @@ def test_without_a_token_only_requests_for_localhost_are_answered(tmp_path):
         assert rebound.status_code == 403 and "only requests for localhost" in rebound.json()["error"]
 
 
+def test_an_answer_that_cannot_be_written_is_refused_and_leaves_the_journal_whole(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    with serving(tmp_path, e_rule_items(2)) as served:
+        answer(served, "ann")
+        journal = served.journal()
+        item = served.get("api/task", params={"labeler": "ann"}).json()["id"]
+        monkeypatch.setattr(os, "fsync", disk_full)
+        refused = served.post("api/label", {"id": item, "labeler": "ann", "best": 1})
+        assert refused.status_code == 503 and "No space left on device" in refused.json()["error"]
+        assert served.journal() == journal and served.labeling.progress()["labels"] == 1
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert served.post("api/label", {"id": item, "labeler": "ann", "best": 1}).json() == {"remaining": 0}
+    with open(served.paths.journal) as f:
+        assert [json.loads(line)["id"] for line in f] == [0, item]
+
+
 def test_one_server_per_output_and_a_torn_journal_line_is_dropped(tmp_path):
     paths = label_app.label_files(str(tmp_path / "labels.json"))
     with label_app.Journal(paths.journal) as journal:
@@ -301,6 +321,25 @@ def test_one_server_per_output_and_a_torn_journal_line_is_dropped(tmp_path):
         journal.append({"event": "label", "seq": 2, "id": 1, "labeler": "ann", "best": 0, "time": 2.0})
     with open(paths.journal) as f:
         assert [json.loads(line)["seq"] for line in f] == [1, 2]
+
+
+def test_the_server_does_not_import_tensorflow(tmp_path):
+    """Only sampling needs TensorFlow: a resumed job, or the app serving items given to it, starts in a second."""
+    program = f"""
+import sys
+from lm_human_preferences import label_app, label_types
+kind = label_types.get("best_of_4")
+paths = label_app.label_files({str(tmp_path / "labels.json")!r})
+items = label_app.check_items({e_rule_items(2)!r}, kind)
+label_set = label_app.prepare_label_set(paths, items, kind, 0.0)
+with label_app.Journal(paths.journal) as journal:
+    labeling = label_app.Labeling(label_set, journal)
+    client = label_app.create_app(labeling, instructions="x").test_client()
+    assert client.get("/api/task?labeler=ann").json["id"] == 0
+    assert client.post("/api/label", json={{"id": 0, "labeler": "ann", "best": 1}}).json == {{"remaining": 1}}
+assert "tensorflow" not in sys.modules, "the web app imported TensorFlow"
+"""
+    subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, check=True, timeout=60)
 
 
 # ----- the page in a real browser ------------------------------------------------------------------------------------
@@ -452,7 +491,7 @@ def test_scalar_scales_in_the_browser(tmp_path, browser, label_type, field, keys
         shown = item_on_screen(page)
         page.locator("#scale button").nth(3).click()  # the middle: 4, or "about the same"
         wait_for_item_change(page, shown)
-        assert "All items are labeled" in page.locator("#message").text_content()
+        page.wait_for_selector("#message:has-text('All items are labeled')")
         page.context.close()
         values = [record[field] for record in served.labeling.records()]
     assert values == expected + [4.0 if field == "score" else 0.0]
