@@ -233,6 +233,8 @@ class OnlineLabels:
         status = None
         if mpi.is_root() and held < round.labels:
             status = self._collect(round, round.labels - held, sample, local_dir, save_dir)
+        if self.judge is None:
+            mpi.barrier_asleep()  # people may label for hours: the other ranks wait without spinning
         status, columns = mpi.broadcast((status, self._columns() if mpi.is_root() and status is None else None))
         if status is not None:  # people stopped labelling (Ctrl-C, or a stop signal): resume continues the round
             stats.log(status)

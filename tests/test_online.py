@@ -17,6 +17,8 @@ import lm_human_preferences
 from lm_human_preferences import labeler, label_types, launcher, lm_tasks, online_labels, train_policy
 from lm_human_preferences import trainer as run_utils
 from lm_human_preferences.language.trained_models import TrainedModel
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.rewards import RewardModelTrainer
 from lm_human_preferences.utils import stats
 from lm_human_preferences.utils.hyperparams import HParamError
 
@@ -281,3 +283,27 @@ def test_a_human_judged_run_without_the_web_app_stops_before_anything_is_written
     with pytest.raises(ValueError, match="labels.online.judge human serves the rounds in the labeling web app"):
         train_policy.train(hparams)
     assert not os.path.exists(hparams.run.save_dir)
+
+
+def test_each_retraining_restarts_the_reward_model_from_the_initial_model_with_a_fresh_head():
+    model = TrainedModel("test")
+    ref_policy = Policy(model, scope="ref_policy")
+    reward_model = RewardModelTrainer(model, scope="reward_model")
+    seed = tf.placeholder(tf.int64, [2])
+    restart = online_labels.restart_from_initial_model(reward_model, ref_policy, seed)
+    params = {v.op.name: v for v in tf.global_variables()}
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        for variable in reward_model.get_params():  # where an earlier round left it
+            sess.run(variable.assign(variable + 0.5))
+        sess.run(restart, {seed: [1, 2]})
+        values = {name: sess.run(variable) for name, variable in params.items()}
+        sess.run(restart, {seed: [1, 3]})
+        other_head = sess.run(params["reward_model/model/heads/reward/w"])
+    for name in values:
+        if name.startswith("ref_policy/model/") and "/heads/" not in name:  # the trunk: the initial model's
+            np.testing.assert_array_equal(values[name.replace("ref_policy/", "reward_model/", 1)], values[name])
+    head = values["reward_model/model/heads/reward/w"]  # a fresh random head, as a new one is drawn
+    assert head.shape == (7,) and 0 < head.std() < 3 / np.sqrt(8) and not np.array_equal(head, other_head)
+    assert values["reward_model/model/heads/reward/b"] == 0
+    assert (values["reward_model/reward_norm/gain"], values["reward_model/reward_norm/bias"]) == (1, 0)

@@ -107,6 +107,18 @@ def barrier():
         world.Barrier()
 
 
+def barrier_asleep(poll_seconds: float = 1.0):
+    """A barrier whose ranks wait asleep, polling every `poll_seconds`, where `barrier` would keep a core busy: for
+    waits of minutes or hours (rank 0 serving people who label while PPO pauses)."""
+    world = comm()
+    if world is None:
+        return
+    import time
+    request = world.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_seconds)
+
+
 def broadcast(obj):
     """Rank 0's python object on every rank (pickled; use broadcast_variables for model weights)."""
     world = comm()
