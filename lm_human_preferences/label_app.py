@@ -214,7 +214,7 @@ def label_files(output: str) -> LabelFiles:
     if not output or files.is_remote(str(output)):
         raise ValueError(f"label output {output!r}: expected a local file path (write locally, then upload)")
     output = os.path.abspath(os.path.expanduser(str(output)))
-    stem = output[:-len(".json")] if output.endswith(".json") else output
+    stem = output.removesuffix(".json")
     return LabelFiles(output=output, items=stem + ".items.json", journal=stem + ".journal.jsonl",
                       disagreements=stem + ".disagreements.json")
 
@@ -731,9 +731,8 @@ def create_app(labeling: Labeling, *, instructions: str, token: Optional[str] = 
             # Served without a token only to this machine: a page of another site that made its name resolve
             # to 127.0.0.1 (DNS rebinding) must not reach the API.
             raise ApiError(403, f"this server answers only requests for localhost, not {flask.request.host!r}")
-        if flask.request.method == "POST":
-            if flask.request.mimetype != "application/json":
-                raise ApiError(415, "send the request body as JSON with Content-Type: application/json")
+        if flask.request.method == "POST" and flask.request.mimetype != "application/json":
+            raise ApiError(415, "send the request body as JSON with Content-Type: application/json")
 
     @app.after_request
     def harden(response):

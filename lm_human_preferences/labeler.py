@@ -214,7 +214,7 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
     seed = _parse_number(seed, int, "--seed", "an integer >= 0", 0)
     if not output or files.is_remote(str(output)):
         raise ValueError(f"label output {output!r}: expected a local file path (write locally, then upload)")
-    serving = dict(host=host, port=port, token=token, overlap=overlap, instructions=instructions)
+    serving = {"host": host, "port": port, "token": token, "overlap": overlap, "instructions": instructions}
     if judge == HUMAN:
         if temperature is not None:
             raise ValueError("--temperature is a synthetic judge's noise; people (--judge human) need none")
@@ -308,9 +308,9 @@ def saved_policy_model(save_dir: str):
 def sample_policy_records(hparams, label_type, count: int, seed: int, policy: Optional[str], make):
     """(`count` records made by `make(queries, samples, encoder)` from samples of the experiment's initial policy,
     or of the saved policy at `policy`, post-processed as for scoring; the encoder)."""
-    from lm_human_preferences import lm_tasks
-
     import tensorflow.compat.v1 as tf
+
+    from lm_human_preferences import lm_tasks
     from lm_human_preferences.language.trained_models import TrainedModel
     from lm_human_preferences.policy import Policy
     from lm_human_preferences.utils import devices
