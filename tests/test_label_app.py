@@ -538,6 +538,20 @@ class LabelCommand:
         return item
 
 
+def json_in_page(html):
+    """The page's configuration (instructions, scales), embedded as JSON."""
+    return json.loads(re.search(r'<script id="config" type="application/json">(.*?)</script>', html, re.S).group(1))
+
+
+def test_instructions_follow_the_papers_tasks():
+    assert "positive" in label_app.default_instructions("sentiment")
+    assert "vividly descriptive" in label_app.default_instructions("descriptiveness")
+    assert label_app.default_instructions("tldr") == label_app.default_instructions("cnndm")
+    assert "accurate" in label_app.default_instructions("tldr")
+    assert label_app.default_instructions("test") == label_app.default_instructions("demo") == \
+        label_app.GENERIC_INSTRUCTIONS
+
+
 def test_killed_with_sigkill_the_same_command_resumes_and_every_acknowledged_label_is_kept_once(tmp_path):
     output = str(tmp_path / "people.json")
     paths = label_app.label_files(output)
@@ -558,13 +572,17 @@ def test_killed_with_sigkill_the_same_command_resumes_and_every_acknowledged_lab
     with open(paths.items, "rb") as f:
         assert f.read() == items_file
     assert requests.get(second.url + "api/progress", timeout=10).json()["labeled"] == 3
+    assert label_app.GENERIC_INSTRUCTIONS in json_in_page(requests.get(second.url, timeout=10).text)["instructions"]
     after = [second.label()]
     second.process.send_signal(signal.SIGINT)  # Ctrl-C: what is done so far is exported
     second.wait_for("interrupted: wrote the 4 labels so far")
     assert second.process.wait(timeout=30) == 130
     assert [record["best"] for record in validate_export(output)] == [item % 4 for item in sorted(before_kill + after)]
 
-    third = LabelCommand(output)
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("Prefer samples with many e's.\nIgnore the rest.")
+    third = LabelCommand(output, "--instructions", str(instructions))  # serving flags may change on resume
+    assert json_in_page(requests.get(third.url, timeout=10).text)["instructions"] == instructions.read_text()
     after += [third.label() for _ in range(2)]
     third.wait_for("all 6 items labelled: wrote 6 labels")
     assert third.process.wait(timeout=30) == 0
