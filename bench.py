@@ -25,6 +25,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # started by a Python without the dependencies: re-run under .venv/bin/python
+    from lm_human_preferences.utils.project_python import ensure_project_python
+    ensure_project_python(__file__)
 # TensorFlow's XLA auto-clustering (run.xla) compiles CPU ops only with this flag, so that the XLA switch is
 # measured for real on a CPU too. It changes nothing where run.xla is off. Set before TensorFlow reads it.
 CPU_XLA_FLAG = "--tf_xla_cpu_global_jit"

@@ -38,6 +38,9 @@ from typing import List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # started by a Python without the dependencies: re-run under .venv/bin/python
+    from lm_human_preferences.utils.project_python import ensure_project_python
+    ensure_project_python(__file__)
 
 import fire  # noqa: E402
 

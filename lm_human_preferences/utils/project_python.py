@@ -1,0 +1,40 @@
+"""The entry points (launch.py, sample.py, bench.py) run under the project's own Python.
+
+`make install` puts the dependencies into `.venv/` beside the scripts. A user who types `./launch.py ...`
+without activating that environment starts the system's `python3`, which lacks them: instead of a
+`ModuleNotFoundError` for `fire`, the script starts again under `.venv/bin/python`, or, when there is no such
+environment, says in one line what to run. Only the standard library is used here, and nothing is imported
+to find out (`importlib.util.find_spec` only looks the modules up), so the check costs milliseconds.
+"""
+
+import importlib.util
+import os
+import sys
+from typing import Sequence
+
+# What every entry point imports before its own work; each stands for a dependency of pyproject.toml.
+REQUIRED_MODULES = ("fire", "numpy", "tensorflow", "mpi4py")
+
+
+def missing_modules(modules: Sequence[str] = REQUIRED_MODULES) -> list:
+    return [name for name in modules if importlib.util.find_spec(name) is None]
+
+
+def ensure_project_python(script: str, modules: Sequence[str] = REQUIRED_MODULES):
+    """Return when this Python has `modules`; else re-run `script` with the same arguments under
+    `.venv/bin/python` beside it (this call does not return), or exit with one `error:` line saying what to
+    run. A `.venv` that lacks them too is reported, never re-run (no loop)."""
+    missing = missing_modules(modules)
+    if not missing:
+        return
+    root = os.path.dirname(os.path.abspath(script))
+    venv = os.path.join(root, ".venv")
+    venv_python = os.path.join(venv, "bin", "python")
+    in_venv = os.path.realpath(sys.prefix) == os.path.realpath(venv)
+    if os.access(venv_python, os.X_OK) and not in_venv:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(venv_python, [venv_python, os.path.abspath(script)] + sys.argv[1:])
+    where = f"{venv_python} lacks" if in_venv else f"this Python ({sys.executable}) lacks"
+    sys.exit(f"error: {where} the project's dependencies ({', '.join(missing)}): run `make install` in {root}, "
+             f"then start {os.path.basename(script)} as ./{os.path.basename(script)} or with .venv/bin/python")
