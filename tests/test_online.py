@@ -6,7 +6,10 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 import types
 
 import numpy as np
@@ -219,6 +222,49 @@ def test_people_label_each_round_in_the_web_app_while_ppo_waits_and_a_restart_se
     assert [(step, int(v)) for step, v in scalars(save_dir, "online/labels")] == scheduled_labels(
         {**SETTINGS, **settings}) == [(0, 16), (1, 48), (2, 64)]
     assert [sum(r["round"] == k for r in read_labels(save_dir)) for k in range(3)] == [16, 32, 16]
+
+
+def test_a_human_round_is_served_by_the_real_web_app_and_the_answers_become_the_runs_labels(tmp_path):
+    import requests  # the web app's own tests drive it in a browser; here a script answers through its API
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    hparams = online_hparams(tmp_path, "people", **{
+        "ppo.total_episodes": 96, "labels.online.judge": "human", "labels.online.initial_labels": 16,
+        "labels.online.total_labels": 64, "labels.online.episodes_between_rounds": 32, "labels.online.port": port})
+    answers, done = [], threading.Event()
+
+    def person():  # prefers the sample with the most e's, as the page shows it (decoded text)
+        url = f"http://127.0.0.1:{port}/api"
+        while not done.is_set():
+            try:
+                task = requests.get(f"{url}/task", params={"labeler": "ann"}, timeout=5)
+            except requests.ConnectionError:  # between rounds, PPO trains and nothing serves
+                task = None
+            if task is None or task.status_code != 200:
+                time.sleep(0.1)
+                continue
+            task = task.json()
+            best = int(np.argmax([sample.count("e") for sample in task["samples"]]))
+            answer = requests.post(f"{url}/label", json={"id": task["id"], "labeler": "ann", "best": best}, timeout=5)
+            assert answer.status_code == 200, answer.text
+            answers.append((task["samples"], best))
+
+    thread = threading.Thread(target=person, daemon=True)
+    thread.start()
+    try:
+        with tf.Graph().as_default():
+            train_policy.train(hparams)
+    finally:
+        done.set()
+        thread.join()
+    records = read_labels(hparams.run.save_dir)
+    assert len(answers) == len(records) == 64
+    assert [sum(r["round"] == k for r in records) for k in range(3)] == [16, 32, 16]
+    decoder = TrainedModel("demo").encoding.get_encoder()
+    assert sorted((tuple(decoder.decode(r[f"sample{k}"]) for k in range(4)), r["best"]) for r in records) == sorted(
+        (tuple(samples), best) for samples, best in answers)
 
 
 # ----- the schedule, the registry and errors -------------------------------------------------------------------
