@@ -93,7 +93,8 @@ class OnlineLabelHParams(hyperparams.HParams):
             except ValueError as error:
                 raise hyperparams.HParamError(f"{prefix}type: {error}") from None
         require(0.0 <= self.overlap <= 1.0, f"{prefix}overlap must be a fraction in [0, 1], got {self.overlap}")
-        require(0 <= self.port <= 65535, f"{prefix}port must be a TCP port 0..65535 (0: any free port), got {self.port}")
+        require(0 <= self.port <= 65535,
+                f"{prefix}port must be a TCP port 0..65535 (0: any free port), got {self.port}")
 
     def label_type_name(self, reward_hparams) -> str:
         return self.type or reward_hparams.labels.type

@@ -50,7 +50,8 @@ def scheduled_labels(settings):
     l(n) = N0 + (N - N0)(1 - (1 - n / N_pi)^2), rounded up to whole reward batches, before updates 0, E/B, 2E/B, ..."""
     total, batch = settings["ppo.total_episodes"], settings["ppo.batch_size"]
     n0, n = settings["labels.online.initial_labels"], settings["labels.online.total_labels"]
-    every, reward_batch = settings["labels.online.episodes_between_rounds"], settings["rewards.train_new_model.batch_size"]
+    every = settings["labels.online.episodes_between_rounds"]
+    reward_batch = settings["rewards.train_new_model.batch_size"]
     result = []
     for update in range(0, total // batch, every // batch):  # E is a multiple of B here
         wanted = n0 + (n - n0) * (1 - (1 - update * batch / total) ** 2)
