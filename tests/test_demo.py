@@ -1,4 +1,4 @@
-"""The offline demo end to end (issue 6): synthetic labels -> reward model -> PPO -> report and plot."""
+"""The offline demo end to end (`./launch.py demo`): synthetic labels -> reward model -> PPO -> report and plot."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Encodings (SPEC 5): GPT-2's byte-level BPE token for token, and the 27-character test encoding."""
+"""Encodings (docs/formats.md): GPT-2's byte-level BPE token for token, and the 27-character test encoding."""
 import os
 import shutil
 import time

@@ -1,4 +1,5 @@
-"""Label types (SPEC 7): schemas, losses against numpy references, and validation of label files."""
+"""Label types (docs/formats.md, label files): schemas, losses against numpy references, and validation of
+label files."""
 import json
 
 import numpy as np

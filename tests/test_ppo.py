@@ -1,5 +1,5 @@
-"""PPO math (SPEC section 8): every graph function against a plain-numpy reference written here, the
-micro-batch split of the loss, the KL controllers and the hyperparameter defaults."""
+"""PPO math (docs/algorithms.md; paper section 2.2): every graph function against a plain-numpy reference
+written here, the micro-batch split of the loss, the KL controllers and the hyperparameter defaults."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""PPO training (SPEC section 8) end to end: learning against a reward model, the KL penalty's pull,
+"""PPO training (docs/algorithms.md) end to end: learning against a reward model, the KL penalty's pull,
 truncation and penalty, gradient accumulation, saving and sampling, and a two-rank run; and the wiring of one
 update (what is scored, what enters the rewards, the KL controller, the learning rate, Adam's steps and the
 minibatches), checked from recorded session runs against references computed in the tests."""
@@ -330,7 +330,7 @@ def test_a_gs_save_directory_holds_the_whole_run_and_samples_from_there(tmp_path
     assert result.stdout.count("=" * 80 + "\n") == 2
 
 
-# ----- the wiring of one PPO update (SPEC section 8, steps 1-6), checked against references computed here ----------
+# ----- the wiring of one PPO update (docs/algorithms.md, steps 1-6), checked against references computed here ------
 
 class RecordingSession:
     """Stands in for a trainer's session and keeps every run as (fetches, feed_dict, result)."""

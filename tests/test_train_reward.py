@@ -1,4 +1,4 @@
-"""Reward-model training (SPEC section 7): learning from labels with a hidden rule, normalisation, bad label
+"""Reward-model training (docs/algorithms.md): learning from labels with a hidden rule, normalisation, bad label
 files, save/reload, and a two-rank run equal to a one-process run."""
 
 import json
