@@ -7,6 +7,7 @@
 
 A label file is a JSON list of such records (the released format). `load_labels` validates every record
 before training starts and names the file, the record index and the field of the first bad one.
+The formats and the released label sets are described in docs/formats.md.
 """
 
 import abc

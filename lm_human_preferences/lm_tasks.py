@@ -1,5 +1,5 @@
 """The language task: which queries the policy sees (in the 2019 order), how they are formatted, and how its
-responses are cut before they are scored."""
+responses are cut before they are scored. The rules, step by step: docs/formats.md (Queries)."""
 
 import itertools
 from collections.abc import Sequence

@@ -13,6 +13,8 @@ The trainer (`train_policy.py`) splits a minibatch step in two:
    loss: gradient accumulation changes the memory needed, not the update.
 
 `minibatch_loss` chains the two for a minibatch taken whole.
+
+The update step by step, every hyperparameter with its 2019 default, and the KL controllers: docs/algorithms.md.
 """
 
 from dataclasses import dataclass

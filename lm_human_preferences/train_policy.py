@@ -1,4 +1,8 @@
-"""PPO fine-tuning of a policy against a reward model: `./launch.py train_policy`."""
+"""PPO fine-tuning of a policy against a reward model: `./launch.py train_policy`.
+
+One update step by step and every hyperparameter with its 2019 default: docs/algorithms.md; the saved run:
+docs/saved_runs.md.
+"""
 
 import copy
 import math

@@ -1,4 +1,8 @@
-"""Reward-model training from human preference labels: `./launch.py train_reward`."""
+"""Reward-model training from human preference labels: `./launch.py train_reward`.
+
+The steps (normalise before, one pass over the labels, normalise after) and every hyperparameter with its 2019
+default are in docs/algorithms.md; what is saved, in docs/saved_runs.md.
+"""
 
 import math
 import os
