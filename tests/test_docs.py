@@ -183,7 +183,8 @@ def repository_problems(root: str = REPO_ROOT) -> List[str]:
 def test_docs_and_docstrings_reference_only_what_the_repository_holds():
     problems = repository_problems()
     assert not problems, ("references a reader of the repository cannot follow (write the fact into docs/, or "
-                          "point at the paper's section or the 2019 behaviour):\n  " + "\n  ".join(problems))
+                          "point at the paper's section or the 2019 behaviour; a file of another project named on "
+                          "purpose goes into NOT_REPOSITORY_FILES):\n  " + "\n  ".join(problems))
 
 
 def test_the_scan_covers_the_docs_and_the_code():
