@@ -11,7 +11,7 @@ import io
 import os
 import re
 import tokenize
-from typing import Iterator, List, Tuple
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,12 +24,12 @@ PYTHON_ROOTS = [PACKAGE, "launch.py", "sample.py", "bench.py", "tests"]
 # extension of the files it holds, e.g. `lm_human_preferences/ppo.py`, `docs/formats.md`, `tests/test_ppo.py`.
 REPO_DIRS = (PACKAGE, "docs", "tests", "language", "utils", "web", "mpi_programs", r"\.ci", r"\.\.", r"\.")
 EXTENSIONS = ("py", "md", "html", "toml", "cfg", "ini", "txt", "sh", "awk", "yml", "yaml")
-REPO_PATH = re.compile(r"(?<![\w./-])((?:%s)/(?:[\w.-]+/)*[\w-]+(?:\.[\w-]+)*\.(?:%s))(?![\w/-])"
-                       % ("|".join(REPO_DIRS), "|".join(EXTENSIONS)))
+_DIRS, _EXTENSIONS = "|".join(REPO_DIRS), "|".join(EXTENSIONS)
+REPO_PATH = re.compile(rf"(?<![\w./-])((?:{_DIRS})/(?:[\w.-]+/)*[\w-]+(?:\.[\w-]+)*\.(?:{_EXTENSIONS}))(?![\w/-])")
 # A bare module or page name, `trainer.py`, `README.md`: some file of that name must exist in the repository.
 BARE_NAME = re.compile(r"(?<![\w./-])([\w-]+\.(?:py|md))(?![\w/-])")
 # A dotted module path, `lm_human_preferences.language.model.Model`: its modules must exist.
-MODULE_PATH = re.compile(r"(?<![\w.])(%s(?:\.\w+)+)" % PACKAGE)
+MODULE_PATH = re.compile(rf"(?<![\w.])({PACKAGE}(?:\.\w+)+)")
 # A relative Markdown link or image: [text](target) with a target that is not a URL or an in-page anchor.
 MARKDOWN_LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
@@ -56,16 +56,16 @@ def _walk(top: str) -> Iterator[str]:
             yield os.path.join(directory, name)
 
 
-def repository_files(root: str = REPO_ROOT) -> List[str]:
+def repository_files(root: str = REPO_ROOT) -> list[str]:
     """Every file of the working tree, relative to `root` (hidden, cache and build directories left out)."""
     return [os.path.relpath(path, root) for path in _walk(root)]
 
 
-def markdown_files(root: str = REPO_ROOT) -> List[str]:
+def markdown_files(root: str = REPO_ROOT) -> list[str]:
     return [path for path in repository_files(root) if path.endswith(".md")]
 
 
-def python_files(root: str = REPO_ROOT) -> List[str]:
+def python_files(root: str = REPO_ROOT) -> list[str]:
     found = []
     for entry in PYTHON_ROOTS:
         path = os.path.join(root, entry)
@@ -76,7 +76,7 @@ def python_files(root: str = REPO_ROOT) -> List[str]:
     return found
 
 
-def python_prose(source: str) -> List[Tuple[int, str]]:
+def python_prose(source: str) -> list[tuple[int, str]]:
     """(line, text) of every comment and docstring (any string that stands alone as a statement)."""
     pieces = []
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -88,7 +88,7 @@ def python_prose(source: str) -> List[Tuple[int, str]]:
     return sorted(pieces)
 
 
-def markdown_prose(text: str) -> List[Tuple[int, str]]:
+def markdown_prose(text: str) -> list[tuple[int, str]]:
     return [(number, line) for number, line in enumerate(text.splitlines(), start=1)]
 
 
@@ -129,8 +129,8 @@ def _anchors(markdown: str) -> set:
     return anchors
 
 
-def problems_in(where: str, pieces: List[Tuple[int, str]], root: str = REPO_ROOT, *,
-                markdown: bool = False) -> List[str]:
+def problems_in(where: str, pieces: list[tuple[int, str]], root: str = REPO_ROOT, *,
+                markdown: bool = False) -> list[str]:
     """What is wrong with the references in `pieces` (lines or docstrings/comments of file `where`)."""
     basenames = {os.path.basename(path) for path in repository_files(root)}
     found = []
@@ -167,7 +167,7 @@ def problems_in(where: str, pieces: List[Tuple[int, str]], root: str = REPO_ROOT
     return found
 
 
-def repository_problems(root: str = REPO_ROOT) -> List[str]:
+def repository_problems(root: str = REPO_ROOT) -> list[str]:
     found = []
     for path in markdown_files(root):
         with open(os.path.join(root, path), encoding="utf-8") as f:
