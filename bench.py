@@ -26,7 +26,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # started by a Python without the dependencies: re-run under .venv/bin/python
-    from lm_human_preferences.utils.project_python import ensure_project_python
+    from lm_human_preferences.utils.entry_points import ensure_project_python
     ensure_project_python(__file__)
 # TensorFlow's XLA auto-clustering (run.xla) compiles CPU ops only with this flag, so that the XLA switch is
 # measured for real on a CPU too. It changes nothing where run.xla is off. Set before TensorFlow reads it.
@@ -42,8 +42,47 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Dict, List, Optional  # noqa: E402
 
 import fire  # noqa: E402
+
+from lm_human_preferences.utils.entry_points import fire_argv  # noqa: E402
+
+
+# ----- the command (first: --help shows it without importing TensorFlow) ----------------------------------------
+
+def main(size: str = "small", batch: int = None, query_length: int = None, response_length: int = None,
+         warmup: int = 1, repeats: int = 3, noptepochs: int = 4, growth_steps: int = 2, switches: bool = True,
+         xla: bool = False, mixed_precision: bool = False, peak_flops: float = None,
+         output: str = "bench_results.json"):  # `int = None`: fire's --help shows Optional[int]
+    """Benchmark one model size; see the module docstring.
+
+    Args:
+        size: test, demo, small or 124M (random weights of that shape)
+        batch: episodes per PPO update and labels per reward step (default: the size's)
+        query_length: query tokens (default: the size's)
+        response_length: response tokens (default: the size's)
+        warmup: untimed runs before each measurement
+        repeats: timed runs; the median is reported
+        noptepochs: PPO epochs per update (2019 default 4)
+        growth_steps: doublings of the batch and of the response length in the cost-growth tables (0: none)
+        switches: also measure XLA on/off and (on a GPU, or with --mixed_precision) bf16 on/off
+        xla: base setting of run.xla
+        mixed_precision: base setting of run.mixed_precision (bf16 compute, float32 weights)
+        peak_flops: the device's peak FLOP/s for the MFU (default: a datasheet table or a CPU estimate)
+        output: the JSON file written
+    """
+    run(str(size), batch=batch, query_length=query_length, response_length=response_length, warmup=warmup,
+        repeats=repeats, noptepochs=noptepochs, growth_steps=growth_steps, switches=switches, xla=xla,
+        mixed_precision=mixed_precision, peak_flops=peak_flops, output=output)
+
+
+if __name__ == "__main__" and fire_argv(sys.argv[1:]) != sys.argv[1:]:  # --help
+    fire.Fire(main, command=fire_argv(sys.argv[1:]), name="bench.py")
+    sys.exit()
+
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+from lm_human_preferences.utils import devices  # noqa: E402
+
+tf = devices.import_tensorflow()  # without its start-up notices
 
 tf.compat.v1.disable_eager_execution()
 tf1 = tf.compat.v1
@@ -52,7 +91,7 @@ from lm_human_preferences import flops, label_types, launcher, rewards  # noqa: 
 from lm_human_preferences.language import model as lm_model  # noqa: E402
 from lm_human_preferences.language.trained_models import TrainedModel  # noqa: E402
 from lm_human_preferences.train_policy import PPOTrainer  # noqa: E402
-from lm_human_preferences.utils import devices, train_ops  # noqa: E402
+from lm_human_preferences.utils import train_ops  # noqa: E402
 
 REWARD_LABEL_TYPE = "best_of_4"
 PPO_PARTS = ("rollout", "ref_logprobs", "score", "ppo_epochs", "stats")
@@ -494,31 +533,5 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(size: str = "small", batch: Optional[int] = None, query_length: Optional[int] = None,
-         response_length: Optional[int] = None, warmup: int = 1, repeats: int = 3, noptepochs: int = 4,
-         growth_steps: int = 2, switches: bool = True, xla: bool = False, mixed_precision: bool = False,
-         peak_flops: Optional[float] = None, output: str = "bench_results.json"):
-    """Benchmark one model size; see the module docstring.
-
-    Args:
-        size: test, demo, small or 124M (random weights of that shape)
-        batch: episodes per PPO update and labels per reward step (default: the size's)
-        query_length: query tokens (default: the size's)
-        response_length: response tokens (default: the size's)
-        warmup: untimed runs before each measurement
-        repeats: timed runs; the median is reported
-        noptepochs: PPO epochs per update (2019 default 4)
-        growth_steps: doublings of the batch and of the response length in the cost-growth tables (0: none)
-        switches: also measure XLA on/off and (on a GPU, or with --mixed_precision) bf16 on/off
-        xla: base setting of run.xla
-        mixed_precision: base setting of run.mixed_precision (bf16 compute, float32 weights)
-        peak_flops: the device's peak FLOP/s for the MFU (default: a datasheet table or a CPU estimate)
-        output: the JSON file written
-    """
-    run(str(size), batch=batch, query_length=query_length, response_length=response_length, warmup=warmup,
-        repeats=repeats, noptepochs=noptepochs, growth_steps=growth_steps, switches=switches, xla=xla,
-        mixed_precision=mixed_precision, peak_flops=peak_flops, output=output)
-
-
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(main, name="bench.py")

@@ -39,7 +39,7 @@ from typing import List
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # started by a Python without the dependencies: re-run under .venv/bin/python
-    from lm_human_preferences.utils.project_python import ensure_project_python
+    from lm_human_preferences.utils.entry_points import ensure_project_python
     ensure_project_python(__file__)
 
 import fire  # noqa: E402
@@ -124,8 +124,8 @@ def _flag(value, what: str) -> bool:
 
 # ----- commands --------------------------------------------------------------------------------------------------
 
-def train_reward(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, resume=False,
-                 **overrides):
+def train_reward(experiment, name, mpi: int = None, save_dir: str = None, dry_run=False, trials_in_parallel=False,
+                 resume=False, **overrides):  # the types are for --help, where fire shows Optional[int]
     """Train a reward model from preference labels.
 
     Saves to SAVE_DIR/NAME, or SAVE_DIR/NAME/DESCRIPTOR for each trial of a sweep. MPI: ranks per trial, default
@@ -137,8 +137,8 @@ def train_reward(experiment, name, mpi=None, save_dir=None, dry_run=False, trial
                     trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
 
 
-def train_policy(experiment, name, mpi=None, save_dir=None, dry_run=False, trials_in_parallel=False, resume=False,
-                 **overrides):
+def train_policy(experiment, name, mpi: int = None, save_dir: str = None, dry_run=False, trials_in_parallel=False,
+                 resume=False, **overrides):  # the types are for --help, where fire shows Optional[int]
     """Fine-tune a policy with PPO against a reward model (trained first, unless --rewards.trained_model).
 
     Saves to SAVE_DIR/NAME, or SAVE_DIR/NAME/DESCRIPTOR for each trial of a sweep. MPI: ranks per trial, default
@@ -153,15 +153,17 @@ def train_policy(experiment, name, mpi=None, save_dir=None, dry_run=False, trial
 def demo(name="demo", save_dir="/tmp/save/demo", online=False, **overrides):
     """The offline demo: synthetic labels -> reward model -> PPO, then a report and learning curves. --online: the
     labels are collected from the current policy during PPO (experiment demo_online)."""
-    import tensorflow as tf
+    from lm_human_preferences.utils import devices
+    tf = devices.import_tensorflow()  # before anything else imports it: without its start-up notices
     from lm_human_preferences import demo as demo_module
     experiment = "demo_online" if _flag(online, "online") else "demo"
     tf.compat.v1.disable_eager_execution()
     demo_module.run_demo(name, save_dir, overrides=overrides, experiment=experiment)
 
 
-def label(experiment, output, count, judge, temperature=None, label_type=None, seed=0, policy=None, host=None,
-          port=None, token=None, overlap=None, instructions=None, **overrides):
+def label(experiment, output, count, judge, temperature: float = None, label_type: str = None, seed=0,
+          policy: str = None, host: str = None, port: int = None, token: str = None, overlap: float = None,
+          instructions: str = None, **overrides):
     """Write a label file: samples of a train_reward EXPERIMENT's initial policy (or of a saved --policy), chosen
     by a synthetic judge, or by people in a web page (--judge human).
 

@@ -24,10 +24,12 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # started by a Python without the dependencies: re-run under .venv/bin/python
-    from lm_human_preferences.utils.project_python import ensure_project_python
+    from lm_human_preferences.utils.entry_points import ensure_project_python
     ensure_project_python(__file__)
 
 import fire  # noqa: E402
+
+from lm_human_preferences.utils.entry_points import fire_argv  # noqa: E402
 
 SEPARATOR = "=" * 80
 
@@ -62,8 +64,8 @@ def parse_count(value, flag: str, minimum: int) -> int:
     return number
 
 
-def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size=4, seed=None, mpi=None,
-           query_source=None):
+def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size=4, seed: int = None,
+           mpi: int = None, query_source: str = None):  # the types are for --help: fire shows Optional[int]
     """Print NSAMPLES query/response pairs of the policy saved in SAVE_DIR/SAVESCOPE (0: forever).
 
     The defaults are 2019's. TEMPERATURE: a number, or `task` for the run's task.policy.temperature (the one it
@@ -90,12 +92,13 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
         sys.exit(subprocess.call(argv, env=launcher.rank_environment()))
 
     import numpy as np
-    import tensorflow as tf
 
+    from lm_human_preferences.utils import devices
+    tf = devices.import_tensorflow()  # before anything else imports it: without its start-up notices
     from lm_human_preferences import lm_tasks, train_policy
     from lm_human_preferences.language.trained_models import TrainedModel
     from lm_human_preferences.policy import Policy
-    from lm_human_preferences.utils import devices, files
+    from lm_human_preferences.utils import files
 
     tf.compat.v1.disable_eager_execution()
     mpi_utils.install_abort_on_error()
@@ -141,7 +144,7 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
 
 if __name__ == "__main__":
     try:
-        fire.Fire({"sample": sample}, name="sample.py")
+        fire.Fire({"sample": sample}, command=fire_argv(sys.argv[1:]), name="sample.py")
     except ValueError as error:
         if os.environ.get("LMHP_TRACEBACK"):
             raise

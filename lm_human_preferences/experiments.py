@@ -281,8 +281,7 @@ POLICY_EXPERIMENTS: Dict[str, Bindings] = {
                     bind("ppo.batch_size", 8),
                     bind("ppo.lr", 1e-3),
                     bind("ppo.noptepochs", 2),
-                    bind("rewards.kl_coef", 0.1),
-                    bind("run.log_interval", 1)),
+                    bind("rewards.kl_coef", 0.1)),  # samples logged at the first update only (log_interval 10)
     "demo": _policy("demo",
                     bind("ppo.total_episodes", 12_800),
                     bind("ppo.batch_size", 64),

@@ -31,7 +31,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from lm_human_preferences import experiments, preflight
-from lm_human_preferences.utils import files
+from lm_human_preferences.utils import devices, files
 from lm_human_preferences.utils import mpi as mpi_utils
 from lm_human_preferences.utils.hyperparams import HParams, flatten
 
@@ -50,6 +50,7 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def command_module(command: str):
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; known commands: {', '.join(COMMANDS)}")
+    devices.import_tensorflow()  # the command modules build graphs: TensorFlow loads here, without its notices
     return importlib.import_module(COMMANDS[command])
 
 
@@ -429,7 +430,7 @@ def abort_job_on_exit():
 def run(command: str, hparams: HParams, resume: bool = False):
     """Run the job in this process (one MPI rank, or the only process). A run stopped by a signal (its state
     saved, every rank at the same step) exits with trainer.INTERRUPTED_EXIT_CODE."""
-    import tensorflow as tf
+    tf = devices.import_tensorflow()
     from lm_human_preferences import trainer
     mpi_utils.install_abort_on_error()
     tf.compat.v1.disable_eager_execution()

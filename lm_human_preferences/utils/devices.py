@@ -10,9 +10,70 @@ Ampere and newer GPUs unless told otherwise, and the 2019 runs had no TF32. Ever
 TF32 explicitly, off unless `tf32=True` (`--run.tf32`), so results do not depend on the GPU generation.
 """
 
+import contextlib
 import functools
+import os
+import re
+import sys
+import tempfile
 
 from lm_human_preferences.utils import mpi
+
+# What TensorFlow's C++ side writes to stderr while it loads, whatever TF_CPP_MIN_LOG_LEVEL says (absl logs
+# before its logging is initialised): information lines in glog's format (I0000 00:00:... port.cc:153] oneDNN
+# custom operations are on / Could not find cuda drivers), absl's warning about that, the CPU-feature notice,
+# and the CUDA plug-ins registering twice. A user gains nothing from them; warnings and errors are kept.
+_STARTUP_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|I\d{4} [\d:.]+ +\d+ \S+:\d+\] .*"
+    r"|To enable the following instructions: .* in other operations, rebuild TensorFlow .*"
+    r"|[EW]\d{4} [\d:.]+ +\d+ \S+:\d+\] Unable to register cu(DNN|FFT|BLAS) factory.*")
+# On a machine without an NVIDIA GPU, a TensorFlow built with CUDA reports its failure to find one as an error.
+_NO_GPU_NOISE = re.compile(r"[EW]\d{4} [\d:.]+ +\d+ \S+:\d+\] failed call to cuInit: .*")
+
+
+def has_nvidia_device() -> bool:
+    return os.path.exists("/dev/nvidiactl") or any(name.startswith("nvidia") for name in _dev_names())
+
+
+def _dev_names():
+    try:
+        return os.listdir("/dev")
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def tensorflow_startup_quiet():
+    """Inside, file descriptor 2 (where TensorFlow's C++ logs go) is held in a temporary file; at the end its
+    lines go to stderr, less TensorFlow's start-up notices (and, without an NVIDIA device, its cuInit failure).
+    An exception inside still shows everything it wrote."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            no_gpu = not has_nvidia_device()
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _STARTUP_NOISE.fullmatch(line.rstrip("\n"))
+                    and not (no_gpu and _NO_GPU_NOISE.fullmatch(line.rstrip("\n")))]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
+def import_tensorflow():
+    """`import tensorflow` without its start-up notices; the entry points call it before anything imports
+    TensorFlow (a later import finds the module loaded and prints nothing)."""
+    with tensorflow_startup_quiet():
+        import tensorflow as tf
+        gpu_count()  # finding the devices is the other noisy step (cuInit)
+    return tf
 
 
 @functools.lru_cache(maxsize=None)

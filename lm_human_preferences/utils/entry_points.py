@@ -1,16 +1,19 @@
-"""The entry points (launch.py, sample.py, bench.py) run under the project's own Python.
+"""What the entry points (launch.py, sample.py, bench.py) share before their work starts.
 
-`make install` puts the dependencies into `.venv/` beside the scripts. A user who types `./launch.py ...`
-without activating that environment starts the system's `python3`, which lacks them: instead of a
-`ModuleNotFoundError` for `fire`, the script starts again under `.venv/bin/python`, or, when there is no such
-environment, says in one line what to run. Only the standard library is used here, and nothing is imported
-to find out (`importlib.util.find_spec` only looks the modules up), so the check costs milliseconds.
+The project's Python. `make install` puts the dependencies into `.venv/` beside the scripts. A user who types
+`./launch.py ...` without activating that environment starts the system's `python3`, which lacks them: instead
+of a `ModuleNotFoundError` for `fire`, the script starts again under `.venv/bin/python`, or, when there is no
+such environment, says in one line what to run. Nothing is imported to find out (`importlib.util.find_spec`
+only looks the modules up), so the check costs milliseconds.
+
+Quiet help. fire prints "INFO: Showing help with the command ..." before the help that `--help` asks for,
+unless the flag comes after its `--` separator: `fire_argv` moves it there.
 """
 
 import importlib.util
 import os
 import sys
-from typing import Sequence
+from typing import List, Sequence
 
 # What every entry point imports before its own work; each stands for a dependency of pyproject.toml.
 REQUIRED_MODULES = ("fire", "numpy", "tensorflow", "mpi4py")
@@ -38,3 +41,13 @@ def ensure_project_python(script: str, modules: Sequence[str] = REQUIRED_MODULES
     where = f"{venv_python} lacks" if in_venv else f"this Python ({sys.executable}) lacks"
     sys.exit(f"error: {where} the project's dependencies ({', '.join(missing)}): run `make install` in {root}, "
              f"then start {os.path.basename(script)} as ./{os.path.basename(script)} or with .venv/bin/python")
+
+
+def fire_argv(argv: List[str]) -> List[str]:
+    """The command line for fire: `--help` or `-h` (before any `--`) becomes fire's own `-- --help`, so the help
+    comes without fire's "INFO: Showing help" line; of the arguments before it only a command's name is kept."""
+    separator = argv.index("--") if "--" in argv else len(argv)
+    ours = argv[:separator]
+    if not any(arg in ("--help", "-h") for arg in ours):
+        return list(argv)
+    return [arg for arg in ours[:1] if not arg.startswith("-")] + ["--", "--help"]
