@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench mutation clean
 
 $(PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +22,15 @@ demo: $(PY)
 bench: $(PY)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) bench.py
 
+# Mutation testing (a tool, not part of `make test`): mutmut plants small bugs in the modules listed under
+# [tool.mutmut] in pyproject.toml, one at a time, and runs the tests that reach the mutated function.
+# MUTANTS narrows the run (e.g. MUTANTS='lm_human_preferences.ppo*'); results persist in mutants/.
+MUTANTS ?=
+JOBS ?= 2
+mutation: $(PY)
+	$(PY) -m pip install --quiet 'mutmut==3.8.1'
+	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/mutmut run --max-children $(JOBS) $(MUTANTS) || true
+	$(VENV)/bin/mutmut results --all true | awk -F': ' -f mutation_score.awk
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants
