@@ -11,6 +11,7 @@
     ./launch.py label EXPERIMENT OUTPUT.json --count N --judge human [--port 8000] [--host 127.0.0.1]
                       [--token T] [--overlap 0.1] [--instructions FILE] [--policy SAVE_DIR]   people label in a web page
     ./launch.py experiments          list the registered experiments, and which are sweeps
+    ./launch.py export SAVE_DIR OUT_DIR [--scope policy|reward_model]   a saved model as a Hugging Face GPT-2 directory
 
 Outputs go to SAVE_DIR/NAME (default /tmp/save/train_reward or /tmp/save/train_policy). An experiment that is
 a sweep (e.g. descriptiveness_seeds: run.seed 1, 2, 3) is several trials, each saved to
@@ -189,8 +190,16 @@ def list_experiments():
         print(f"{command}: {', '.join(names)}")
 
 
+def export(save_dir, out_dir, scope: str = "policy"):
+    """Write a run's policy (or --scope reward_model) to OUT_DIR as a Hugging Face GPT-2 directory that
+    transformers loads as it is: config.json, model.safetensors, GPT-2's tokenizer files, the value head or the
+    reward head beside them, and a README.md model card. OUT_DIR must be new (or empty)."""
+    from lm_human_preferences.language import hf
+    print(f"exported {scope} of {save_dir} to {hf.export(save_dir, out_dir, scope=scope)}")
+
+
 COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": demo, "label": label,
-            "experiments": list_experiments}
+            "experiments": list_experiments, "export": export}
 
 
 def main(argv=None):

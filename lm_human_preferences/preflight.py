@@ -10,7 +10,9 @@ raises a ValueError for the first problem it finds, in this order:
 2. the save directory can be made: the nearest existing ancestor of `run.save_dir` is a writable directory
    (a gs:// save directory is left to the trainer, which reaches the bucket anyway);
 3. models: `task.policy.initial_model` (a directory, URL or GPT-2 size) and `rewards.trained_model` hold a
-   readable `hparams.json` and a checkpoint, and the reward model shares the policy's encoding;
+   readable `hparams.json` and a checkpoint (or are Hugging Face GPT-2 directories: a GPT-2 `config.json` and
+   safetensors weights, and for a reward model its exported reward head; `hf:` names are fetched then), and
+   the reward model shares the policy's encoding;
 4. the context budget: encode(query_prefix) + query_length + encode(query_suffix) + response_length tokens fit
    the initial model's `n_ctx`, and the bare query + response (the reward model reads no prefix or suffix)
    fit a saved reward model's `n_ctx`;
@@ -38,9 +40,11 @@ OFFLINE_HINT = ("to run offline, copy the file into the cache path named there (
                 "cache holding it)")
 
 SAVED_REWARD_MODEL = ("a saved reward model: SAVE_DIR/reward_model of a train_reward run, holding hparams.json "
-                      "and checkpoints/checkpoint (local path, https:// or gs:// URL)")
+                      "and checkpoints/checkpoint (local path, https:// or gs:// URL), or a reward model exported "
+                      "by ./launch.py export (a local directory or hf:OWNER/NAME)")
 MODEL_DIRECTORY = ("a built-in model (test, demo), a GPT-2 size (124M, 355M, 774M, 1558M), or a directory or URL "
-                   "holding hparams.json and a checkpoint")
+                   "holding hparams.json and a checkpoint, or a Hugging Face GPT-2 directory (config.json, "
+                   "model.safetensors) or hf:OWNER/NAME[@REVISION]")
 # A remote query source whose name ends so names a file (the dataset readers decide alike); other URLs are
 # directories, which HTTP cannot answer for: the dataset reader checks the files in them.
 QUERY_FILE_SUFFIXES = (".json", ".jsonl", ".txt")
@@ -167,8 +171,10 @@ def load_model(name: str, location: str, *, saved_reward_model: bool, network: b
     expected = SAVED_REWARD_MODEL if saved_reward_model else MODEL_DIRECTORY
     if location is None:
         raise ValueError(f"{name} is not set; expected {expected}")
+    hf = trained_models.hf
     builtin = not saved_reward_model and location in trained_models.BUILTIN_MODELS
-    remote = files.is_remote(location) or (not saved_reward_model and location in trained_models.GPT2_SIZES)
+    remote = files.is_remote(location) or hf.is_hub_name(location) or \
+        (not saved_reward_model and location in trained_models.GPT2_SIZES)
     if not builtin and not remote:
         directory = os.path.expanduser(location)
         if not os.path.isdir(directory):
@@ -176,7 +182,7 @@ def load_model(name: str, location: str, *, saved_reward_model: bool, network: b
                 return None
             problem = "is not a directory" if os.path.exists(directory) else "does not exist"
             raise ValueError(f"{name} {location!r} {problem}; expected {expected}")
-        if not os.path.isfile(os.path.join(directory, "hparams.json")):
+        if not os.path.isfile(os.path.join(directory, "hparams.json")) and not hf.is_model_dir(directory):
             raise ValueError(f"{name} {location!r} has no hparams.json; expected {expected}")
     elif remote and not network:
         return None
@@ -186,7 +192,9 @@ def load_model(name: str, location: str, *, saved_reward_model: bool, network: b
         else:
             model = trained_models.TrainedModel(location)
         model.hparams()
-        if network and not model.is_random:
+        if model.is_huggingface:
+            _check_huggingface_files(model, saved_reward_model)
+        elif network and not model.is_random:
             _check_checkpoint(name, location, model, expected)
     except files.FileFetchError as error:
         raise ValueError(f"{name} {location!r}: {error}; {OFFLINE_HINT}") from None
@@ -195,6 +203,17 @@ def load_model(name: str, location: str, *, saved_reward_model: bool, network: b
     except ValueError as error:  # a malformed hparams.json, encoding or checkpoint state file
         raise ValueError(f"{name} {location!r}: {error}") from None
     return model
+
+
+def _check_huggingface_files(model, saved_reward_model: bool):
+    """A Hugging Face directory has safetensors weights, and a reward model its exported reward head."""
+    from lm_human_preferences.language import hf
+    hf.weight_files(model.savedir)
+    if saved_reward_model:
+        for filename in (hf.REWARD_HEAD, hf.REWARD_HEAD_JSON):
+            if not os.path.isfile(os.path.join(model.savedir, filename)):
+                raise ValueError(f"{model.savedir} has no {filename}: a Hugging Face model is a reward model only "
+                                 f"as `./launch.py export SAVE_DIR OUT_DIR --scope reward_model` writes it")
 
 
 def _check_checkpoint(name: str, location: str, model, expected: str):

@@ -6,7 +6,10 @@
   model of any other shape comes from `TrainedModel.random(name, hparams, encoding)` (benchmarks);
 * a released GPT-2 size (`124M`, `355M`, `774M`, `1558M`), fetched from the GPT-2 bucket;
 * a directory or URL holding a model: a GPT-2 model directory (`hparams.json`, `checkpoint`, `model.ckpt.*`)
-  or a saved run component such as `SAVE_DIR/policy` (`hparams.json`, `encoding`, `checkpoints/`).
+  or a saved run component such as `SAVE_DIR/policy` (`hparams.json`, `encoding`, `checkpoints/`);
+* a Hugging Face GPT-2 directory (`config.json`, `model.safetensors`, `vocab.json`, `merges.txt`), e.g. what
+  `./launch.py export` writes, or `hf:OWNER/NAME[@REVISION]`, such a directory on the Hugging Face Hub (see hf.py:
+  the weights are converted once into a TensorFlow checkpoint in the file cache, then load as any other).
   `savedir` gives that location when `name` is only a label (e.g. `TrainedModel("policy", savedir=...)`).
 
 A built-in random model has no checkpoint (`checkpoint()` is None), but its weights are drawn once per
@@ -28,7 +31,7 @@ import tempfile
 import warnings
 from typing import Dict, List, Optional
 
-from lm_human_preferences.language import encodings
+from lm_human_preferences.language import encodings, hf
 from lm_human_preferences.language.model import HParams
 from lm_human_preferences.utils import files
 
@@ -75,7 +78,7 @@ def save_model(sess, saver, model_dir, hparams: HParams, encoding_name: str, ste
 
 
 def _known_names():
-    return ", ".join([*BUILTIN_MODELS, *GPT2_SIZES])
+    return ", ".join([*BUILTIN_MODELS, *GPT2_SIZES, "hf:OWNER/NAME[@REVISION]"])
 
 
 class TrainedModel:
@@ -89,11 +92,14 @@ class TrainedModel:
                 savedir = None
             elif name in GPT2_SIZES:
                 savedir = f"{GPT2_MODELS_URL}/{name}"
+            elif hf.is_hub_name(name):
+                savedir = name
             elif files.is_remote(name) or os.path.isdir(os.path.expanduser(name)):
                 savedir = name
             else:
                 raise ValueError(f"unknown model {name!r}: expected one of {_known_names()}, a local directory or "
-                                 f"a URL holding hparams.json and a checkpoint")
+                                 f"a URL holding hparams.json and a checkpoint, or a Hugging Face GPT-2 directory (config.json, "
+                                 f"model.safetensors)")
         self._set_source(savedir, BUILTIN_MODELS.get(name) if savedir is None else None)
 
     @classmethod
@@ -109,8 +115,12 @@ class TrainedModel:
         return model
 
     def _set_source(self, savedir: Optional[str], random_spec: Optional[dict]):
-        """Files at `savedir`, or (savedir None) random weights of `random_spec` {encoding, hparams}."""
+        """Files at `savedir` (an `hf:` name is fetched first), or (savedir None) random weights of `random_spec`
+        {encoding, hparams}."""
+        if hf.is_hub_name(savedir):
+            savedir = hf.download(savedir)
         self.savedir = savedir
+        self.is_huggingface = hf.is_model_dir(savedir)
         self._random_spec = random_spec
         self.encoding = encodings.get(self._encoding_name())
         self._hparams: Optional[HParams] = None
@@ -129,6 +139,8 @@ class TrainedModel:
             return self._random_spec["encoding"]
         if self.savedir == f"{GPT2_MODELS_URL}/{self.name}":
             return "main"
+        if self.is_huggingface:
+            return hf.encoding_name(self.savedir)
         path = files.join(self.savedir, "encoding")
         if not files.exists(path):
             return "main"  # a GPT-2 model directory: byte-level BPE (its encoder.json / vocab.bpe are GPT-2's)
@@ -142,6 +154,8 @@ class TrainedModel:
         if self._hparams is None:
             if self.is_random:
                 hparams = HParams(**self._random_spec["hparams"]).validate()
+            elif self.is_huggingface:
+                hparams = hf.read_hparams(self.savedir)
             else:
                 path = files.join(self.savedir, "hparams.json")
                 hparams = HParams.from_json_dict(files.read_json(path), where=path)
@@ -158,7 +172,8 @@ class TrainedModel:
         if self.is_random:
             return None
         if self._checkpoint is None:
-            self._checkpoint = self._fetch_checkpoint()
+            self._checkpoint = hf.converted_checkpoint(self.savedir, self.hparams()) if self.is_huggingface else \
+                self._fetch_checkpoint()
         return self._checkpoint
 
     def _fetch_checkpoint(self) -> str:
@@ -231,7 +246,8 @@ class TrainedModel:
         checkpoint = self.checkpoint() if not self.is_random else self._random_weights()
         variables = list(params.values()) if isinstance(params, dict) else list(params)
         available = dict(tf.train.list_variables(checkpoint))
-        old_scope = "" if self.is_random else self._checkpoint_scope(available, checkpoint)
+        # Random weights and converted Hugging Face models are in GPT-2's layout, `model/...`, whatever `scope`.
+        old_scope = "" if self.is_random or self.is_huggingface else self._checkpoint_scope(available, checkpoint)
         new_scope = new_scope.strip("/")
         assignment, missing = {}, []
         for variable in variables:
