@@ -418,3 +418,20 @@ def test_preflight_takes_hugging_face_directories_and_wants_a_reward_head_for_a_
     (tmp_path / "encoding").write_text('"test"')
     with pytest.raises(ValueError, match="no model.safetensors or model.safetensors.index.json"):
         preflight.load_model("task.policy.initial_model", str(tmp_path), saved_reward_model=False, network=True)
+
+
+def test_sharded_weights_are_read_through_their_index(exported, tmp_path):
+    config, tensors = read_export(exported[0])
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    for filename, shard in shards.items():
+        save_file({name: tensors[name] for name in shard}, str(tmp_path / filename))
+    weight_map = {name: filename for filename, shard in shards.items() for name in shard}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "encoding").write_text('"test"')
+    imported = checkpoint_values(TrainedModel(str(tmp_path)).checkpoint())
+    whole = checkpoint_values(TrainedModel(exported[0]).checkpoint())
+    assert sorted(imported) == sorted(name for name in whole if "/heads/" not in name)
+    for name, value in imported.items():
+        np.testing.assert_array_equal(value, whole[name], err_msg=name)
