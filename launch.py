@@ -46,6 +46,7 @@ if __name__ == "__main__":  # started by a Python without the dependencies: re-r
 import fire  # noqa: E402
 
 from lm_human_preferences import experiments, launcher  # noqa: E402
+from lm_human_preferences.utils import mpi  # noqa: E402
 
 # ----- how fire turns the command line into arguments ----------------------------------------------------------
 # fire evaluates every value as a Python literal: `--task.query_suffix '"x"'` would lose its quotes, `1,2`
@@ -209,6 +210,8 @@ def main(argv=None):
     except ValueError as error:  # user errors (bad hparams, label files, paths): one clear line
         if os.environ.get("LMHP_TRACEBACK"):
             raise
+        if not mpi.is_root():  # the ranks of an outer mpirun job check alike: rank 0 says it for all
+            sys.exit(1)
         sys.exit(f"error: {error}\n(set LMHP_TRACEBACK=1 to see where it was raised)")
 
 

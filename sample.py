@@ -18,7 +18,6 @@ that job and no ranks are started here.
 """
 
 import os
-import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -89,7 +88,7 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
                      query_source=query_source, mpi=plan.ranks)
         argv = mpi_utils.mpiexec_command(plan.ranks) + [sys.executable, os.path.abspath(__file__), "sample"]
         argv += [f"--{name}={str(value)!r}" for name, value in flags.items() if value is not None]  # kept as text
-        sys.exit(subprocess.call(argv, env=launcher.rank_environment()))
+        sys.exit(launcher.call_mpiexec(argv, launcher.rank_environment()))  # a rank's error shows once
 
     import numpy as np
 

@@ -258,9 +258,61 @@ def call_forwarding_stop_signals(argv: List[str], env: Dict[str, str]) -> int:
     Open MPI's mpiexec kills its ranks at once on SIGTERM/SIGINT but forwards SIGUSR1 to them, so mpiexec runs
     in a session of its own (a scheduler's or Ctrl-C's signal to our process group does not reach it) and we
     forward. A second SIGINT (Ctrl-C again) ends the ranks at once."""
-    process = subprocess.Popen(argv, env=env, start_new_session=True)
-    with stop_signals_forwarded([process]):
-        return process.wait()
+    return call_mpiexec(argv, env, forward_stop_signals=True)
+
+
+# Open MPI's banners after a rank failed (it called MPI_Abort, or exited non-zero): they repeat, in 5 to 10
+# lines each, that the job failed, after the rank's own error. (A rank killed by a signal keeps its banner.)
+OPEN_MPI_FAILURE_BANNERS = ("MPI_ABORT was invoked on rank", "exited with non-zero status", 'calling\n"abort"')
+
+
+def call_mpiexec(argv: List[str], env: Dict[str, str], forward_stop_signals: bool = False) -> int:
+    """Run `mpiexec ...` and return its exit code. The ranks' stderr passes through `relay_rank_stderr`: a user
+    error that every rank met shows once, in its one line, without Open MPI's failure banners. With
+    `forward_stop_signals`, mpiexec runs in a session of its own and receives our stop signals as SIGUSR1 (see
+    call_forwarding_stop_signals)."""
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
+                               start_new_session=forward_stop_signals)
+    relay = threading.Thread(target=relay_rank_stderr, args=(process.stderr, sys.stderr), daemon=True)
+    relay.start()
+    with stop_signals_forwarded([process]) if forward_stop_signals else contextlib.nullcontext():
+        returncode = process.wait()
+    relay.join()
+    return returncode
+
+
+def relay_rank_stderr(stream, out):
+    """Copy the ranks' stderr to `out` line by line, except a repeat of an `error:` line already shown (each rank
+    reports the same user error; so also its LMHP_TRACEBACK hint) and Open MPI's failure banners (blocks between
+    lines of dashes)."""
+    errors_shown = set()
+    banner = None  # the lines of an Open MPI banner being read, or None outside one
+
+    def show(lines):
+        out.write("".join(lines))
+        out.flush()
+
+    for line in stream:
+        line = line.replace("\0", "")  # Open MPI writes a NUL before some banners
+        if line.startswith("-" * 20) and line.strip("-\n") == "":
+            if banner is None:
+                banner = [line]
+                continue
+            banner.append(line)
+            if not any(marker in "".join(banner) for marker in OPEN_MPI_FAILURE_BANNERS):
+                show(banner)
+            banner = None
+        elif banner is not None:
+            banner.append(line)
+        elif line.startswith(("error: ", "(set LMHP_TRACEBACK=1")):
+            if line not in errors_shown:
+                errors_shown.add(line)
+                show([line])
+        else:
+            show([line])
+    if banner:
+        show(banner)
+    stream.close()
 
 
 @contextlib.contextmanager

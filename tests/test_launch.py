@@ -447,3 +447,51 @@ def test_under_an_outer_mpiexec_each_process_is_one_rank(tmp_path, mpi_flag):
     assert out.count("saved the reward model to") == 1
     assert os.listdir(tmp_path / "save") == ["outer"]
     assert os.path.exists(tmp_path / "save" / "outer" / "reward_model" / "checkpoints" / "checkpoint")
+
+
+# ----- a user error under MPI: one line, once --------------------------------------------------------------------
+
+def bad_best_of_4_labels(path, count=16):
+    """`count` records of the test task (query 3, response 4 tokens) whose `best` is out of range: the file passes
+    the checks made before the ranks start (it holds enough records), and each rank fails reading it."""
+    record = {"query": [1, 2, 3], **{f"sample{i}": [1, 2, 3, 4] for i in range(4)}, "best": 7}
+    with open(path, "w") as f:
+        json.dump([record] * count, f)
+    return str(path)
+
+
+def test_a_user_error_in_the_ranks_of_mpi_2_prints_one_line_once(tmp_path):
+    labels = bad_best_of_4_labels(tmp_path / "labels.json")
+    result = run_cli("launch.py", "train_reward", "test", "x", "--mpi", "2", "--save_dir", str(tmp_path),
+                     "--labels.source", labels, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == f"error: {labels}, record 0, field 'best': 7 is out of range [0, 4)\n"  # no banners
+
+
+def test_under_an_outer_mpiexec_a_user_error_is_said_once_by_rank_0(tmp_path):
+    result = run_mpi(2, os.path.join(REPO_ROOT, "launch.py"), "train_reward", "test", "x", "--save_dir",
+                     tmp_path, "--rollout_batch_size", "3", timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rollout_batch_size=3 must be divisible by the number of MPI ranks (2)"], result.stdout
+
+
+def test_relaying_the_ranks_stderr_drops_repeats_and_open_mpi_failure_banners():
+    import io
+    dashes = "-" * 74 + "\n"
+    stream = io.StringIO(
+        "error: bad label\n(set LMHP_TRACEBACK=1 to see where it was raised)\n"
+        "error: bad label\n(set LMHP_TRACEBACK=1 to see where it was raised)\n"
+        f"\0{dashes}MPI_ABORT was invoked on rank 0 in communicator MPI_COMM_WORLD\n  Errorcode: 1\n{dashes}"
+        f"{dashes}prterun has exited due to process rank 1 with PID 0 on node vm calling\n\"abort\". This may\n"
+        f"{dashes}"
+        "a warning of ours\n"
+        f"{dashes}An unrecognized option was included on the mpiexec command line\n{dashes}"
+        "error: another error\n")
+    out = io.StringIO()
+    launcher.relay_rank_stderr(stream, out)
+    assert out.getvalue() == (
+        "error: bad label\n(set LMHP_TRACEBACK=1 to see where it was raised)\n"
+        "a warning of ours\n"
+        f"{dashes}An unrecognized option was included on the mpiexec command line\n{dashes}"  # not a failure banner
+        "error: another error\n")

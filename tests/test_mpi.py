@@ -82,7 +82,11 @@ def test_error_on_one_rank_ends_the_job_with_that_error():
     result = run(2, "fail_on_rank1.py", timeout=90)
     elapsed = time.time() - start
     assert result.returncode != 0
-    assert "deliberate failure on rank 1" in result.stdout
-    assert "[rank 1 of 2]" in result.stdout
+    assert "error: deliberate failure on rank 1\n" in result.stdout  # a user error (ValueError): its one line
+    assert "Traceback" not in result.stdout
     assert "rank 0 got past the barrier" not in result.stdout
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
+    traced = run(2, "fail_on_rank1.py", env={"LMHP_TRACEBACK": "1"}, timeout=90)  # asked for: where, on which rank
+    assert traced.returncode != 0
+    assert "[rank 1 of 2] uncaught exception, aborting the job:\nTraceback" in traced.stdout
+    assert "ValueError: deliberate failure on rank 1" in traced.stdout

@@ -243,7 +243,7 @@ def test_two_ranks_share_the_samples(saved_run):
 def test_mpi_defaults_to_one_rank_per_visible_gpu(monkeypatch):
     monkeypatch.setattr(launcher, "visible_gpus", lambda: ["0", "1"])
     calls = []
-    monkeypatch.setattr(sample_cli.subprocess, "call", lambda argv, env: calls.append(argv) or 0)
+    monkeypatch.setattr(launcher, "call_mpiexec", lambda argv, env: calls.append(argv) or 0)
     with pytest.raises(SystemExit) as info:
         sample_cli.sample("/some/run", temperature="task", seed=3)
     assert info.value.code == 0

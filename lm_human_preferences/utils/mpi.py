@@ -214,6 +214,10 @@ def broadcast_variables(sess, variables: List):
 def install_abort_on_error():
     """An uncaught exception on any rank prints its traceback with the rank, then aborts the whole job.
 
+    A user error (ValueError: a bad hyperparameter, label file or path, which every rank meets alike) prints
+    only `error: MESSAGE`, one line, as a single process does; LMHP_TRACEBACK=1 shows the traceback. The
+    launcher that started the ranks prints each such line once (see launcher.call_mpiexec).
+
     Without this a failing rank would wait in MPI_Finalize while the others wait in a collective: a hang.
     With a single process it changes nothing. (It handles exceptions, not `sys.exit(n)` calls, which do not
     reach sys.excepthook: training code reports failures by raising.)
@@ -224,9 +228,12 @@ def install_abort_on_error():
     previous_hook = sys.excepthook
 
     def abort_hook(exc_type, exc, tb):
-        message = "".join(traceback.format_exception(exc_type, exc, tb))
-        sys.stderr.write(f"[rank {world.Get_rank()} of {world.Get_size()}] uncaught exception, aborting the job:\n"
-                         f"{message}")
+        if issubclass(exc_type, ValueError) and not os.environ.get("LMHP_TRACEBACK"):
+            sys.stderr.write(f"error: {exc}\n")
+        else:
+            message = "".join(traceback.format_exception(exc_type, exc, tb))
+            sys.stderr.write(f"[rank {world.Get_rank()} of {world.Get_size()}] uncaught exception, aborting the "
+                             f"job:\n{message}")
         sys.stderr.flush()
         sys.stdout.flush()
         try:
