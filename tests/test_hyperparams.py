@@ -83,7 +83,8 @@ def test_loading_tolerates_unknown_keys_only_when_asked():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"rewards.kl_cof": 1}, "unknown hyperparameter 'rewards.kl_cof'; did you mean rewards.kl_coef"),
-    ({"kl_coef": 1}, "unknown hyperparameter 'kl_coef'; did you mean rewards.kl_coef"),
+    ({"kl_coef": 1}, "unknown hyperparameter 'kl_coef' at this level; the full dotted name is rewards.kl_coef: "
+                     "--rewards.kl_coef VALUE"),
     ({"seed": "abc"}, "seed: got 'abc', expected an integer or none"),
     ({"steps": "1.5"}, "steps: got '1.5', expected an integer"),
     ({"rewards.kl_coef": "high"}, "rewards.kl_coef: got 'high', expected a number"),

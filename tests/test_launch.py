@@ -158,6 +158,10 @@ def test_task_overrides_reach_the_reward_model_unless_set_there(capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--ppo.lrr", "1"], "unknown hyperparameter 'ppo.lrr'; did you mean ppo.lr"),
+    # a reward-training name given to a policy run: the full name that works there (the README's label hint)
+    (["--labels.source", "OUTPUT.json"], "unknown hyperparameter 'labels.source' at this level; the full dotted "
+                                         "name is rewards.train_new_model.labels.source: "
+                                         "--rewards.train_new_model.labels.source VALUE"),
     (["--ppo.lr", "fast"], "ppo.lr: got 'fast', expected a number"),
     (["--task.response_length", "1.5"], "task.response_length: got '1.5', expected an integer"),
     (["--rewards.trained_model", "X"], "set exactly one of rewards.trained_model and rewards.train_new_model "

@@ -245,6 +245,10 @@ def flatten(nested: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def unknown_name_error(name: str, known: List[str]) -> HParamError:
     """The error for a dotted name that no group declares, suggesting the closest known names."""
+    nested = [n for n in known if n.endswith("." + name)]
+    if nested:  # a right name at the wrong level: `--labels.source` of a policy run's reward model
+        return HParamError(f"unknown hyperparameter {name!r} at this level; the full dotted name is "
+                           f"{' or '.join(nested)}: --{nested[0]} VALUE")
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     if not close:  # a right field name under the wrong group: `--kl_coef` for `rewards.kl_coef`
         last = name.rsplit(".", 1)[-1]
