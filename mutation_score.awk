@@ -1,7 +1,7 @@
 # Mutation score per module from `mutmut results --all true` (lines "module.xfunction__mutmut_N: status").
 # Killed (a test failed) and timeout (a test hung) count as caught; "not checked" mutants were not run yet.
 {
-    module = $1; sub(/\.x.*/, "", module); status = $2
+    module = $1; sub(/^ +/, "", module); sub(/\.x.*/, "", module); status = $2
     modules[module] = 1; count[module, status]++; count["all", status]++
 }
 END {

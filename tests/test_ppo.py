@@ -287,10 +287,15 @@ def test_adaptive_kl_controller_converges_on_a_kl_that_falls_with_the_coefficien
 
 
 def test_adaptive_kl_controller_rejects_bad_settings():
-    with pytest.raises(ValueError, match="rewards.adaptive_kl.target must be a positive KL"):
-        ppo.AdaptiveKLController(0.1, 0.0, 10000)
-    with pytest.raises(ValueError, match="rewards.adaptive_kl.horizon"):
-        ppo.AdaptiveKLController(0.1, 6.0, 0)
+    for target in (0.0, -1.0, None):
+        with pytest.raises(ValueError, match="rewards.adaptive_kl.target must be a positive KL"):
+            ppo.AdaptiveKLController(0.1, target, 10000)
+    for horizon in (0, -5):
+        with pytest.raises(ValueError, match="rewards.adaptive_kl.horizon must be a positive number of episodes"):
+            ppo.AdaptiveKLController(0.1, 6.0, horizon)
+    # The smallest positive settings are accepted (the bounds are > 0, not >= 1).
+    controller = ppo.AdaptiveKLController(0.1, 0.5, 1)
+    assert (controller.value, controller.target) == (0.1, 0.5)
 
 
 def test_ppo_hparams_have_the_2019_defaults():
@@ -315,3 +320,16 @@ def test_adaptive_kl_params_require_a_target():
     with pytest.raises(HParamError, match="rewards.adaptive_kl.target"):
         ppo.AdaptiveKLParams().validate("rewards.adaptive_kl.")
     ppo.AdaptiveKLParams(target=6.0).validate("rewards.adaptive_kl.")
+
+
+@pytest.mark.parametrize("target, horizon, message", [
+    (0.0, 10000, r"rewards.adaptive_kl.target must be positive \(nats\), got 0.0"),
+    (6.0, 0, r"rewards.adaptive_kl.horizon must be positive \(episodes\), got 0"),
+])
+def test_adaptive_kl_params_refuse_non_positive_settings_by_name(target, horizon, message):
+    with pytest.raises(HParamError, match=message):
+        ppo.AdaptiveKLParams(target=target, horizon=horizon).validate("rewards.adaptive_kl.")
+
+
+def test_adaptive_kl_params_accept_the_smallest_positive_settings():
+    ppo.AdaptiveKLParams(target=0.5, horizon=1).validate("rewards.adaptive_kl.")
