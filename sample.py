@@ -63,6 +63,37 @@ def parse_count(value, flag: str, minimum: int) -> int:
     return number
 
 
+def check_policy_run(save_dir: str, savescope: str):
+    """A ValueError saying what a local SAVE_DIR holds unless it is a train_policy run with a policy under
+    SAVESCOPE (a remote run is read as it is: its files say so when they are missing)."""
+    from lm_human_preferences.utils import files
+    if files.is_remote(save_dir):
+        return
+    expected = (f"--save_dir {save_dir}: expected a train_policy run directory (holding train_policy_hparams.json "
+                f"and policy/)")
+    if not os.path.isdir(save_dir):
+        raise ValueError(f"{expected}; there is no such directory")
+    entries = sorted(os.listdir(save_dir))
+    if "train_policy_hparams.json" not in entries:
+        runs = [name for name in entries
+                if os.path.exists(os.path.join(save_dir, name, "train_policy_hparams.json"))]
+        if runs:
+            found = f"it holds the train_policy runs {', '.join(runs)}: pass one of them"
+        elif "train_reward_hparams.json" in entries:
+            found = "it holds a train_reward run, whose reward model scores text but samples nothing"
+        else:
+            found = f"it holds {', '.join(entries[:12]) + (', ...' if len(entries) > 12 else '')}" if entries \
+                else "it is empty"
+        raise ValueError(f"{expected}; {found}")
+    # the run's policies: scopes saved as models, but not the reward model a run may have trained first
+    policies = [name for name in entries if name != "reward_model"
+                and os.path.exists(os.path.join(save_dir, name, "hparams.json"))]
+    if savescope not in policies:
+        what = "the run's reward model, not a policy" if savescope == "reward_model" else "not saved in this run"
+        raise ValueError(f"--savescope {savescope}: {what}; the policy scopes of {save_dir}: "
+                         f"{', '.join(policies) or 'none'}")
+
+
 def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size=4, seed: int = None,
            mpi: int = None, query_source: str = None):  # the types are for --help: fire shows Optional[int]
     """Print NSAMPLES query/response pairs of the policy saved in SAVE_DIR/SAVESCOPE (0: forever).
@@ -81,6 +112,7 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
     plan = launcher.plan_ranks(None if mpi is None else parse_count(mpi, "mpi", 1), script="sample.py")
     if plan.note and (not plan.in_outer_job or mpi_utils.is_root()):
         print(plan.note, file=sys.stderr, flush=True)  # stdout holds only the samples
+    check_policy_run(str(save_dir), str(savescope))  # before any rank starts
     if plan.ranks > 1 and not plan.in_outer_job:
         # Each rank runs this script again under mpiexec, and joins that job (see launcher.plan_ranks).
         flags = dict(save_dir=save_dir, savescope=savescope, nsamples=nsamples, batch_size=batch_size,

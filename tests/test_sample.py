@@ -240,17 +240,27 @@ def test_two_ranks_share_the_samples(saved_run):
     assert result.stderr.count("at temperature 0.7 (the run's task.policy.temperature), 4 samples") == 1
 
 
-def test_mpi_defaults_to_one_rank_per_visible_gpu(monkeypatch):
+def fake_policy_run(directory):
+    """The files sample.py checks before starting ranks: a train_policy run with a policy scope."""
+    os.makedirs(os.path.join(directory, "policy"))
+    for name in ("train_policy_hparams.json", "policy/hparams.json"):
+        with open(os.path.join(directory, name), "w") as f:
+            f.write("{}")
+    return str(directory)
+
+
+def test_mpi_defaults_to_one_rank_per_visible_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(launcher, "visible_gpus", lambda: ["0", "1"])
     calls = []
     monkeypatch.setattr(launcher, "call_mpiexec", lambda argv, env: calls.append(argv) or 0)
+    run_dir = fake_policy_run(tmp_path / "run")
     with pytest.raises(SystemExit) as info:
-        sample_cli.sample("/some/run", temperature="task", seed=3)
+        sample_cli.sample(run_dir, temperature="task", seed=3)
     assert info.value.code == 0
     [argv] = calls
     assert argv[:len(mpi.mpiexec_command(2))] == mpi.mpiexec_command(2)
     assert argv[len(mpi.mpiexec_command(2)):] == [
-        sys.executable, os.path.join(REPO_ROOT, "sample.py"), "sample", "--save_dir='/some/run'",
+        sys.executable, os.path.join(REPO_ROOT, "sample.py"), "sample", f"--save_dir={run_dir!r}",
         "--savescope='policy'", "--nsamples='0'", "--batch_size='4'", "--temperature='task'", "--seed='3'",
         "--mpi='2'"]
 
@@ -322,3 +332,32 @@ def test_sample_py_samples_the_saved_policy_not_the_initial_model(tmp_path, save
     sample_cli.sample(saved_run, nsamples=8, batch_size=4)
     responses = sampled_responses(capsys.readouterr().out)
     assert len(responses) == 8 and responses != ["eeee"] * 8 and all(len(r) == 4 for r in responses), responses
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("nosuch", "there is no such directory"),
+    ("", "it holds the train_policy runs run: pass one of them"),  # the parent of a run
+    ("run/policy", "it holds hparams.json"),
+    ("reward_run", "it holds a train_reward run, whose reward model scores text but samples nothing"),
+])
+def test_a_save_dir_that_is_no_policy_run_says_what_it_found(tmp_path, where, expected):
+    fake_policy_run(tmp_path / "run")
+    os.makedirs(tmp_path / "reward_run")
+    (tmp_path / "reward_run" / "train_reward_hparams.json").write_text("{}")
+    path = str(tmp_path / where)
+    with pytest.raises(ValueError) as info:
+        sample_cli.sample(path, nsamples=1)
+    assert str(info.value) == (f"--save_dir {path}: expected a train_policy run directory (holding "
+                               f"train_policy_hparams.json and policy/); {expected}")
+
+
+def test_savescope_must_name_a_policy_of_the_run(tmp_path):
+    run_dir = fake_policy_run(tmp_path / "run")
+    os.makedirs(tmp_path / "run" / "reward_model")
+    (tmp_path / "run" / "reward_model" / "hparams.json").write_text("{}")
+    with pytest.raises(ValueError) as info:
+        sample_cli.sample(run_dir, savescope="reward_model", nsamples=1)
+    assert str(info.value) == f"--savescope reward_model: the run's reward model, not a policy; the policy scopes " \
+                              f"of {run_dir}: policy"
+    with pytest.raises(ValueError, match="--savescope ref_policy: not saved in this run; the policy scopes"):
+        sample_cli.sample(run_dir, savescope="ref_policy", nsamples=1)
