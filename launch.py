@@ -155,6 +155,11 @@ def train_policy(experiment, name, mpi: int = None, save_dir: str = None, dry_ru
 def demo(name="demo", save_dir="/tmp/save/demo", online=False, **overrides):
     """The offline demo: synthetic labels -> reward model -> PPO, then a report and learning curves. --online: the
     labels are collected from the current policy during PPO (experiment demo_online)."""
+    for flag in ("mpi", "dry_run", "trials_in_parallel", "resume"):
+        if flag in overrides:  # not hyperparameters, and not the demo's flags
+            raise ValueError(f"--{flag}: the demo runs as one process, start to end, and takes no --{flag}; its "
+                             f"steps run alone as ./launch.py train_reward demo NAME and ./launch.py train_policy "
+                             f"demo NAME, which take --{flag}")
     from lm_human_preferences.utils import devices
     tf = devices.import_tensorflow()  # before anything else imports it: without its start-up notices
     from lm_human_preferences import demo as demo_module

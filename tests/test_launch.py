@@ -499,3 +499,12 @@ def test_relaying_the_ranks_stderr_drops_repeats_and_open_mpi_failure_banners():
         "a warning of ours\n"
         f"{dashes}An unrecognized option was included on the mpiexec command line\n{dashes}"  # not a failure banner
         "error: another error\n")
+
+
+@pytest.mark.parametrize("flag", ["--mpi", "--dry_run", "--resume"])
+def test_the_demo_says_it_runs_as_one_process(capsys, flag):
+    message = cli_error(capsys, "demo", "x", flag, "2")
+    assert message.startswith(f"error: {flag}: the demo runs as one process, start to end, and takes no {flag}; "
+                              f"its steps run alone as ./launch.py train_reward demo NAME and ./launch.py "
+                              f"train_policy demo NAME, which take {flag}"), message
+    assert "unknown hyperparameter" not in message
