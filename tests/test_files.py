@@ -168,6 +168,31 @@ def test_download_keeps_remote_layout_and_second_call_uses_the_cache(server, cac
     assert sum(server.requests.values()) == 3  # nothing but the three first downloads (no HEAD either)
 
 
+def test_a_download_says_what_it_fetches_and_where_on_stderr(server, cache, capfd):
+    server.files["/run/hparams.json"] = b"{}"
+    target = files.local_path(server.url("/run/hparams.json"))
+    out, err = capfd.readouterr()
+    assert f"downloading {server.url('/run/hparams.json')} -> {target}" in err.splitlines()
+    assert "downloading" not in out  # stdout stays for the program's results
+    files.local_path(server.url("/run/hparams.json"))
+    assert "downloading" not in capfd.readouterr().err  # a cached file is not fetched again
+
+
+@pytest.mark.parametrize("value, expected", [(None, 5), ("", 5), ("7", 7)])
+def test_numbers_from_the_environment_fall_back_to_their_default(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("LMHP_TEST_NUMBER", raising=False)
+    else:
+        monkeypatch.setenv("LMHP_TEST_NUMBER", value)
+    assert files._env_number("LMHP_TEST_NUMBER", 5, int) == expected
+
+
+def test_a_number_from_the_environment_that_does_not_parse_is_named(monkeypatch):
+    monkeypatch.setenv("LMHP_TEST_NUMBER", "five")
+    with pytest.raises(ValueError, match=r"^\$LMHP_TEST_NUMBER='five' is not a valid float$"):
+        files._env_number("LMHP_TEST_NUMBER", 1.0, float)
+
+
 def test_cached_file_is_used_without_the_network(cache):
     url = "https://unreachable.invalid/models/x/hparams.json"
     target = files.cache_path(url)
