@@ -78,15 +78,15 @@ def test_fast_subprocesses_unknown_experiment_and_listing():
     result = run_cli("launch.py", "train_policy", "nosuch", "x", "--dry_run")
     assert result.returncode != 0
     assert "unknown train_policy experiment 'nosuch'" in result.stderr
-    assert ("known experiments: cnndm, demo, descriptiveness, descriptiveness_seeds, sentiment, test, test_seeds, "
-            "tldr") in result.stderr
+    assert ("known experiments: cnndm, demo, demo_online, descriptiveness, descriptiveness_seeds, sentiment, test, "
+            "test_seeds, tldr") in result.stderr
     assert result.stdout == ""
     listing = run_cli("launch.py", "experiments")
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.splitlines() == [
         "train_reward: cnndm, demo, descriptiveness, sentiment, test, test_seeds (sweep: 2 trials), tldr",
-        "train_policy: cnndm, demo, descriptiveness, descriptiveness_seeds (sweep: 3 trials), sentiment, test, "
-        "test_seeds (sweep: 2 trials), tldr"]
+        "train_policy: cnndm, demo, demo_online, descriptiveness, descriptiveness_seeds (sweep: 3 trials), sentiment, "
+        "test, test_seeds (sweep: 2 trials), tldr"]
 
 
 def test_rank_entry_point_rejects_a_bad_value_clearly_from_any_directory(tmp_path):
