@@ -124,6 +124,14 @@ def _flag(value, what: str) -> bool:
     raise ValueError(f"--{what}: got {value!r}, expected true or false")
 
 
+def _launch_training(command, experiment, name, mpi, save_dir, dry_run, trials_in_parallel, resume, overrides):
+    """What train_reward and train_policy share: their flags checked, then the launcher (each keeps its own
+    signature and docstring, which fire shows as its --help)."""
+    launcher.launch(command, experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
+                    dry_run=_flag(dry_run, "dry_run"), resume=_flag(resume, "resume"),
+                    trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
+
+
 # ----- commands --------------------------------------------------------------------------------------------------
 
 def train_reward(experiment, name, mpi: int = None, save_dir: str = None, dry_run=False, trials_in_parallel=False,
@@ -134,9 +142,7 @@ def train_reward(experiment, name, mpi: int = None, save_dir: str = None, dry_ru
     one per visible GPU (1 without). TRIALS_IN_PARALLEL: run a sweep's trials at once, one process and GPU each.
     RESUME: continue the run saved in SAVE_DIR/NAME (an existing run is never overwritten).
     """
-    launcher.launch("train_reward", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
-                    dry_run=_flag(dry_run, "dry_run"), resume=_flag(resume, "resume"),
-                    trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
+    _launch_training("train_reward", experiment, name, mpi, save_dir, dry_run, trials_in_parallel, resume, overrides)
 
 
 def train_policy(experiment, name, mpi: int = None, save_dir: str = None, dry_run=False, trials_in_parallel=False,
@@ -147,9 +153,7 @@ def train_policy(experiment, name, mpi: int = None, save_dir: str = None, dry_ru
     one per visible GPU (1 without). TRIALS_IN_PARALLEL: run a sweep's trials at once, one process and GPU each.
     RESUME: continue the run saved in SAVE_DIR/NAME (an existing run is never overwritten).
     """
-    launcher.launch("train_policy", experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
-                    dry_run=_flag(dry_run, "dry_run"), resume=_flag(resume, "resume"),
-                    trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
+    _launch_training("train_policy", experiment, name, mpi, save_dir, dry_run, trials_in_parallel, resume, overrides)
 
 
 def demo(name="demo", save_dir="/tmp/save/demo", online=False, **overrides):

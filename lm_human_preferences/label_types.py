@@ -50,6 +50,11 @@ class LabelType(abc.ABC):
         """The values whose mean/std the rewards are normalised to before training (None: mean 0, std 1)."""
         return None
 
+    def target_mean_std(self, labels: Dict[str, np.ndarray]) -> Tuple[float, float]:
+        """The mean and standard deviation the rewards are normalised to before training, given the labels."""
+        scales = self.target_scales(labels)
+        return (0.0, 1.0) if scales is None else (float(np.mean(scales)), float(np.std(scales)))
+
     @abc.abstractmethod
     def loss(self, reward_fn, labels):
         """(loss, metrics) for a batch of label tensors; reward_fn(queries, responses) -> rewards [b].

@@ -340,8 +340,7 @@ class OnlineLabels:
                                                mode="train", seed=self.hparams.run.seed or 0)
         purposes = [self.NORMALIZE + 4 * round.index + k for k in range(4)]
         if hp.normalize_before:
-            scales = self.label_type.target_scales(labels)
-            target_mean, target_std = (0.0, 1.0) if scales is None else (float(np.mean(scales)), float(np.std(scales)))
+            target_mean, target_std = self.label_type.target_mean_std(labels)
             training.normalize(query_batches, target_mean, target_std, "before training", purposes[:2])
         num_steps = count // hp.batch_size
         first_step = self.reward_steps_before(round.index)

@@ -330,9 +330,7 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
                 for _ in range(training.normalization_batches()):  # the queries the saved run used
                     next(query_batches)
             else:
-                scales = label_type.target_scales(train_labels)
-                target_mean, target_std = (0.0, 1.0) if scales is None else (float(np.mean(scales)),
-                                                                             float(np.std(scales)))
+                target_mean, target_std = label_type.target_mean_std(train_labels)
                 training.normalize(query_batches, target_mean, target_std, "before training",
                                    (training.NORMALIZE_BEFORE, training.DEBUG_BEFORE))
         normalized_before = True
