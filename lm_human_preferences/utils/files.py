@@ -218,12 +218,16 @@ def read_json(path, *, collective: bool = True):
 
 def write_text_atomic(path, text: str):
     """Write a local file so that readers see the old content or the new one, never a part."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, data: bytes):
+    """Write a local file so that readers see the old content or the new one, never a part (images, say)."""
     path = os.fspath(path)
     if is_remote(path):
         raise ValueError(f"cannot write {path}: only local paths can be written (save to a directory, then upload)")
-    path = os.path.expanduser(path)
-    with _atomic_file(path) as f:
-        f.write(text.encode("utf-8"))
+    with _atomic_file(os.path.expanduser(path)) as f:
+        f.write(data)
 
 
 class _atomic_file:
