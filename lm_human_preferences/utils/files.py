@@ -230,11 +230,23 @@ def write_bytes_atomic(path, data: bytes):
         f.write(data)
 
 
-class _atomic_file:
-    """Binary file open in the target's directory under a temporary name; renamed into place on success."""
+def write_new_text_atomic(path, text: str):
+    """Write a local file that must not exist yet, atomically: FileExistsError when it exists, also when another
+    process made it meanwhile (an output is never overwritten), and never a part of it."""
+    path = os.fspath(path)
+    if is_remote(path):
+        raise ValueError(f"cannot write {path}: only local paths can be written (save to a directory, then upload)")
+    with _atomic_file(os.path.expanduser(path), exclusive=True) as f:
+        f.write(text.encode("utf-8"))
 
-    def __init__(self, path):
+
+class _atomic_file:
+    """Binary file open in the target's directory under a temporary name; renamed into place on success
+    (exclusive: linked into place, FileExistsError when the target exists)."""
+
+    def __init__(self, path, exclusive: bool = False):
         self.path = path
+        self.exclusive = exclusive
 
     def __enter__(self):
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -255,7 +267,10 @@ class _atomic_file:
                 umask = os.umask(0)
                 os.umask(umask)
                 os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-                os.replace(self.tmp, self.path)
+                if self.exclusive:
+                    os.link(self.tmp, self.path)  # atomic, and fails when the target exists
+                else:
+                    os.replace(self.tmp, self.path)
         finally:
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
