@@ -175,8 +175,9 @@ def _label_value(value, kind: str, where: str, label_type: "LabelType"):
 
 
 def validate_records(records, label_type: LabelType, *, query_length: int, response_length: int, encoding,
-                     source: str) -> Dict[str, np.ndarray]:
-    """Check every record; return {field: array [n, ...]}. Errors name the file, record index and field.
+                     source: str, record_names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+    """Check every record; return {field: array [n, ...]}. Errors name the file, record index and field
+    (`record_names[i]` instead of "SOURCE, record i" where given: records made from the lines of another file).
     Fields other than the label type's are allowed and ignored."""
     if not isinstance(records, list):
         raise LabelFileError(f"{source}: a label file is a JSON list of records, got {type(records).__name__}")
@@ -186,7 +187,7 @@ def validate_records(records, label_type: LabelType, *, query_length: int, respo
     kinds = label_type.label_fields()
     columns = {name: [] for name in [*lengths, *kinds]}
     for index, record in enumerate(records):
-        where = f"{source}, record {index}"
+        where = record_names[index] if record_names is not None else f"{source}, record {index}"
         if not isinstance(record, dict):
             raise LabelFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for name in columns:
