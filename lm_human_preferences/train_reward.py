@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import label_types, labeler, lm_tasks, rewards, trainer as run_utils
+from lm_human_preferences import label_types, labeler, lm_tasks, plots, rewards, trainer as run_utils
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
@@ -299,7 +299,8 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
                                                      response_length=task.response_length, encoding=encoding),
                              hparams)
 
-    with run_utils.StopSignals() as stop, tf.Graph().as_default():
+    # learning_curves.png is drawn when the body ends, is interrupted or fails (plots.CurvesWhenDone)
+    with run_utils.StopSignals() as stop, plots.CurvesWhenDone(local_dir, save_dir), tf.Graph().as_default():
         training = RewardTraining(hparams, trained_model, encoder, label_type)
         saved = training.state.restore(training.sess, local_dir) if resume else None
         start, normalized_before = 0, False
