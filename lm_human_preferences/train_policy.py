@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import labeler, lm_tasks, online_labels, ppo, rewards, train_reward, trainer as run_utils
+from lm_human_preferences import (labeler, lm_tasks, online_labels, plots, ppo, rewards, train_reward,
+                                  trainer as run_utils)
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
@@ -342,7 +343,8 @@ def train(hparams: HParams, resume: bool = False):
     online = hparams.labels.online
     if online is not None and online.judge == online_labels.HUMAN:
         online_labels.check_human_judge_available()
-    with run_utils.StopSignals() as stop:
+    # learning_curves.png is drawn when the body ends, is interrupted or fails (plots.CurvesWhenDone)
+    with run_utils.StopSignals() as stop, plots.CurvesWhenDone(local_dir, save_dir):
         if mpi.is_root():  # first, so that a run stopped while its reward model trains is known as a policy run
             os.makedirs(local_dir, exist_ok=True)
             saved_hparams(hparams).save_json(os.path.join(local_dir, "train_policy_hparams.json"))
