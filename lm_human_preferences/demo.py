@@ -16,10 +16,10 @@ import os
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import labeler, launcher, lm_tasks, rewards, train_policy
+from lm_human_preferences import labeler, launcher, lm_tasks, plots, rewards, train_policy
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.utils import devices, files, stats
+from lm_human_preferences.utils import devices, files
 
 
 def mean_and_stderr(values):
@@ -120,50 +120,6 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
-PLOTS = [
-    ("objective/judge", "judge's true score (rollouts)"),
-    ("objective/score", "reward-model score (rollouts)"),
-    ("objective/kl", "KL to the reference (nats)"),
-    ("objective/kl_coef", "kl_coef"),
-    ("train_reward/minibatch/loss", "reward model: training loss"),
-    ("train_reward/minibatch/accuracy", "reward model: training accuracy"),
-]
-REWARD_TRAIN_TAG, REWARD_VALID_TAG = "train_reward/minibatch/", "train_reward/valid/"
-ONLINE_ROUNDS_TAG = "online/labels"  # logged at the PPO update of each online round (online_labels.py)
-
-
-def plot_learning_curves(save_dir: str) -> str:
-    """Learning curves from the run's TensorBoard events (tb/ppo and tb/reward_model), as a PNG in the run
-    directory. An online run's label rounds are dotted vertical lines on the PPO curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scalars = stats.read_scalars(os.path.join(save_dir, "tb"))
-    rounds = [step for step, _ in scalars.get(ONLINE_ROUNDS_TAG, [])]
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for axis, (tag, title) in zip(axes.flat, PLOTS):
-        steps, values = zip(*scalars[tag]) if scalars.get(tag) else ((), ())
-        axis.plot(steps, values)
-        if rounds and not tag.startswith(REWARD_TRAIN_TAG):
-            for index, step in enumerate(rounds):
-                axis.axvline(step, color="gray", linestyle=":", linewidth=1,
-                             label="online label round" if index == 0 else None)
-            axis.legend()
-        held_out = tag.replace(REWARD_TRAIN_TAG, REWARD_VALID_TAG)
-        if tag.startswith(REWARD_TRAIN_TAG) and scalars.get(held_out):
-            axis.plot(*zip(*scalars[held_out]), "o-", label="held out")
-            axis.legend()
-        axis.set_title(title)
-        axis.set_xlabel("reward-model step" if tag.startswith(REWARD_TRAIN_TAG) else "PPO update")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    path = os.path.join(save_dir, "learning_curves.png")
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
-
-
 def free_name(save_dir: str, name: str) -> str:
     """NAME, or NAME-2, NAME-3, ... : the first that does not hold a run yet (a run is never overwritten, and a
     newcomer's second `make demo` should simply run again)."""
@@ -176,7 +132,8 @@ def free_name(save_dir: str, name: str) -> str:
 
 def run_demo(name: str = "demo", save_dir: str = "/tmp/save/demo", overrides=None, experiment: str = "demo"):
     """Train with the `demo` experiment (or `demo_online`), then print the report and the path of the learning
-    curves. The run is saved to SAVE_DIR/NAME, or to the first free SAVE_DIR/NAME-N when that holds a run already."""
+    curves (drawn by the training run, plots.py: the judge's true score among them, and an online run's rounds).
+    The run is saved to SAVE_DIR/NAME, or to the first free SAVE_DIR/NAME-N when that holds a run already."""
     free = free_name(save_dir, name)
     if free != name:
         print(f"{os.path.join(save_dir, name)} holds an earlier run (never overwritten); this demo saves to "
@@ -185,7 +142,8 @@ def run_demo(name: str = "demo", save_dir: str = "/tmp/save/demo", overrides=Non
     train_policy.train(hparams)
     report = evaluate(hparams)
     print(format_report(report))
-    path = plot_learning_curves(hparams.run.save_dir)
-    print(f"learning curves: {path}")
+    path = os.path.join(hparams.run.save_dir, plots.FILENAME)
+    if os.path.exists(path):  # else drawing failed, and training said why
+        print(f"learning curves: {path}")
     print(f"TensorBoard: tensorboard --logdir {os.path.join(hparams.run.save_dir, 'tb')}")
     return report, path
