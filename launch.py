@@ -10,6 +10,10 @@
                                              [--policy SAVE_DIR]
     ./launch.py label EXPERIMENT OUTPUT.json --count N --judge human [--port 8000] [--host 127.0.0.1]
                       [--token T] [--overlap 0.1] [--instructions FILE] [--policy SAVE_DIR]   people label in a web page
+    ./launch.py score REWARD_MODEL_DIR --query TEXT --response TEXT [--truncate]   the reward of a response
+    ./launch.py score REWARD_MODEL_DIR --input IN.jsonl [--output OUT.jsonl] [--truncate]   rewards of records
+    ./launch.py labels_from_text SOURCE IN.jsonl OUT.json [--label_type TYPE] [--truncate] [--some.hparam VALUE ...]
+                                     a label file from text comparisons (SOURCE: experiment or run directory)
     ./launch.py experiments          list the registered experiments, and which are sweeps
     ./launch.py export SAVE_DIR OUT_DIR [--scope policy|reward_model]   a saved model as a Hugging Face GPT-2 directory
 
@@ -58,7 +62,7 @@ from lm_human_preferences.utils import mpi  # noqa: E402
 _OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "trials_in_parallel", "notrials_in_parallel", "resume",
               "noresume", "count",
               "judge", "temperature", "label_type", "seed", "policy", "host", "port", "token", "overlap",
-              "instructions"}
+              "instructions", "query", "response", "input", "output", "truncate", "notruncate"}
 # fire's help offers these short forms, but with **overrides in the signature fire takes `-m` for a
 # hyperparameter named m; so they are spelled out here.
 _SHORT_FLAGS = {"-m": "--mpi", "-s": "--save_dir", "-d": "--dry_run", "-t": "--trials_in_parallel"}
@@ -190,6 +194,37 @@ def label(experiment, output, count, judge, temperature: float = None, label_typ
                           overlap=overlap, instructions=instructions, **overrides)
 
 
+def score(reward_model_dir, query: str = None, response: str = None, input: str = None, output: str = None,
+          truncate=False):
+    """Print the reward a saved reward model gives a response to a query; or (--input IN.jsonl, one
+    {"query": TEXT, "response": TEXT} a line) write each record with a "reward" field added, to --output OUT.jsonl (a
+    new file) or to stdout.
+
+    REWARD_MODEL_DIR: a train_reward or train_policy run directory, or a run's reward_model/ (the run's task settings
+    apply). TRUNCATE: cut texts longer than the task's query_length / response_length tokens instead of refusing them.
+    """
+    from lm_human_preferences.utils import devices
+    devices.import_tensorflow()  # before anything else imports it: without its start-up notices
+    from lm_human_preferences import score as score_module
+    score_module.score_command(reward_model_dir, query=query, response=response, input=input, output=output,
+                               truncate=_flag(truncate, "truncate"))
+
+
+def labels_from_text(source, input, output, label_type: str = None, truncate=False, **overrides):
+    """Write a label file in the released format (OUTPUT, a new file) from text comparisons: INPUT holds one a line,
+    {"query": TEXT, "sample0": TEXT, ... (or "samples": [TEXT, ...]), and "best", "score" or "difference"}.
+
+    SOURCE: a train_reward experiment (--some.hparam overrides apply as for train_reward) or a saved run directory;
+    its task, encoding and labels.type apply. LABEL_TYPE: instead of the source's labels.type. TRUNCATE: cut texts
+    longer than the task's lengths instead of refusing them.
+    """
+    from lm_human_preferences.utils import devices
+    devices.import_tensorflow()  # before anything else imports it: without its start-up notices
+    from lm_human_preferences import text_labels
+    text_labels.labels_from_text(source, input, output, label_type=label_type, truncate=_flag(truncate, "truncate"),
+                                 **overrides)
+
+
 def list_experiments():
     """Print the registered experiments of each command; a sweep shows its number of trials."""
     for command, registry in experiments.EXPERIMENTS.items():
@@ -209,6 +244,7 @@ def export(save_dir, out_dir, scope: str = "policy"):
 
 
 COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": demo, "label": label,
+            "score": score, "labels_from_text": labels_from_text,
             "experiments": list_experiments, "export": export}
 
 
