@@ -1,17 +1,23 @@
 """File layer against a real HTTP server on 127.0.0.1: cache layout and reuse, retries, truncated bodies,
-fail-fast errors, atomic writes, and the once-per-machine download under MPI; gs:// save directories against a
-local Cloud Storage emulator: round trip of a checkpoint, upload order, changed files only, deletions, staging."""
+fail-fast errors, files read together listed when missing, the download progress on a pseudo-terminal and in a
+log, atomic writes, and the once-per-machine download under MPI; gs:// save directories against a local Cloud
+Storage emulator: round trip of a checkpoint, upload order, changed files only, deletions, staging."""
 
 import collections
 import contextlib
+import fcntl
 import http.server
 import json
 import os
+import pty
 import re
 import resource
 import signal
 import socket
+import struct
+import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -23,17 +29,21 @@ from google.cloud import storage
 
 from lm_human_preferences.utils import files
 
-from mpi_programs import rank_lines, run
+from mpi_programs import REPO_ROOT, rank_lines, run
 
 
 class FileServer:
     """Serves `files`; `fail_503[path]` answers 503 that many times first; `truncate[path]` sends the
-    Content-Length of the whole file but closes after half of it, that many times. Counts requests."""
+    Content-Length of the whole file but closes after half of it, that many times; `rate[path]` sends the body
+    at about that many bytes per second. Counts requests."""
+
+    PIECE_BYTES = 1 << 16  # a throttled body goes out in pieces of this size
 
     def __init__(self):
         self.files = {}
         self.fail_503 = collections.Counter()
         self.truncate = collections.Counter()
+        self.rate = {}
         self.requests = collections.Counter()  # (method, path) -> count
         self.lock = threading.Lock()
         server = self
@@ -67,8 +77,14 @@ class FileServer:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     if send_body:
-                        self.wfile.write(body[: len(body) // 2] if truncate else body)
-                        self.wfile.flush()
+                        body = body[: len(body) // 2] if truncate else body
+                        rate = server.rate.get(self.path)
+                        for start in range(0, len(body), server.PIECE_BYTES if rate else max(len(body), 1)):
+                            piece = body[start:start + (server.PIECE_BYTES if rate else len(body))]
+                            self.wfile.write(piece)
+                            self.wfile.flush()
+                            if rate:
+                                time.sleep(len(piece) / rate)
                         self.close_connection = True
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -168,14 +184,15 @@ def test_download_keeps_remote_layout_and_second_call_uses_the_cache(server, cac
     assert sum(server.requests.values()) == 3  # nothing but the three first downloads (no HEAD either)
 
 
-def test_a_download_says_what_it_fetches_and_where_on_stderr(server, cache, capfd):
+def test_a_download_says_what_it_fetched_and_where_in_one_line_on_stderr(server, cache, capfd):
     server.files["/run/hparams.json"] = b"{}"
     target = files.local_path(server.url("/run/hparams.json"))
     out, err = capfd.readouterr()
-    assert f"downloading {server.url('/run/hparams.json')} -> {target}" in err.splitlines()
-    assert "downloading" not in out  # stdout stays for the program's results
+    assert re.fullmatch(rf"downloaded {re.escape(server.url('/run/hparams.json'))} -> {re.escape(target)} "
+                        rf"\(2 B in \d+\.\ds, [\d.]+ (k|M)?B/s\)\n", err), err
+    assert out == ""  # stdout stays for the program's results
     files.local_path(server.url("/run/hparams.json"))
-    assert "downloading" not in capfd.readouterr().err  # a cached file is not fetched again
+    assert capfd.readouterr().err == ""  # a cached file is not fetched again
 
 
 @pytest.mark.parametrize("value, expected", [(None, 5), ("", 5), ("7", 7)])
@@ -277,6 +294,212 @@ def test_unreachable_host_fails_fast(cache, monkeypatch):
     assert url in message and files.cache_path(url) in message and "unreachable" in message
     with pytest.raises(files.FileFetchError, match="unreachable"):
         files.exists(url)
+
+
+# ----- files read together: every one missing from the cache is listed ------------------------------------
+
+CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: nothing listens there, the connection is refused at once
+HOW_TO = ("not in the cache (fetch them where there is a network and copy each to the path after its URL, or point "
+          "$LMHP_CACHE_DIR at a cache holding them): ")
+
+
+def listing(urls):
+    return ", ".join(f"{url} -> {files.cache_path(url)}" for url in urls)
+
+
+def test_a_file_of_a_set_that_cannot_be_fetched_lists_every_one_missing(server, cache):
+    urls = [server.url(f"/models/x/{name}") for name in ("hparams.json", "checkpoint", "model.ckpt.index")]
+    server.files["/models/x/hparams.json"] = b"{}"
+    files.local_path(urls[0])  # already in the cache: not listed
+    with pytest.raises(files.MissingFiles) as info, files.fetching_together("model x", lambda: files.not_cached(urls)):
+        files.local_path(urls[1])
+    error = info.value
+    assert isinstance(error, ValueError) and isinstance(error, files.FileFetchError)  # one error line; still a fetch
+    assert str(error) == (f"could not fetch {urls[1]}: HTTP 404 Not Found (not retried); cache path "
+                          f"{files.cache_path(urls[1])}; 2 files of model x {HOW_TO}{listing(urls[1:])}")
+    assert error.missing == [(url, files.cache_path(url)) for url in urls[1:]]
+    assert (error.url, error.cache_path, error.status) == (urls[1], files.cache_path(urls[1]), 404)
+    assert not os.path.exists(files.cache_path(urls[1])) and leftovers(cache) == []
+
+
+def test_offline_a_set_lists_the_failed_file_too_when_it_is_not_one_of_the_set(cache):
+    inside, outside = f"{CLOSED_PORT}/run/hparams.json", f"{CLOSED_PORT}/run/encoder.json"
+    with pytest.raises(files.MissingFiles) as info, \
+            files.fetching_together("run r", lambda: files.not_cached([inside, "/a/local/path"])):
+        files.exists(outside)
+    assert str(info.value).startswith(f"could not check whether {outside} exists: host unreachable (offline?)")
+    assert str(info.value).endswith(f"; 2 files of run r {HOW_TO}{listing([outside, inside])}")
+    assert info.value.status is None
+
+
+def test_an_inner_set_keeps_its_own_list_and_other_errors_pass_through(cache):
+    url = f"{CLOSED_PORT}/m/hparams.json"
+    with pytest.raises(files.MissingFiles) as info, files.fetching_together("run r", lambda: []), \
+            files.fetching_together("model m", lambda: files.not_cached([url])):
+        files.read_text(url)
+    assert str(info.value).endswith(f"; 1 file of model m {HOW_TO}{listing([url])}")
+    with pytest.raises(KeyError), files.fetching_together("run r", lambda: []):
+        raise KeyError("not a fetch")
+
+
+# ----- progress of a download ------------------------------------------------------------------------------
+
+BIG = 3_000_000  # bytes served at RATE: about 1.5 s, so that a bar updates many times
+RATE = 2_000_000
+FETCH_PROGRAM = "import sys; from lm_human_preferences.utils import files; files.local_path(sys.argv[1])"
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+BAR = re.compile(r"(?P<name>[\w.-]+): +(?P<percent>\d+)%\|[^|]*\| (?P<done>[\d.]+)(?P<done_unit>k|M|)B/"
+                 r"(?P<total>[\d.]+M)B, (?P<rate>[\d.]+|\?)(?P<rate_unit>k|M|)B/s, (?P<left>\d\d:\d\d|\?) left")
+
+
+def summary(url, target, size_text):
+    """The line a completed download ends with, as a regex of the whole line."""
+    return re.compile(rf"downloaded {re.escape(url)} -> {re.escape(target)} \({re.escape(size_text)} in "
+                      rf"(?P<seconds>\d+\.\d)s, (?P<rate>[\d.]+) (?P<unit>k|M)B/s\)")
+
+
+class Terminal:
+    """A pseudo-terminal 100 columns wide; what is written to its other end is read as it comes."""
+
+    def __init__(self):
+        self.master, self.slave = pty.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        self.chunks = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: every writer has closed its end
+                return
+            if not data:
+                return
+            self.chunks.append(data)
+
+    def output(self) -> str:
+        """Everything written, once every writer is done (closes this end of the terminal)."""
+        os.close(self.slave)
+        self.reader.join(30)
+        os.close(self.master)
+        return b"".join(self.chunks).decode()
+
+
+def fetch_in_subprocess(url, cache, stderr, **env) -> subprocess.Popen:
+    """A Python process that fetches `url` into `cache`, started as a rank of an MPI job would be when `env`
+    says so."""
+    full_env = {name: value for name, value in os.environ.items() if name not in RANK_VARIABLES}
+    full_env.update(LMHP_CACHE_DIR=str(cache), PYTHONPATH=REPO_ROOT, **env)
+    return subprocess.Popen([sys.executable, "-c", FETCH_PROGRAM, url], cwd=REPO_ROOT, env=full_env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+
+
+def test_on_a_terminal_a_download_shows_a_bar_then_one_summary_line(server, cache, monkeypatch):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    body = np.random.RandomState(0).bytes(BIG)
+    server.files["/gpt-2/models/124M/model.ckpt.data-00000-of-00001"] = body
+    server.rate["/gpt-2/models/124M/model.ckpt.data-00000-of-00001"] = RATE
+    url = server.url("/gpt-2/models/124M/model.ckpt.data-00000-of-00001")
+    terminal = Terminal()
+    with open(terminal.slave, "w", closefd=False) as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        start = time.monotonic()
+        target = files.local_path(url)
+        took = time.monotonic() - start
+        monkeypatch.undo()
+    output = terminal.output()
+    with open(target, "rb") as f:
+        assert f.read() == body
+
+    updates = [BAR.match(part) for part in re.split(r"[\r\n]", output) if BAR.match(part)]
+    assert all(update["name"] == "model.ckpt.data-00000-of-00001" and update["total"] == "3.00M"
+               for update in updates), output
+    done = [float(update["done"]) * {"": 1, "k": 1e3, "M": 1e6}[update["done_unit"]] for update in updates]
+    measured = [update for update in updates if update["rate"] != "?" and update["left"] != "?"]
+    assert len(measured) >= 3 and len(set(done)) >= 3, output  # carriage-return updates while it runs
+    assert done == sorted(done) and 0 < done[-1] <= BIG
+    assert all(0 <= int(update["percent"]) <= 100 for update in updates)
+    rates = [float(update["rate"]) * {"": 1, "k": 1e3, "M": 1e6}[update["rate_unit"]] for update in measured]
+    assert all(RATE / 4 < rate < RATE * 2 for rate in rates), output  # the rate the server sends at
+
+    lines = [line for line in output.split("\r\n") if line.strip("\r ")]  # the terminal ends lines with CR LF
+    assert len(lines) == 1, output  # the bar updates one line in place
+    final = lines[0].split("\r")[-1]  # what the line shows at the end: the bar cleared, the summary written over it
+    match = summary(url, target, "3.0 MB").fullmatch(final)
+    assert match, output
+    assert abs(float(match["seconds"]) - took) < 0.5 and float(match["seconds"]) >= BIG / RATE * 0.8
+    assert float(match["rate"]) == pytest.approx(BIG / 1e6 / float(match["seconds"]), rel=0.1)
+    assert output.endswith("\r\n")
+
+
+def test_in_a_log_a_download_is_exactly_one_summary_line(server, cache):
+    server.files["/labels/descriptiveness/offline_5k.json"] = body = b"[]" * 600_000
+    server.rate["/labels/descriptiveness/offline_5k.json"] = 4 * RATE
+    url = server.url("/labels/descriptiveness/offline_5k.json")
+    process = fetch_in_subprocess(url, cache, subprocess.PIPE)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    target = files.cache_path(url)
+    assert out == b"" and b"\r" not in err
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and summary(url, target, "1.2 MB").fullmatch(lines[0]), err
+    with open(target, "rb") as f:
+        assert f.read() == body
+
+
+@pytest.mark.parametrize("variable", ["OMPI_COMM_WORLD_RANK", "PMI_RANK"])
+def test_a_rank_other_than_0_shows_nothing_on_a_terminal_or_in_a_log(server, cache, variable):
+    server.files["/shared/vocab.bpe"] = body = b"merges " * 150_000
+    server.rate["/shared/vocab.bpe"] = 2 * RATE
+    url = server.url("/shared/vocab.bpe")
+    terminal = Terminal()
+    process = fetch_in_subprocess(url, cache, terminal.slave, **{variable: "1"})
+    process.wait(timeout=120)
+    assert process.returncode == 0 and terminal.output() == ""
+    assert files.local_path(url) and open(files.cache_path(url), "rb").read() == body
+    os.remove(files.cache_path(url))
+    process = fetch_in_subprocess(url, cache, subprocess.PIPE, **{variable: "1"})
+    out, err = process.communicate(timeout=120)
+    assert (process.returncode, out, err) == (0, b"", b"")
+    assert open(files.cache_path(url), "rb").read() == body
+
+
+def test_the_rank_is_read_from_the_launchers_environment(monkeypatch, server, cache, capfd):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert files._launcher_rank() == 0
+    for name in ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"]:
+        monkeypatch.setenv(name, "3")
+        assert files._launcher_rank() == 3
+        monkeypatch.setenv(name, "0")
+        assert files._launcher_rank() == 0
+        monkeypatch.setenv(name, "")  # empty or not a number: the next variable is asked
+        assert files._launcher_rank() == 0
+    monkeypatch.setenv("PMIX_RANK", "x")
+    monkeypatch.setenv("PMI_RANK", "2")
+    assert files._launcher_rank() == 2
+    server.files["/a.bin"] = b"a" * 10
+    files.local_path(server.url("/a.bin"))
+    assert capfd.readouterr() == ("", "")
+    monkeypatch.setenv("PMI_RANK", "0")
+    server.files["/b.bin"] = b"b" * 10
+    files.local_path(server.url("/b.bin"))
+    assert capfd.readouterr().err.startswith(f"downloaded {server.url('/b.bin')} -> ")
+
+
+@pytest.mark.parametrize("size, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (4_200, "4.2 kB"),
+                                        (999_949, "999.9 kB"), (497_759_126, "497.8 MB"), (6_231_069_277, "6.2 GB"),
+                                        (1.5e12, "1.5 TB"), (2.5e15, "2500.0 TB")])
+def test_sizes_are_written_in_decimal_units(size, text):
+    assert files._size_text(size) == text
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0.0s"), (0.44, "0.4s"), (59.94, "59.9s"), (60, "1m00s"),
+                                           (187.4, "3m07s"), (3599.4, "59m59s"), (3600, "1h00m"), (7500, "2h05m")])
+def test_times_are_written_for_a_glance(seconds, text):
+    assert files._time_text(seconds) == text
 
 
 # ----- writes ---------------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ next to `model.ckpt.data-*`).
   exponential backoff and jitter; a definitive answer (404, 403, ...) fails at once. A host that cannot be
   reached at all (offline: no DNS, connection refused, connect timeout) also fails at once, so an offline run
   stops within seconds. Errors are :class:`FileFetchError` naming the URL and the cache path.
+* Files read together (a model's, a run's) are fetched within :func:`fetching_together`: when one cannot be
+  fetched, the error (:class:`MissingFiles`, a ValueError too) lists every file of the set not in the cache,
+  with the cache path to copy it to, so that they can all be fetched elsewhere and copied in.
+* A download shows progress on stderr, on MPI rank 0 only: a bar updated in place (done/total bytes, rate,
+  time left) while stderr is a terminal, and once the file is complete one line,
+  `downloaded URL -> CACHE_PATH (SIZE in TIME, RATE)`, which replaces the bar (the only output in logs).
 * Under MPI, :func:`local_path` is collective: one rank per machine downloads (fetched once per
   machine), the others receive its result or its error.
 
@@ -25,6 +31,7 @@ Settings (module attributes, initialised from the environment): `RETRIES` ($LMHP
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 REMOTE_SCHEMES = ("https", "http", "gs")
 
@@ -54,6 +61,7 @@ MAX_BACKOFF_SECONDS = 60.0  # cap on one wait (also on a server's Retry-After)
 CONNECT_TIMEOUT_SECONDS = 5.0  # no TCP connection within this: the host is unreachable, fail fast
 READ_TIMEOUT_SECONDS = 60.0  # silence on an open connection this long: transient, retried
 _CHUNK_BYTES = 1 << 20
+_STREAM_CHUNK_BYTES = 1 << 16  # a download is read this much at a time: the progress bar moves on a slow link
 
 
 class FileFetchError(OSError):
@@ -75,6 +83,40 @@ class FileFetchError(OSError):
 
 def _rebuild_fetch_error(message, url, cache_path, status):
     return FileFetchError(message, url=url, cache_path=cache_path, status=status)
+
+
+class MissingFiles(FileFetchError, ValueError):
+    """A file of a set read together (a model's, a run's) could not be fetched. The message is the fetch error's,
+    then every file of the set that is not in the cache, each with the cache path to copy it to. A ValueError
+    too: the command lines show it as their one-line `error: ...`. `missing`: [(URL, cache path)]."""
+
+    def __init__(self, error: FileFetchError, what: str, missing: List[Tuple[str, str]]):
+        count = f"{len(missing)} file{'s' if len(missing) != 1 else ''}"
+        listing = ", ".join(f"{url} -> {path}" for url, path in missing)
+        super().__init__(f"{error}; {count} of {what} not in the cache (fetch them where there is a network and copy "
+                         f"each to the path after its URL, or point $LMHP_CACHE_DIR at a cache holding them): "
+                         f"{listing}", url=error.url, cache_path=error.cache_path, status=error.status)
+        self.missing = missing
+
+
+def not_cached(urls: Iterable[str]) -> List[Tuple[str, str]]:
+    """(URL, cache path) of each remote URL of `urls` whose file is not in the cache, in the order given."""
+    return [(url, cache_path(url)) for url in urls if is_remote(url) and not os.path.isfile(cache_path(url))]
+
+
+@contextlib.contextmanager
+def fetching_together(what: str, missing: Callable[[], List[Tuple[str, str]]]):
+    """Within it, a FileFetchError becomes MissingFiles, listing `missing()` (called then: the (URL, cache path)
+    of the files of `what` not in the cache) and the URL that failed if it is not among them."""
+    try:
+        yield
+    except MissingFiles:
+        raise
+    except FileFetchError as error:
+        listed = missing()
+        if error.url is not None and error.cache_path is not None and error.url not in dict(listed):
+            listed.insert(0, (error.url, error.cache_path))  # a file outside the set: not in the cache either
+        raise MissingFiles(error, what, listed) from None
 
 
 class _Transient(Exception):
@@ -282,7 +324,6 @@ class _atomic_file:
 def _ensure_cached(url: str, target: str):
     if os.path.isfile(target):
         return
-    print(f"downloading {url} -> {target}", file=sys.stderr, flush=True)
     try:
         _attempts(url, target, lambda: _download(url, target))
     except _Permanent as e:
@@ -316,6 +357,101 @@ def _download(url, target):
         _download_gcs(url, target)
     else:
         _download_http(url, target)
+
+
+# -- progress
+
+# Where MPI launchers put a process's rank (Open MPI, PMIx, MPICH/Intel MPI/Slurm). Asking MPI itself would be a
+# collective call, which a download on one rank must not make.
+_RANK_ENV_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+
+
+def _launcher_rank() -> int:
+    """This process's rank in its MPI job, as its launcher set it; 0 when no launcher started it."""
+    for name in _RANK_ENV_VARS:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _size_text(size: float) -> str:
+    """A byte count in decimal units: 512 B, 4.2 kB, 497.8 MB, 6.2 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _time_text(seconds: float) -> str:
+    """0.4s, 25.3s, 3m07s, 2h05m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    seconds = int(round(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class _Progress:
+    """What one download attempt shows on stderr, on MPI rank 0 only: while stderr is a terminal, a bar updated in
+    place (file name, percentage, bytes done/total, rate, time left); when the file is complete, one line naming
+    the URL, the cache path, the size, the time and the rate (on a terminal it replaces the bar). A failed attempt
+    clears its bar and says nothing: its error does. `total`: the size in bytes, None when unknown."""
+
+    def __init__(self, url: str, target: str, total: Optional[int]):
+        self.url, self.target, self.total = url, target, total
+        self.shown = _launcher_rank() == 0
+        self.done = 0
+        self.bar = None
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        if self.shown and _is_terminal(sys.stderr):
+            from tqdm import tqdm
+            known = "{percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B, {rate_fmt}, {remaining} left"
+            self.bar = tqdm(total=self.total, desc=os.path.basename(self.target), unit="B", unit_scale=True,
+                            unit_divisor=1000, leave=False, dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{desc}: " + (known if self.total is not None else "{n_fmt}B, {rate_fmt}"))
+        return self
+
+    def update(self, count: int):
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.bar is not None:
+            self.bar.close()  # leave=False: the bar's line is cleared
+        if exc_type is None and self.shown:
+            elapsed = time.monotonic() - self.start
+            rate = _size_text(self.done / max(elapsed, 1e-3))
+            print(f"downloaded {self.url} -> {self.target} ({_size_text(self.done)} in {_time_text(elapsed)}, "
+                  f"{rate}/s)", file=sys.stderr, flush=True)
+        return False
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return False
+
+
+class _CountingWriter:
+    """A binary file whose writes are also counted by `count(number of bytes)`."""
+
+    def __init__(self, file, count):
+        self._file, self._count = file, count
+
+    def write(self, data):
+        written = self._file.write(data)
+        self._count(len(data))
+        return written
+
+    def __getattr__(self, name):  # seek, tell, flush, ...: the file's own
+        return getattr(self._file, name)
 
 
 # -- http(s)
@@ -376,10 +512,12 @@ def _download_http(url, target):
     import urllib3
     with _http_get(url) as response:
         encoding = response.headers.get("Content-Encoding", "identity").lower()
-        expected = response.headers.get("Content-Length") if encoding == "identity" else None
+        length = response.headers.get("Content-Length", "") if encoding == "identity" else ""
+        expected = int(length) if length.isdigit() else None  # unknown: no size check, no percentage
         received = 0
-        chunks = response.raw.stream(_CHUNK_BYTES, decode_content=False)
-        with _atomic_file(target) as f:
+        chunks = response.raw.stream(_STREAM_CHUNK_BYTES, decode_content=False)
+        # The summary line comes after the rename: only a file in the cache is reported as downloaded.
+        with _Progress(url, target, expected) as progress, _atomic_file(target) as f:
             while True:
                 try:
                     chunk = next(chunks, None)
@@ -390,7 +528,8 @@ def _download_http(url, target):
                     break
                 f.write(chunk)  # a local write error (disk full) is not retried
                 received += len(chunk)
-            if expected is not None and received != int(expected):
+                progress.update(len(chunk))
+            if expected is not None and received != expected:
                 raise _Transient(f"truncated body: got {received} of {expected} bytes")
 
 
@@ -456,10 +595,12 @@ def _gcs_call(call):
 def _download_gcs(url, target, blob=None):
     blob = blob or _gcs_blob(url)
     timeout = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
-    with _atomic_file(target) as f:
+    if blob.size is None:  # a blob made from its name; a listed one knows its size
         # retry=None: the library's own retries would wait minutes when offline; ours are bounded.
+        _gcs_call(lambda: blob.reload(timeout=timeout, retry=None))
+    with _Progress(url, target, blob.size) as progress, _atomic_file(target) as f:
         # The library verifies the download's checksum.
-        _gcs_call(lambda: blob.download_to_file(f, timeout=timeout, retry=None))
+        _gcs_call(lambda: blob.download_to_file(_CountingWriter(f, progress.update), timeout=timeout, retry=None))
 
 
 def _remote_exists_gcs(url) -> bool:
@@ -696,7 +837,6 @@ def _mirror_down(url, local):
     for name, blob in sorted(remote.items()):
         path = _local_file(local, name)
         if not (os.path.isfile(path) and _md5(path) == blob.md5_hash):
-            print(f"downloading {join(url, name)} -> {path}", file=sys.stderr, flush=True)
             _run_call(join(url, name), path, lambda: _download_gcs(join(url, name), path, blob), "fetch")
         record[name] = _fingerprint(path)
     _write_sync_record(local, url, record)
