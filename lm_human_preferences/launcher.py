@@ -31,15 +31,19 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from lm_human_preferences import experiments, preflight
+from lm_human_preferences.hparams import TrainPolicyHParams, TrainRewardHParams
 from lm_human_preferences.utils import devices, files
 from lm_human_preferences.utils import mpi as mpi_utils
 from lm_human_preferences.utils.hyperparams import HParams, flatten
 
-# command -> module defining `HParams` (the command's hyperparameters) and `train(hparams)`.
+# command -> module defining `train(hparams)`; it builds graphs, so it is imported only to run.
 COMMANDS = {
     "train_reward": "lm_human_preferences.train_reward",
     "train_policy": "lm_human_preferences.train_policy",
 }
+# command -> its hyperparameters (the module's `HParams`), declared in hparams.py without TensorFlow: resolving,
+# checking and printing them (--dry_run) loads none.
+COMMAND_HPARAMS = {"train_reward": TrainRewardHParams, "train_policy": TrainPolicyHParams}
 
 DEFAULT_SAVE_DIRS = {"train_reward": "/tmp/save/train_reward", "train_policy": "/tmp/save/train_policy"}
 
@@ -47,9 +51,16 @@ DEFAULT_SAVE_DIRS = {"train_reward": "/tmp/save/train_reward", "train_policy": "
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def command_module(command: str):
-    if command not in COMMANDS:
+def command_hparams(command: str) -> type:
+    """The HParams class of `command` (no TensorFlow is imported)."""
+    if command not in COMMAND_HPARAMS:
         raise ValueError(f"unknown command {command!r}; known commands: {', '.join(COMMANDS)}")
+    return COMMAND_HPARAMS[command]
+
+
+def command_module(command: str):
+    """The module that runs `command`; it imports TensorFlow."""
+    command_hparams(command)  # an unknown command fails here
     devices.import_tensorflow()  # the command modules build graphs: TensorFlow loads here, without its notices
     return importlib.import_module(COMMANDS[command])
 
@@ -63,7 +74,7 @@ def resolve_trials(command: str, experiment: str, name: str, *, save_dir: str = 
     A trial saves to SAVE_DIR/NAME/DESCRIPTOR, or SAVE_DIR/NAME when the experiment is a single trial; an
     explicit `run.save_dir` override replaces SAVE_DIR/NAME. Overriding a swept name collapses its sweep.
     """
-    command_module(command)  # an unknown command fails here, before the registry is read
+    command_hparams(command)  # an unknown command fails here, before the registry is read
     overrides = dict(overrides or {})
     if save_dir is None and "run.save_dir" not in overrides:
         save_dir = DEFAULT_SAVE_DIRS[command]
@@ -79,7 +90,7 @@ def resolve_trials(command: str, experiment: str, name: str, *, save_dir: str = 
 
 
 def _trial_hparams(command: str, bindings: Dict[str, Any], overrides: Dict[str, Any]) -> HParams:
-    hparams = command_module(command).HParams()
+    hparams = command_hparams(command)()
     hparams.override_from_dict(bindings)
     hparams.override_from_dict(overrides)
     if command == "train_policy" and hparams.rewards.train_new_model is not None:
@@ -502,7 +513,7 @@ def hparams_from_json(command: str, hparams_json: str) -> HParams:
     except json.JSONDecodeError as error:
         raise ValueError(f"the {command} hyperparameters are not valid JSON ({error}); expected the nested "
                          f"object that `./launch.py {command} EXPERIMENT NAME --dry_run` prints") from None
-    return command_module(command).HParams.from_nested_dict(data).validate()
+    return command_hparams(command).from_nested_dict(data).validate()
 
 
 USAGE = ("usage: python -m lm_human_preferences.launcher COMMAND HPARAMS_JSON [--resume]  "

@@ -50,74 +50,13 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 from lm_human_preferences import label_types, labeler, lm_tasks, train_reward, trainer as run_utils
-from lm_human_preferences.utils import files, hyperparams, mpi, stats
-from lm_human_preferences.utils.hyperparams import require
+from lm_human_preferences.utils import files, mpi, stats
+# The group `labels.online` and its rules are declared in hparams.py, which needs no TensorFlow.
+from lm_human_preferences.hparams import OnlineLabelHParams, check_online  # noqa: F401
 
 HUMAN = "human"  # the judge that is people, in the labeling web app (label_app.py)
 LABELS_FILE = "online_labels.json"  # SAVE_DIR/online_labels.json: every label collected so far
 ROUNDS_DIR = "online"  # SAVE_DIR/online/round_NN.json (and the web app's journal beside it): human rounds
-
-
-@dataclass
-class OnlineLabelHParams(hyperparams.HParams):
-    initial_labels: int = None  # N0: labels of initial-policy samples collected before PPO starts
-    total_labels: int = None  # N: labels l(n) reaches at the last PPO episode (the paper's schedule, above)
-    episodes_between_rounds: int = None  # PPO episodes between retrainings (paper: 100,000 of 2M episodes)
-    judge: str = None  # who labels: `human` (PPO pauses, the web app serves the round) or a synthetic judge
-    judge_temperature: float = 0.0  # a synthetic judge's noise (labeler.py); `human` ignores it
-    type: Optional[str] = None  # label type of the online labels; none: rewards.train_new_model.labels.type
-    host: str = "127.0.0.1"  # human: address the labeling web app serves on (off loopback it needs a token)
-    port: int = 8000  # human: the web app's port (0: any free port)
-    token: Optional[str] = None  # human: the token every request must carry; none: made when serving off loopback
-    overlap: float = 0.0  # human: fraction of items answered by two labelers, to measure their agreement
-    instructions: Optional[str] = None  # human: a text file of task instructions shown to labelers
-
-    def check(self, prefix):
-        require(self.initial_labels > 0, f"{prefix}initial_labels must be positive, got {self.initial_labels}")
-        require(self.total_labels > self.initial_labels,
-                f"{prefix}total_labels={self.total_labels} must exceed {prefix}initial_labels={self.initial_labels}: "
-                f"the difference is what is collected during PPO (equal counts are the offline case: "
-                f"--{prefix[:-1]} off)")
-        require(self.episodes_between_rounds > 0,
-                f"{prefix}episodes_between_rounds must be positive, got {self.episodes_between_rounds}")
-        require(self.judge_temperature >= 0, f"{prefix}judge_temperature must be >= 0, got {self.judge_temperature}")
-        if self.judge != HUMAN:
-            try:
-                labeler.get_judge(self.judge)
-            except ValueError as error:
-                raise hyperparams.HParamError(f"{prefix}judge: {error}; or `human` (people, in the labeling web "
-                                              f"app)") from None
-        if self.type is not None:
-            try:
-                label_types.get(self.type)
-            except ValueError as error:
-                raise hyperparams.HParamError(f"{prefix}type: {error}") from None
-        require(0.0 <= self.overlap <= 1.0, f"{prefix}overlap must be a fraction in [0, 1], got {self.overlap}")
-        require(0 <= self.port <= 65535,
-                f"{prefix}port must be a TCP port 0..65535 (0: any free port), got {self.port}")
-
-    def label_type_name(self, reward_hparams) -> str:
-        return self.type or reward_hparams.labels.type
-
-
-def check_online(online: OnlineLabelHParams, rewards_hparams, ppo_hparams, prefix: str = "labels.online."):
-    """The rules that tie `labels.online` to the rest of a train_policy run (HParams.check calls it)."""
-    reward = rewards_hparams.train_new_model
-    require(reward is not None,
-            f"{prefix[:-1]} retrains the reward model with the recipe of rewards.train_new_model (batch_size, lr, "
-            f"normalisation) and restarts it from the initial model each round: switch rewards.train_new_model on "
-            f"(and leave rewards.trained_model unset)")
-    for name in ("initial_labels", "total_labels"):
-        count = getattr(online, name)
-        require(count % reward.batch_size == 0,
-                f"{prefix}{name}={count} must be a multiple of rewards.train_new_model.batch_size="
-                f"{reward.batch_size} (each retraining is one pass over the labels in whole batches)")
-    require(online.episodes_between_rounds >= ppo_hparams.batch_size,
-            f"{prefix}episodes_between_rounds={online.episodes_between_rounds} must be at least ppo.batch_size="
-            f"{ppo_hparams.batch_size} (rounds come between PPO updates, at most one per update)")
-    require(online.episodes_between_rounds < ppo_hparams.total_episodes,
-            f"{prefix}episodes_between_rounds={online.episodes_between_rounds} leaves no round within "
-            f"ppo.total_episodes={ppo_hparams.total_episodes}; make it smaller")
 
 
 # ----- the schedule ---------------------------------------------------------------------------------------------

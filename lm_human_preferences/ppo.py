@@ -17,52 +17,13 @@ The trainer (`train_policy.py`) splits a minibatch step in two:
 The update step by step, every hyperparameter with its 2019 default, and the KL controllers: docs/algorithms.md.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences.utils import hyperparams
-from lm_human_preferences.utils.hyperparams import require
+# The groups `ppo` and `rewards.adaptive_kl` are declared in hparams.py, which needs no TensorFlow.
+from lm_human_preferences.hparams import AdaptiveKLParams, PpoHParams  # noqa: F401
 
 WHITEN_EPSILON = 1e-8  # inside the rsqrt, so constant inputs whiten to 0 instead of NaN
-
-
-@dataclass
-class PpoHParams(hyperparams.HParams):
-    total_episodes: int = 2_000_000  # episodes (query + response) over the whole run, all ranks
-    batch_size: int = 64  # episodes per PPO update, all ranks together
-    nminibatches: int = 1  # minibatches (Adam steps) per epoch over the batch
-    noptepochs: int = 4  # passes over each batch
-    lr: float = 5e-6  # Adam learning rate at the start; annealed linearly to 0 over all updates
-    vf_coef: float = 0.1  # weight of the value loss in the total loss
-    cliprange: float = 0.2  # policy ratio clip: ratio in [1 - c, 1 + c]
-    cliprange_value: float = 0.2  # value clip: new values within old values ± c (reward units)
-    gamma: float = 1.0  # discount per response token
-    lam: float = 0.95  # GAE lambda
-    whiten_rewards: bool = True  # rescale per-token rewards to unit variance per minibatch (mean kept)
-    micro_batches: int = 1  # split each minibatch into this many micro-batches whose gradients are summed
-    #                         before one Adam step: the same update with less memory (new; 2019 had none)
-
-    def check(self, prefix):
-        for name in ("total_episodes", "batch_size", "nminibatches", "noptepochs", "micro_batches"):
-            require(getattr(self, name) > 0, f"{prefix}{name} must be positive, got {getattr(self, name)}")
-        require(self.lr >= 0, f"{prefix}lr must be >= 0, got {self.lr}")
-        require(self.vf_coef >= 0, f"{prefix}vf_coef must be >= 0, got {self.vf_coef}")
-        for name in ("gamma", "lam"):
-            require(0 <= getattr(self, name) <= 1, f"{prefix}{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("cliprange", "cliprange_value"):
-            require(getattr(self, name) > 0, f"{prefix}{name} must be positive, got {getattr(self, name)}")
-
-
-@dataclass
-class AdaptiveKLParams(hyperparams.HParams):
-    target: float = None  # the KL to the reference policy (nats per response) that kl_coef steers toward
-    horizon: int = 10000  # episodes over which a proportional error of 1 would change kl_coef e-fold
-
-    def check(self, prefix):
-        require(self.target > 0, f"{prefix}target must be positive (nats), got {self.target}")
-        require(self.horizon > 0, f"{prefix}horizon must be positive (episodes), got {self.horizon}")
 
 
 # ----- KL controllers (host side, updated once per PPO update) ----------------------------------------------------

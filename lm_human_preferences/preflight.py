@@ -5,7 +5,7 @@ after a reward model was trained and saved, nor deep inside TensorFlow. `check(c
 raises a ValueError for the first problem it finds, in this order:
 
 1. sizes: every batch divides exactly over the ranks the run will have: PPO's batch, minibatches and
-   micro-batches (`train_policy.batch_sizes`), and the reward model's `batch_size` and `rollout_batch_size`
+   micro-batches (`hparams.batch_sizes`), and the reward model's `batch_size` and `rollout_batch_size`
    (named `rewards.train_new_model.X` when train_policy trains its reward model first);
 2. the save directory can be made: the nearest existing ancestor of `run.save_dir` is a writable directory
    (a gs:// save directory is left to the trainer, which reaches the bucket anyway);
@@ -33,6 +33,7 @@ may be made on another machine than the run.
 import os
 from typing import List, Optional, Tuple
 
+from lm_human_preferences.hparams import batch_sizes
 from lm_human_preferences.utils import files, mpi
 
 # What to do when a remote file cannot be fetched here (README: "to work offline with released files").
@@ -83,8 +84,7 @@ def reward_training(command: str, hparams) -> tuple:
 def check_sizes(command: str, hparams, ranks: int):
     """Every exact division the trainers make with the number of ranks (cheap, no files)."""
     if command == "train_policy":
-        from lm_human_preferences import train_policy  # imports TensorFlow; so do the trainers this checks for
-        train_policy.batch_sizes(hparams.ppo, ranks)
+        batch_sizes(hparams.ppo, ranks)
     reward, prefix = reward_training(command, hparams)
     if reward is not None:
         mpi.exact_div(reward.batch_size, ranks, f"{prefix}batch_size")

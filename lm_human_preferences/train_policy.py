@@ -5,10 +5,8 @@ docs/saved_runs.md.
 """
 
 import copy
-import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -19,79 +17,11 @@ from lm_human_preferences import (labeler, lm_tasks, online_labels, plots, ppo, 
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.ppo import PpoHParams
-from lm_human_preferences.utils import files, hyperparams, mpi, stats, train_ops
-from lm_human_preferences.utils.hyperparams import require
-
-# Whitening rewards over fewer episodes than this is meaningless (2019 refused it too).
-MIN_WHITENED_MINIBATCH = 8
-
-
-@dataclass
-class RewardHParams(hyperparams.HParams):
-    kl_coef: float = 0.2  # weight of the per-token KL penalty to the reference policy (nats -> reward)
-    adaptive_kl: Optional[ppo.AdaptiveKLParams] = None  # on: steer kl_coef so the KL approaches a target
-    trained_model: Optional[str] = None  # a saved reward model: SAVE_DIR/reward_model (local, https, gs)
-    train_new_model: Optional[train_reward.HParams] = None  # on: train a reward model first (its hparams)
-
-    def check(self, prefix):
-        require((self.trained_model is None) != (self.train_new_model is None),
-                f"set exactly one of {prefix}trained_model and {prefix}train_new_model "
-                f"(to use a saved reward model: --{prefix}train_new_model off --{prefix}trained_model PATH)")
-
-
-@dataclass
-class LabelHParams(hyperparams.HParams):
-    """Labels a policy run collects itself (a reward model trained first takes its own from rewards.train_new_model)."""
-    online: Optional[online_labels.OnlineLabelHParams] = None  # on: label current-policy samples during PPO (paper 2.3)
-
-
-@dataclass
-class HParams(hyperparams.HParams):
-    run: train_reward.RunHParams = field(default_factory=train_reward.RunHParams)
-    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
-    rewards: RewardHParams = field(default_factory=RewardHParams)
-    ppo: PpoHParams = field(default_factory=PpoHParams)
-    labels: LabelHParams = field(default_factory=LabelHParams)
-
-    def check(self, prefix):
-        if self.labels.online is not None:
-            online_labels.check_online(self.labels.online, self.rewards, self.ppo, f"{prefix}labels.online.")
-        reward_hparams = self.rewards.train_new_model
-        if reward_hparams is not None:
-            ours = hyperparams.flatten(self.task.to_nested_dict())
-            theirs = hyperparams.flatten(reward_hparams.task.to_nested_dict())
-            differing = [f"task.{name}" for name in ours if ours[name] != theirs.get(name)]
-            require(not differing,
-                    f"the policy's task and the new reward model's task differ in {', '.join(differing)}; "
-                    f"set both --task.X and --rewards.train_new_model.task.X")
-
-
-@dataclass
-class BatchSizes:
-    """How one PPO update's episodes split over ranks, minibatches and micro-batches, and the run's length."""
-    per_rank: int  # episodes per update on each rank
-    minibatch: int  # episodes per Adam step on each rank
-    micro_batch: int  # episodes per forward/backward pass on each rank
-    num_updates: int  # PPO updates of the run: ceil(total_episodes / batch_size), as in 2019
-
-
-def batch_sizes(ppo_hp: PpoHParams, ranks: int) -> BatchSizes:
-    """The sizes of `ppo_hp` on `ranks` ranks, or a ValueError naming the hyperparameters that do not fit.
-    Cheap and free of side effects: `train` calls it before anything is trained or written."""
-    per_rank = mpi.exact_div(ppo_hp.batch_size, ranks, "ppo.batch_size")
-    minibatch = mpi.exact_div(per_rank, ppo_hp.nminibatches, f"the per-rank batch (ppo.batch_size / {ranks} ranks)",
-                              parts_what="ppo.nminibatches")
-    micro_batch = mpi.exact_div(minibatch, ppo_hp.micro_batches,
-                                "the per-rank minibatch (ppo.batch_size / ranks / ppo.nminibatches)",
-                                parts_what="ppo.micro_batches")
-    if ppo_hp.whiten_rewards and minibatch < MIN_WHITENED_MINIBATCH:
-        raise ValueError(f"ppo.whiten_rewards whitens each per-rank minibatch, which holds only {minibatch} episodes "
-                         f"(ppo.batch_size={ppo_hp.batch_size} / {ranks} ranks / ppo.nminibatches="
-                         f"{ppo_hp.nminibatches}); at least {MIN_WHITENED_MINIBATCH} are needed: raise ppo.batch_size, "
-                         f"lower ppo.nminibatches or the number of ranks, or set --ppo.whiten_rewards false")
-    return BatchSizes(per_rank, minibatch, micro_batch, num_updates=math.ceil(ppo_hp.total_episodes / ppo_hp.batch_size))
-
+from lm_human_preferences.utils import files, mpi, stats, train_ops
+# The hyperparameters and the batch-size rule are declared in hparams.py, which needs no TensorFlow.
+from lm_human_preferences.hparams import (MIN_WHITENED_MINIBATCH, BatchSizes, PpoHParams,  # noqa: F401
+                                         PolicyLabelHParams as LabelHParams, RewardHParams, batch_sizes)
+from lm_human_preferences.hparams import TrainPolicyHParams as HParams
 
 class PPOTrainer:
     """The graph and session of a PPO run. `update()` is one PPO update, written out in order."""

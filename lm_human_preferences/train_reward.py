@@ -6,7 +6,6 @@ default are in docs/algorithms.md; what is saved, in docs/saved_runs.md.
 
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -16,70 +15,10 @@ from lm_human_preferences import label_types, labeler, lm_tasks, plots, rewards,
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.utils import files, hyperparams, mpi, stats, train_ops
-from lm_human_preferences.utils.hyperparams import require
-
-
-@dataclass
-class RunHParams(hyperparams.HParams):
-    seed: Optional[int] = None  # random seed of the run; each MPI rank adds its rank offset
-    log_interval: int = 10  # log statistics (and PPO samples) every this many updates
-    save_interval: int = 50  # write a checkpoint every this many updates (and always at the end)
-    save_dir: Optional[str] = None  # where the run is saved: SAVE_DIR/NAME from the command line
-    judge: Optional[str] = None  # a synthetic judge whose true score of each rollout is logged as objective/judge
-    xla: bool = False  # compile with XLA auto-clustering (see the README's Performance section)
-    mixed_precision: bool = False  # compute the transformers in bfloat16 (float32 weights); a GPU speed switch
-    tf32: bool = False  # let float32 matrix products use TF32 on Ampere+ GPUs (off: true float32, as in 2019)
-
-    def check(self, prefix):
-        require(self.save_dir is None or "://" not in self.save_dir or self.save_dir.startswith("gs://"),
-                f"{prefix}save_dir={self.save_dir!r}: a run is saved to a local directory or a gs:// URL; "
-                "https:// locations are read-only")
-
-
-@dataclass
-class LabelHParams(hyperparams.HParams):
-    type: str = None  # label type: best_of_N (e.g. best_of_4), scalar_rating or scalar_compare
-    num_train: int = None  # labels used for training (one pass), taken from the start of the shuffled file
-    source: Optional[str] = None  # label file: local path, https:// or gs:// URL (released JSON format)
-    num_valid: int = 0  # labels held out after the training ones to report validation loss/accuracy (0 in 2019)
-    judge: Optional[str] = None  # without `source`: label initial-policy samples with this synthetic judge (demo)
-    judge_temperature: float = 0.0  # judge's noise: softmax temperature (best_of_N), noise std (scalar labels)
-
-    def check(self, prefix):
-        require(self.source is not None or self.judge is not None,
-                f"{prefix}source is required (a label file: path, https:// or gs:// URL); "
-                f"or set {prefix}judge to label with a synthetic judge (offline demo)")
-        require(self.num_train > 0, f"{prefix}num_train must be positive, got {self.num_train}")
-        require(self.num_valid >= 0, f"{prefix}num_valid must be >= 0, got {self.num_valid}")
-        require(self.judge_temperature >= 0, f"{prefix}judge_temperature must be >= 0, got {self.judge_temperature}")
-
-
-@dataclass
-class HParams(hyperparams.HParams):
-    run: RunHParams = field(default_factory=RunHParams)
-    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
-    labels: LabelHParams = field(default_factory=LabelHParams)
-    batch_size: int = 40  # labels per optimizer step, all ranks together
-    lr: float = 5e-5  # Adam learning rate at the start; decays linearly to 0 over the pass
-    rollout_batch_size: int = 64  # policy samples per batch when estimating the reward scale (all ranks)
-    normalize_samples: int = 0  # policy samples used to estimate the reward mean and std
-    debug_normalize: int = 0  # fresh policy samples used to report the reward mean/std after normalising
-    normalize_before: bool = False  # set gain/bias before training so rewards match the labels' target scale
-    normalize_after: bool = False  # reset gain/bias after training to mean 0, std 1 (keeps kl_coef meaningful)
-
-    def check(self, prefix):
-        require(self.batch_size > 0, f"{prefix}batch_size must be positive, got {self.batch_size}")
-        require(self.lr >= 0, f"{prefix}lr must be >= 0, got {self.lr}")
-        require(self.labels.num_train % self.batch_size == 0,
-                f"{prefix}labels.num_train={self.labels.num_train} must be a multiple of "
-                f"{prefix}batch_size={self.batch_size} (one pass over the labels in whole batches)")
-        require(self.rollout_batch_size > 0,
-                f"{prefix}rollout_batch_size must be positive, got {self.rollout_batch_size}")
-        require(self.normalize_samples >= 0, f"{prefix}normalize_samples must be >= 0")
-        if self.normalize_before or self.normalize_after:
-            require(self.normalize_samples > 0,
-                    f"{prefix}normalize_before/normalize_after need {prefix}normalize_samples > 0")
+from lm_human_preferences.utils import files, mpi, stats, train_ops
+# The hyperparameters are declared in hparams.py, which needs no TensorFlow (a --dry_run loads none).
+from lm_human_preferences.hparams import LabelHParams, RunHParams  # noqa: F401
+from lm_human_preferences.hparams import TrainRewardHParams as HParams
 
 
 # ----- labels ---------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import warnings
 import numpy as np
 
 from lm_human_preferences.language import encodings
-from lm_human_preferences.language.model import LAYER_NORM_EPSILON, HParams
+from lm_human_preferences.hparams import LAYER_NORM_EPSILON, ModelHParams as HParams
 from lm_human_preferences.utils import files
 
 HUB_PREFIX = "hf:"

@@ -19,56 +19,18 @@ scalar heads that read it, the output logits and everything computed from them (
 entropies) are float32. The key/value cache (`present`) is in the compute dtype.
 """
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences.utils import hyperparams
-from lm_human_preferences.utils.hyperparams import require
+# GPT-2's shape is declared in hparams.py, which needs no TensorFlow; `model.HParams` is its old name.
+from lm_human_preferences.hparams import LAYER_NORM_EPSILON, ModelHParams as HParams  # noqa: F401
 
-LAYER_NORM_EPSILON = 1e-5
 # Added to the attention logits of forbidden keys: exp() of it underflows to exactly 0.
 MASKED_LOGIT = -1e10
 # Dtypes the transformer may compute in; variables are always float32.
 COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-@dataclass
-class HParams(hyperparams.HParams):
-    """GPT-2 shape, as in a checkpoint's `hparams.json` (defaults: the 124M model)."""
-    n_vocab: int = 50257  # tokens the output layer scores (the padding token is not one of them)
-    n_ctx: int = 1024  # position embeddings: the most real tokens one sequence may hold
-    n_embd: int = 768  # width of the residual stream
-    n_head: int = 12  # attention heads per layer (n_embd must be a multiple)
-    n_layer: int = 12  # transformer blocks
-    embd_pdrop: float = 0.1  # dropout on the input embeddings (only with do_dropout; 2019 ran without)
-    attn_pdrop: float = 0.1  # dropout on attention probabilities
-    resid_pdrop: float = 0.1  # dropout on each block's attention and mlp outputs
-    head_pdrop: float = 0.1  # dropout on the hidden state read by scalar heads
-
-    def check(self, prefix: str):
-        for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
-            require(getattr(self, name) > 0, f"{prefix}{name} must be positive, got {getattr(self, name)}")
-        require(self.n_embd % self.n_head == 0,
-                f"{prefix}n_embd={self.n_embd} must be a multiple of {prefix}n_head={self.n_head}")
-        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "head_pdrop"):
-            require(0 <= getattr(self, name) < 1, f"{prefix}{name} must be in [0, 1), got {getattr(self, name)}")
-
-    @classmethod
-    def from_json_dict(cls, data, *, where: str) -> "HParams":
-        """From a GPT-2 / saved-run `hparams.json`; keys we don't use are tolerated, `where` names the file."""
-        required = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-        missing = [key for key in required if key not in data] if isinstance(data, dict) else required
-        if missing:
-            raise hyperparams.HParamError(f"{where}: missing {', '.join(missing)}; a GPT-2 hparams.json is a JSON "
-                                          f"object with the integers {', '.join(required)}")
-        return cls.from_nested_dict(data, strict=False, where=f"{where}: ").validate(f"{where}: ")
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
 
 
 def past_shape(hparams: HParams, batch_size=None, sequence=None):

@@ -32,7 +32,7 @@ import warnings
 from typing import Dict, List, Optional
 
 from lm_human_preferences.language import encodings, hf
-from lm_human_preferences.language.model import HParams
+from lm_human_preferences.hparams import ModelHParams as HParams
 from lm_human_preferences.utils import files
 
 GPT2_MODELS_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
