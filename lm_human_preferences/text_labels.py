@@ -141,7 +141,7 @@ def labels_from_text(source: str, input: str, output: str, *, label_type: Option
                                  response_length=task.response_length, encoding=encoding, source=input,
                                  record_names=[where for where, _ in records_in])
     text_inputs.write_new_output(output, json.dumps(records) + "\n", "OUT.json")
-    note = f"; {cut} samples cut after the task's truncate_token" if cut else ""
+    note = f"; {cut} sample{'s' if cut > 1 else ''} cut after the task's truncate_token" if cut else ""
     print(f"wrote {len(records)} {resolved_type.name} labels for {described} (query_length {task.query_length}, "
           f"response_length {task.response_length}, encoding {encoding.name}) to {output}{note}")
     return records
