@@ -292,11 +292,24 @@ class TrainPolicyHParams(hyperparams.HParams):
     ppo: PpoHParams = field(default_factory=PpoHParams)
     labels: PolicyLabelHParams = field(default_factory=PolicyLabelHParams)
 
+    def place_reward_model(self) -> "TrainPolicyHParams":
+        """Set where the reward model trained first is saved: in this run's own directory, as SAVE_DIR/reward_model,
+        so its `run.save_dir` is this run's (as 2019 recorded it). The launcher calls this once run.save_dir is
+        known, so that --dry_run shows the value the run uses."""
+        if self.rewards.train_new_model is not None and self.rewards.train_new_model.run.save_dir is None:
+            self.rewards.train_new_model.run.save_dir = self.run.save_dir
+        return self
+
     def check(self, prefix):
         if self.labels.online is not None:
             check_online(self.labels.online, self.rewards, self.ppo, f"{prefix}labels.online.")
         reward_hparams = self.rewards.train_new_model
         if reward_hparams is not None:
+            require(reward_hparams.run.save_dir in (None, self.run.save_dir),
+                    f"{prefix}rewards.train_new_model.run.save_dir={reward_hparams.run.save_dir!r}: the reward model "
+                    f"a policy run trains first is saved in the run's own directory, as SAVE_DIR/reward_model "
+                    f"({prefix}run.save_dir={self.run.save_dir!r}); choose the directory with --save_dir (or "
+                    f"--{prefix}run.save_dir), and leave {prefix}rewards.train_new_model.run.save_dir unset")
             ours = hyperparams.flatten(self.task.to_nested_dict())
             theirs = hyperparams.flatten(reward_hparams.task.to_nested_dict())
             differing = [f"task.{name}" for name in ours if ours[name] != theirs.get(name)]

@@ -85,6 +85,8 @@ def resolve_trials(command: str, experiment: str, name: str, *, save_dir: str = 
             hparams.run.save_dir = os.path.join(os.path.expanduser(save_dir), name)
         if trial.descriptor:
             hparams.run.save_dir = os.path.join(hparams.run.save_dir, trial.descriptor)
+        if command == "train_policy":
+            hparams.place_reward_model()  # SAVE_DIR/NAME/reward_model: shown by --dry_run, used by the run
         resolved.append((trial, hparams.validate()))
     return resolved
 
