@@ -127,14 +127,17 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
     from lm_human_preferences.utils import devices
     tf = devices.import_tensorflow()  # before anything else imports it: without its start-up notices
     from lm_human_preferences import lm_tasks, train_policy
-    from lm_human_preferences.language.trained_models import TrainedModel
+    from lm_human_preferences.language.trained_models import TrainedModel, missing_files
     from lm_human_preferences.policy import Policy
     from lm_human_preferences.utils import files
 
     tf.compat.v1.disable_eager_execution()
     mpi_utils.install_abort_on_error()
-    hparams = train_policy.HParams.from_nested_dict(
-        files.read_json(files.join(save_dir, "train_policy_hparams.json")), strict=False)
+    run_hparams = files.join(save_dir, "train_policy_hparams.json")
+    # offline, the error lists every file of the run that the cache lacks (the policy's too)
+    with files.fetching_together(f"run {save_dir}", lambda: files.not_cached([run_hparams]) +
+                                 missing_files(files.join(save_dir, savescope))):
+        hparams = train_policy.HParams.from_nested_dict(files.read_json(run_hparams), strict=False)
     task = hparams.task
     if query_source is not None:
         task.query_source = query_source

@@ -196,6 +196,8 @@ def load_model(name: str, location: str, *, saved_reward_model: bool, network: b
             _check_huggingface_files(model, saved_reward_model)
         elif network and not model.is_random:
             _check_checkpoint(name, location, model, expected)
+    except files.MissingFiles as error:  # lists every file of the model to copy into the cache
+        raise ValueError(f"{name} {location!r}: {error}") from None
     except files.FileFetchError as error:
         raise ValueError(f"{name} {location!r}: {error}; {OFFLINE_HINT}") from None
     except OSError as error:  # a local file that cannot be read
@@ -230,7 +232,8 @@ def _check_checkpoint(name: str, location: str, model, expected: str):
             first_error = first_error or error
     if not found:
         if first_error is not None:
-            raise first_error
+            with model.fetching():  # the error lists every file of the model the cache lacks
+                raise first_error
         raise ValueError(f"no TensorFlow checkpoint (state file `checkpoint`) in {' or '.join(places)}; "
                          f"expected {expected}")
     if not files.is_remote(model.savedir):

@@ -213,8 +213,13 @@ def test_an_unreachable_initial_model_is_a_clear_error_at_once(tmp_path, monkeyp
     message = str(error.value)
     assert message.startswith(f"task.policy.initial_model {url!r}: could not check whether {url}/encoding exists: "
                               f"host unreachable (offline?)")
-    assert message.endswith("to run offline, copy the file into the cache path named there (or point "
-                            "$LMHP_CACHE_DIR at a cache holding it)")
+    assert message.endswith(  # every file of the model the cache lacks, each with the cache path to copy it to
+        f"; 4 files of model {url} not in the cache (fetch them where there is a network and copy each to the path "
+        f"after its URL, or point $LMHP_CACHE_DIR at a cache holding them): {url}/encoding -> "
+        f"{files.cache_path(url + '/encoding')}, {url}/hparams.json -> {files.cache_path(url + '/hparams.json')}, "
+        f"{url}/checkpoints/checkpoint -> {files.cache_path(url + '/checkpoints/checkpoint')}, the .index and "
+        f".data-00000-of-00001 files of the checkpoint {url}/checkpoints/checkpoint names -> "
+        f"{os.path.dirname(files.cache_path(url + '/checkpoints/checkpoint'))}{os.sep}")
     # a GPT-2 size, offline: its hparams.json cannot be fetched (the bucket moved to the closed port)
     monkeypatch.setattr(trained_models, "GPT2_MODELS_URL", f"{CLOSED_PORT}/gpt-2/models")
     with pytest.raises(ValueError) as error:
@@ -222,7 +227,8 @@ def test_an_unreachable_initial_model_is_a_clear_error_at_once(tmp_path, monkeyp
     cache_path = files.cache_path(f"{CLOSED_PORT}/gpt-2/models/124M/hparams.json")
     assert str(error.value).startswith(f"task.policy.initial_model '124M': could not fetch {CLOSED_PORT}/gpt-2/models/"
                                        f"124M/hparams.json: host unreachable (offline?)")
-    assert f"cache path {cache_path}; to run offline" in str(error.value)
+    assert f"cache path {cache_path}; 4 files of model {CLOSED_PORT}/gpt-2/models/124M not in the cache" in \
+        str(error.value)
     assert not os.path.exists(tmp_path / "x")
 
 

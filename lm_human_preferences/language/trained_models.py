@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from lm_human_preferences.language import encodings, hf
 from lm_human_preferences.hparams import ModelHParams as HParams
@@ -77,6 +77,41 @@ def save_model(sess, saver, model_dir, hparams: HParams, encoding_name: str, ste
         saver.save(sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=step)
 
 
+def _named_checkpoint(state_text: str) -> Optional[str]:
+    """The file name of the checkpoint a TensorFlow checkpoint state file names (its model_checkpoint_path, written
+    where training ran: maybe absolute, maybe on another machine), or None when it names none."""
+    match = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', state_text, re.MULTILINE)
+    return re.split(r"[/\\]", match.group(1))[-1] if match else None
+
+
+def missing_files(savedir: Optional[str]) -> List[Tuple[str, str]]:
+    """(URL, cache path) of each file that loading the model at `savedir` reads and the cache lacks: what to copy
+    where to load it offline; [] for a local directory. A GPT-2 size reads hparams.json, checkpoint and
+    model.ckpt.index/.data-00000-of-00001. Another URL is read as a saved run's model (encoding, hparams.json,
+    checkpoints/checkpoint and the checkpoint that names), unless a cached `checkpoint` beside its hparams.json
+    shows a GPT-2 model directory. While the state file is not in the cache, the checkpoint's name is unknown:
+    the last entry then names its files and the directory they go to."""
+    if savedir is None or not files.is_remote(savedir):
+        return []
+    released = savedir.rstrip("/") in [f"{GPT2_MODELS_URL}/{size}" for size in GPT2_SIZES]
+    gpt2_layout = released or os.path.isfile(files.cache_path(files.join(savedir, "checkpoint")))
+    directory = savedir if gpt2_layout else files.join(savedir, "checkpoints")
+    state = files.join(directory, "checkpoint")
+    urls = ([] if gpt2_layout else [files.join(savedir, "encoding")]) + [files.join(savedir, "hparams.json"), state]
+    if os.path.isfile(files.cache_path(state)):
+        with open(files.cache_path(state), encoding="utf-8") as f:
+            name = _named_checkpoint(f.read())
+    else:
+        name = "model.ckpt" if released else None  # what the GPT-2 bucket's state files name
+    if name is not None:
+        urls += [files.join(directory, name + ".index"), files.join(directory, name + CHECKPOINT_DATA_SUFFIX)]
+    missing = files.not_cached(urls)
+    if name is None:
+        missing.append((f"the .index and {CHECKPOINT_DATA_SUFFIX} files of the checkpoint {state} names",
+                        os.path.dirname(files.cache_path(state)) + os.sep))
+    return missing
+
+
 def _known_names():
     return ", ".join([*BUILTIN_MODELS, *GPT2_SIZES, "hf:OWNER/NAME[@REVISION]"])
 
@@ -122,12 +157,18 @@ class TrainedModel:
         self.savedir = savedir
         self.is_huggingface = hf.is_model_dir(savedir)
         self._random_spec = random_spec
-        self.encoding = encodings.get(self._encoding_name())
+        with self.fetching():
+            self.encoding = encodings.get(self._encoding_name())
         self._hparams: Optional[HParams] = None
         self._checkpoint: Optional[str] = None
 
     def __repr__(self):
         return f"TrainedModel({self.name!r}, savedir={self.savedir!r}, scope={self.scope!r})"
+
+    def fetching(self):
+        """A context in which a file of this model that cannot be fetched (offline) is a files.MissingFiles error
+        (a ValueError) listing every file of the model not in the cache, with the cache path to copy it to."""
+        return files.fetching_together(f"model {self.savedir}", lambda: missing_files(self.savedir))
 
     @property
     def is_random(self) -> bool:
@@ -158,7 +199,8 @@ class TrainedModel:
                 hparams = hf.read_hparams(self.savedir)
             else:
                 path = files.join(self.savedir, "hparams.json")
-                hparams = HParams.from_json_dict(files.read_json(path), where=path)
+                with self.fetching():
+                    hparams = HParams.from_json_dict(files.read_json(path), where=path)
             if hparams.n_vocab != self.encoding.n_vocab:
                 raise ValueError(f"{self}: hparams n_vocab={hparams.n_vocab} does not match the {self.encoding.name!r} "
                                  f"encoding's {self.encoding.n_vocab} tokens; a saved model names its encoding in "
@@ -172,8 +214,11 @@ class TrainedModel:
         if self.is_random:
             return None
         if self._checkpoint is None:
-            self._checkpoint = hf.converted_checkpoint(self.savedir, self.hparams()) if self.is_huggingface else \
-                self._fetch_checkpoint()
+            if self.is_huggingface:
+                self._checkpoint = hf.converted_checkpoint(self.savedir, self.hparams())
+            else:
+                with self.fetching():
+                    self._checkpoint = self._fetch_checkpoint()
         return self._checkpoint
 
     def _fetch_checkpoint(self) -> str:
@@ -191,11 +236,10 @@ class TrainedModel:
             if first_error is not None:
                 raise first_error
             raise ValueError(f"{self}: no TensorFlow checkpoint state file `checkpoint` in {' or '.join(places)}")
-        match = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', files.read_text(state), re.MULTILINE)
-        if not match:
+        name = _named_checkpoint(files.read_text(state))
+        if name is None:
             raise ValueError(f"{state}: no model_checkpoint_path line (expected a TensorFlow checkpoint state file)")
-        # The path was written where training ran (absolute, maybe on another machine): keep its file name.
-        prefix = files.join(directory, re.split(r"[/\\]", match.group(1))[-1])
+        prefix = files.join(directory, name)
         index = files.local_path(prefix + ".index")
         if files.is_remote(prefix):  # the cache keeps the data shard next to the index, as the reader needs
             files.local_path(prefix + CHECKPOINT_DATA_SUFFIX)
