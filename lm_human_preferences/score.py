@@ -13,7 +13,8 @@ The reward model is loaded as the trainers load it (`rewards.RewardModelTrainer`
 response: the query and response texts become tokens as text_inputs.py says, the task's truncate_token rule
 cuts the response, the reward model (normalisation included) scores the bare query followed by the response, and
 a response that never ends (no truncate_token at index >= truncate_after) gets the task's penalty_reward_value
-instead. Tasks without a truncate_token (the summarisation tasks, test, demo) have no cut and no penalty.
+instead (the book tasks end a response at a "." from token 16 on, the summary tasks at a newline from token 55
+on). Tasks without a truncate_token (test, demo) have no cut and no penalty.
 """
 
 import json
