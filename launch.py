@@ -36,10 +36,12 @@ by an outer launcher (`mpirun -np 8 ./launch.py ...`, srun), launch.py starts no
 process runs its rank of the job.
 """
 
+import collections
+import inspect
 import os
 import re
 import sys
-from typing import List
+from typing import Dict, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -63,9 +65,20 @@ _OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "trials_in_parallel", "
               "noresume", "count",
               "judge", "temperature", "label_type", "seed", "policy", "host", "port", "token", "overlap",
               "instructions", "query", "response", "input", "output", "truncate", "notruncate"}
-# fire's help offers these short forms, but with **overrides in the signature fire takes `-m` for a
-# hyperparameter named m; so they are spelled out here.
-_SHORT_FLAGS = {"-m": "--mpi", "-s": "--save_dir", "-d": "--dry_run", "-t": "--trials_in_parallel"}
+
+
+def short_flags(command: str) -> Dict[str, str]:
+    """`-x` -> `--name` for each flag of `command` whose first letter no other flag of it shares: the short forms its
+    --help lists (`-s` is --save_dir for train_policy, --seed for label, --scope for export). fire's parser cannot
+    apply them itself: with **overrides in a signature it takes `-s` for a hyperparameter named s, and without it
+    also counts the positional arguments (export's SAVE_DIR), so prepare_argv spells them out. `-h` is --help."""
+    function = COMMANDS.get(command)
+    if function is None:
+        return {}
+    flags = [parameter.name for parameter in inspect.signature(function).parameters.values()
+             if parameter.default is not inspect.Parameter.empty]  # fire's help: the arguments with defaults
+    letters = collections.Counter(name[0] for name in flags)
+    return {f"-{name[0]}": f"--{name}" for name in flags if letters[name[0]] == 1 and name[0] != "h"}
 
 
 def _is_flag(arg: str) -> bool:
@@ -87,13 +100,14 @@ def prepare_argv(argv: List[str]) -> List[str]:
     if any(arg in ("--help", "-h") for arg in ours):
         return [arg for arg in ours[:1] if arg in COMMANDS] + ["--", "--help"]
     prepared = ours[:1]  # the command's name
+    short = short_flags(ours[0]) if ours else {}
     for index in range(1, len(ours)):
         arg = ours[index]
         if not _is_flag(arg):
             prepared.append(repr(arg))
             continue
         name, equals, value = arg.partition("=")
-        name = _SHORT_FLAGS.get(name, name)
+        name = short.get(name, name)
         bare = not equals and (index + 1 == len(ours) or _is_flag(ours[index + 1]))
         if equals:
             prepared.append(f"{name}={value!r}")
