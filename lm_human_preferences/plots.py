@@ -200,10 +200,21 @@ class Drawn:
     runs: List[str]  # the runs' legend names
     band: Optional[str] = None  # several runs: BANDS key
     partial_tags: List[str] = field(default_factory=list)  # tags whose runs logged different steps
+    online_rounds: List[int] = field(default_factory=list)  # PPO updates marked as online label rounds
 
     def record(self) -> dict:
         return {"panels": self.panels, "tags": self.tags, "runs": self.runs, "band": self.band,
-                "partial_tags": self.partial_tags}
+                "partial_tags": self.partial_tags, "online_rounds": self.online_rounds}
+
+    def summary(self) -> str:
+        """What `./launch.py plot` prints."""
+        runs = f"{len(self.runs)} runs ({', '.join(self.runs)}): line the mean, band {BAND_MEANINGS[self.band]}" \
+            if self.band else f"run {self.runs[0]}"
+        text = f"wrote {self.path}: {runs}; {len(self.panels)} panels: {', '.join(self.panels)}"
+        if self.partial_tags:
+            text += (f"\nthe runs logged different steps of {', '.join(self.partial_tags)}: their mean and band use "
+                     f"only the steps every run logged (each faint line shows all of its run's steps)")
+        return text
 
 
 def draw(runs: Dict[str, Scalars], output: str, *, title: str, band: str = "std") -> Optional[Drawn]:
@@ -230,10 +241,10 @@ def draw(runs: Dict[str, Scalars], output: str, *, title: str, band: str = "std"
     figure = Figure(figsize=(4.8 * columns, 3.3 * rows + (0.6 if several else 0.3)), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = list(figure.subplots(rows, columns, squeeze=False).flat)
-    drawn = Drawn(output, [], [], list(runs), band if several else None)
+    drawn = Drawn(output, [], [], list(runs), band if several else None, online_rounds=rounds)
     first_ppo = True
     for axis, (panel, curves) in zip(axes, panels):
-        handles = []
+        handles, smoothed = [], False
         for index, (series, curve) in enumerate(curves):
             color = f"C{index}"
             marker = "o" if series.kind == SPARSE or len(curve.steps) <= 30 else None
@@ -251,6 +262,7 @@ def draw(runs: Dict[str, Scalars], output: str, *, title: str, band: str = "std"
                     window = len(steps) // 20
                     axis.plot(steps, values, color=color, alpha=0.3, linewidth=0.7)
                     values, marker, label = running_mean(values, window), None, f"{label} (mean of {window} steps)"
+                    smoothed = True
                 line, = axis.plot(steps, values, color=color, linewidth=1.3, marker=marker, markersize=3)
                 handles.append((line, label))
             drawn.tags.append(series.tag)
@@ -262,7 +274,7 @@ def draw(runs: Dict[str, Scalars], output: str, *, title: str, band: str = "std"
             if first_ppo:
                 handles.append((Line2D([], [], color="gray", linestyle=":"), "online label round"))
             first_ppo = False
-        if len(handles) > 1 or several:
+        if len(handles) > 1 or several or smoothed:
             axis.legend([h for h, _ in handles], [label for _, label in handles], fontsize=7.5, loc="best",
                         framealpha=0.8)
         axis.set_title(panel.title, fontsize=10.5)
