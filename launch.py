@@ -16,6 +16,8 @@
                                      a label file from text comparisons (SOURCE: experiment or run directory)
     ./launch.py experiments          list the registered experiments, and which are sweeps
     ./launch.py export SAVE_DIR OUT_DIR [--scope policy|reward_model]   a saved model as a Hugging Face GPT-2 directory
+    ./launch.py plot RUN_DIR [RUN_DIR ...] [--output FILE.png] [--force] [--band std|minmax]
+                                     learning curves of runs (a sweep's seeds) in one figure; default ./plot.png
 
 Outputs go to SAVE_DIR/NAME (default /tmp/save/train_reward or /tmp/save/train_policy). An experiment that is
 a sweep (e.g. descriptiveness_seeds: run.seed 1, 2, 3) is several trials, each saved to
@@ -257,9 +259,21 @@ def export(save_dir, out_dir, scope: str = "policy"):
     print(f"exported {scope} of {save_dir} to {hf.export(save_dir, out_dir, scope=scope)}")
 
 
+def plot(*run_dirs, output: str = None, force=False, band: str = "std"):
+    """Learning curves of one or more runs in one figure: per tag the mean over the runs as a line and their spread
+    as a band (both on the steps every run logged), and each run faintly.
+
+    RUN_DIRS: train_reward / train_policy run directories, or a sweep's SAVE_DIR/NAME (its trials). OUTPUT: the .png
+    to write, default plot.png in the current directory; an existing file is refused unless FORCE. BAND: std
+    (mean ± 1 sample standard deviation) or minmax.
+    """
+    from lm_human_preferences import plots
+    print(plots.plot_command(run_dirs, output=output, force=_flag(force, "force"), band=band).summary())
+
+
 COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": demo, "label": label,
             "score": score, "labels_from_text": labels_from_text,
-            "experiments": list_experiments, "export": export}
+            "experiments": list_experiments, "export": export, "plot": plot}
 
 
 def main(argv=None):
