@@ -203,6 +203,7 @@ def launch(command: str, experiment: str, name: str, *, mpi: Optional[int] = Non
     """Resolve every trial, then print them (dry_run) or run them; returns the trials. An existing run is never
     overwritten: `resume` continues it (see trainer.py), with the same hyperparameters."""
     plan = plan_ranks(mpi, trials_in_parallel=trials_in_parallel)
+    mpi_utils.check_allreduce_choice(plan.ranks)
     trials = resolve_trials(command, experiment, name, save_dir=save_dir, overrides=overrides)
     for _, hparams in trials:  # a run that cannot work stops here, before any rank starts (--dry_run: offline checks)
         preflight.check(command, hparams, plan.ranks, dry_run=dry_run)

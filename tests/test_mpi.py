@@ -90,3 +90,46 @@ def test_error_on_one_rank_ends_the_job_with_that_error():
     assert traced.returncode != 0
     assert "[rank 1 of 2] uncaught exception, aborting the job:\nTraceback" in traced.stdout
     assert "ValueError: deliberate failure on rank 1" in traced.stdout
+
+
+# ----- which gradient all-reduce: LMHP_ALLREDUCE ------------------------------------------------------------------
+
+def test_an_unknown_allreduce_is_refused_before_any_rank_starts(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", LMHP_ALLREDUCE="nccl")
+    result = subprocess.run([sys.executable, "launch.py", "train_reward", "test", "run", "--mpi", "2",
+                             "--save_dir", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == ("error: LMHP_ALLREDUCE='nccl': expected one of horovod, mpi4py (or "
+                                             "unset: horovod when it is installed, else mpi4py)")
+    assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
+
+
+def test_forcing_horovod_where_it_is_not_installed_names_the_build_command(monkeypatch):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "horovod"
+                        else real_find_spec(name, *a))
+    monkeypatch.setenv("LMHP_ALLREDUCE", "horovod")
+    with pytest.raises(ValueError, match=r"^LMHP_ALLREDUCE=horovod, but horovod is not installed; build it into this "
+                                         r"environment with `make horovod`, or set LMHP_ALLREDUCE=mpi4py$"):
+        mpi.check_allreduce_choice(2)
+    mpi.check_allreduce_choice(1)  # one process all-reduces nothing: no need for horovod
+    monkeypatch.setenv("LMHP_ALLREDUCE", "mpi4py")
+    mpi.check_allreduce_choice(2)
+
+
+def test_a_broken_horovod_is_an_error_when_forced_and_passed_over_otherwise(tmp_path):
+    shadow = tmp_path / "shadow" / "horovod"  # a horovod that fails to import, as a build for another TensorFlow does
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN10tensorflow8OpKernel')\n")
+    pythonpath = f"{shadow.parent}{os.pathsep}{REPO_ROOT}"
+    forced = run(2, "train_ops_ranks.py", tmp_path, env={"PYTHONPATH": pythonpath, "LMHP_ALLREDUCE": "horovod"})
+    assert forced.returncode != 0
+    assert ("error: LMHP_ALLREDUCE=horovod, but horovod does not work here (ImportError: undefined symbol: "
+            "_ZN10tensorflow8OpKernel); build it into this environment with `make horovod`, or set "
+            "LMHP_ALLREDUCE=mpi4py") in forced.stdout
+    assert not (tmp_path / "rank0.npz").exists()
+    unforced = run(2, "train_ops_ranks.py", tmp_path, env={"PYTHONPATH": pythonpath, "LMHP_ALLREDUCE": ""})
+    assert unforced.returncode == 0, unforced.stdout
+    assert "gradient all-reduce: mpi4py across 2 ranks" in unforced.stdout

@@ -6,7 +6,7 @@ import tensorflow.compat.v1 as tf
 
 from lm_human_preferences.utils import train_ops
 
-from mpi_programs import run
+from mpi_programs import allreduce_env, run
 from mpi_programs.train_ops_ranks import BATCH, EPSILON, LR, STEPS, build, data, initial_values, train
 
 
@@ -96,9 +96,12 @@ def test_bad_arguments():
         optimizer.step(None, [{}])
 
 
-def test_two_ranks_on_half_batches_equal_one_process_on_the_whole(tmp_path):
-    result = run(2, "train_ops_ranks.py", tmp_path)
+@pytest.mark.parametrize("allreduce", ["mpi4py", "horovod"])
+def test_two_ranks_on_half_batches_equal_one_process_on_the_whole(tmp_path, allreduce):
+    result = run(2, "train_ops_ranks.py", tmp_path, env=allreduce_env(allreduce))
     assert result.returncode == 0, result.stdout
+    assert result.stdout.count("gradient all-reduce:") == 1  # said once, by rank 0
+    assert f"gradient all-reduce: {allreduce} across 2 ranks" in result.stdout
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     for name in ["w", "b", "grad_norm"]:
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name])  # ranks stay identical

@@ -17,12 +17,14 @@ from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.utils import stats
 
+from mpi_programs import allreduce_env
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E = 4  # the `test` encoding's id of "e"
 
 
-def run_cli(*argv, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def run_cli(*argv, timeout=300, env=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     return subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
@@ -186,14 +188,48 @@ def test_a_2019_style_run_directory_samples(tmp_path):
     assert result.stdout.count("=" * 80 + "\n") == 3
 
 
-def test_two_ranks_complete_with_identical_parameters(tmp_path):
-    # 16 episodes per update: each rank's minibatch holds the 8 that reward whitening needs
-    result = run_cli("launch.py", "train_policy", "test", "two", "--mpi", "2", "--save_dir", str(tmp_path),
-                     "--ppo.batch_size", "16", "--ppo.total_episodes", "32")
+_two_rank_runs = {}
+
+
+def two_rank_run(allreduce, tmp_path_factory):
+    """A 2-rank train_policy run (reward model trained first) through the gradient all-reduce `allreduce`, run
+    once per test session: (its output, its run directory)."""
+    env = allreduce_env(allreduce)
+    if allreduce not in _two_rank_runs:
+        save_dir = tmp_path_factory.mktemp(f"two_ranks_{allreduce}")
+        # 16 episodes per update: each rank's minibatch holds the 8 that reward whitening needs
+        result = run_cli("launch.py", "train_policy", "test", "two", "--mpi", "2", "--save_dir", str(save_dir),
+                         "--ppo.batch_size", "16", "--ppo.total_episodes", "32", env=env)
+        _two_rank_runs[allreduce] = result, save_dir / "two"
+    return _two_rank_runs[allreduce]
+
+
+def checkpoint_values(checkpoint_dir):
+    reader = tf.train.load_checkpoint(str(checkpoint_dir))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+@pytest.mark.parametrize("allreduce", ["mpi4py", "horovod"])
+def test_two_ranks_complete_with_identical_parameters(tmp_path_factory, allreduce):
+    result, run_dir = two_rank_run(allreduce, tmp_path_factory)
     assert result.returncode == 0, result.stdout[-3000:]
+    assert f"gradient all-reduce: {allreduce} across 2 ranks" in result.stdout
     assert "reward_model parameters identical on all 2 ranks" in result.stdout
     assert "policy parameters identical on all 2 ranks" in result.stdout
-    assert os.path.exists(os.path.join(tmp_path, "two", "policy", "checkpoints", "checkpoint"))
+    assert os.path.exists(os.path.join(run_dir, "policy", "checkpoints", "checkpoint"))
+
+
+def test_horovod_and_mpi4py_train_the_same_policy(tmp_path_factory):
+    """The same 2-rank job (same seeds, so the same rollouts and shuffles) through either all-reduce ends with the
+    same reward model and policy, to float tolerance (the two sum in different orders)."""
+    runs = {name: two_rank_run(name, tmp_path_factory) for name in ("horovod", "mpi4py")}
+    for result, _ in runs.values():
+        assert result.returncode == 0, result.stdout[-3000:]
+    for scope in ("reward_model", "policy"):
+        horovod, mpi4py = (checkpoint_values(run_dir / scope / "checkpoints") for _, run_dir in runs.values())
+        assert horovod.keys() == mpi4py.keys() and len(horovod) > 10
+        for name in horovod:
+            np.testing.assert_allclose(horovod[name], mpi4py[name], rtol=2e-4, atol=2e-5, err_msg=f"{scope}: {name}")
 
 
 # ----- the 2019 run: its length, logs, checkpoints and recorded hyperparameters -------------------------------------

@@ -14,6 +14,8 @@ from lm_human_preferences import launcher, lm_tasks, rewards, train_reward
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.utils import stats
 
+from mpi_programs import allreduce_env
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E = 4  # the `test` encoding's id of "e"
 QUERY_LENGTH, RESPONSE_LENGTH = 4, 8
@@ -229,17 +231,19 @@ def checkpoint_values(save_dir):
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
-def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path):
+@pytest.mark.parametrize("allreduce", ["mpi4py", "horovod"])
+def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path, allreduce):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **allreduce_env(allreduce))
     labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 64))
     flags = ["--labels.source", labels, "--labels.num_train", "64", "--batch_size", "16",
              "--task.query_length", str(QUERY_LENGTH), "--task.response_length", str(RESPONSE_LENGTH),
              "--task.policy.initial_model", "demo", "--normalize_before", "off", "--normalize_after", "off"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     for name, ranks in (("one", 1), ("two", 2)):
         result = subprocess.run([sys.executable, "launch.py", "train_reward", "test", name, "--mpi", str(ranks),
                                  "--save_dir", str(tmp_path)] + flags, cwd=REPO_ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:]
+    assert f"gradient all-reduce: {allreduce} across 2 ranks" in result.stdout
     assert "reward_model parameters identical on all 2 ranks" in result.stdout
     one, two = checkpoint_values(tmp_path / "one"), checkpoint_values(tmp_path / "two")
     assert one.keys() == two.keys() and any("reward_norm" in k for k in one)

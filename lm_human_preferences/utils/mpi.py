@@ -135,8 +135,8 @@ def _float_array(array) -> np.ndarray:
 def allreduce_mean(array: np.ndarray) -> np.ndarray:
     """Element-wise mean over ranks. Float arrays keep their dtype; others are averaged as float64.
 
-    numpy buffers go through mpi4py's Allreduce. (horovod, when it imports, is used for the gradient
-    all-reduce inside the TensorFlow graph, see train_ops; it has no numpy interface.)
+    numpy buffers go through mpi4py's Allreduce. (horovod, when in use, all-reduces the gradients inside the
+    TensorFlow graph, see train_ops and horovod_tensorflow; it has no numpy interface.)
     """
     array = _float_array(array)
     world = comm()
@@ -147,23 +147,69 @@ def allreduce_mean(array: np.ndarray) -> np.ndarray:
     return total / np.asarray(world.Get_size(), dtype=array.dtype)
 
 
+# LMHP_ALLREDUCE forces the gradient all-reduce: horovod (in the TensorFlow graph; `make horovod` builds it) or
+# mpi4py (numpy buffers through tf.numpy_function). Unset: horovod when it imports, else mpi4py.
+ALLREDUCE_ENV = "LMHP_ALLREDUCE"
+ALLREDUCE_CHOICES = ("horovod", "mpi4py")
+
+
+def allreduce_choice() -> Optional[str]:
+    """The all-reduce LMHP_ALLREDUCE asks for (None when unset or empty), or a ValueError naming what it accepts."""
+    value = os.environ.get(ALLREDUCE_ENV, "").strip()
+    if not value:
+        return None
+    if value not in ALLREDUCE_CHOICES:
+        raise ValueError(f"{ALLREDUCE_ENV}={value!r}: expected one of {', '.join(ALLREDUCE_CHOICES)} "
+                         f"(or unset: horovod when it is installed, else mpi4py)")
+    return value
+
+
+def _horovod_missing(reason: str) -> ValueError:
+    return ValueError(f"{ALLREDUCE_ENV}=horovod, but {reason}; build it into this environment with `make horovod`, "
+                      f"or set {ALLREDUCE_ENV}=mpi4py")
+
+
+def check_allreduce_choice(ranks: int):
+    """Before any rank starts: LMHP_ALLREDUCE holds an accepted value, and horovod is installed when it asks for it
+    and `ranks` > 1 (one process all-reduces nothing). Whether horovod then works is known only in the ranks."""
+    import importlib.util
+    if allreduce_choice() == "horovod" and ranks > 1 and importlib.util.find_spec("horovod") is None:
+        raise _horovod_missing("horovod is not installed")
+
+
 @functools.lru_cache(maxsize=None)
 def horovod_tensorflow():
-    """horovod.tensorflow, initialised, when it imports and several ranks run; else None.
+    """horovod.tensorflow, initialised, when several ranks run and horovod is the all-reduce in use; else None.
 
-    horovod is optional (its last release does not build against current TensorFlow); when present
-    it all-reduces gradients inside the graph (NCCL on GPUs) instead of through numpy and mpi4py.
+    horovod all-reduces the gradients and broadcasts the initial parameters inside the graph (NCCL on GPUs when
+    built with it) instead of through numpy and mpi4py; mpi4py still carries Python objects and statistics.
     """
-    if comm() is None:
+    choice = allreduce_choice()
+    if comm() is None or choice == "mpi4py":
         return None
     try:
         import horovod.tensorflow as hvd
         hvd.init()
-    except Exception:  # noqa: BLE001 - not installed, or built against another TensorFlow: use mpi4py
+    except Exception as error:  # noqa: BLE001 - not installed, or built against another TensorFlow
+        if choice == "horovod":
+            raise _horovod_missing(f"horovod does not work here ({type(error).__name__}: {error})") from None
         return None
     if hvd.size() != size():
+        if choice == "horovod":
+            raise _horovod_missing(f"horovod sees {hvd.size()} ranks where MPI has {size()}")
         return None
     return hvd
+
+
+@functools.lru_cache(maxsize=None)
+def allreduce_name() -> str:
+    """Which all-reduce this job's gradients use; rank 0 says it once (the first time it is asked)."""
+    if comm() is None:
+        return "none (one process)"
+    name = "horovod" if horovod_tensorflow() is not None else "mpi4py"
+    if is_root():
+        print(f"gradient all-reduce: {name} across {size()} ranks", flush=True)
+    return name
 
 
 def mean_dict(stats: Dict[str, float]) -> Dict[str, float]:
@@ -184,15 +230,21 @@ _broadcast_ops = weakref.WeakKeyDictionary()
 
 
 def _assign_ops(variables):
-    """Placeholders and one grouped assign op for `variables`, built once per (graph, variable list)."""
+    """Placeholders and one grouped assign op for `variables`, built once per (graph, variable list). With horovod
+    the op broadcasts rank 0's values itself and there are no placeholders."""
     import tensorflow.compat.v1 as tf
     graph = variables[0].graph
     key = tuple(v.name for v in variables)
     per_graph = _broadcast_ops.setdefault(graph, {})
     if key not in per_graph:
+        hvd = horovod_tensorflow()
         with graph.as_default(), tf.name_scope("broadcast_variables"):
-            placeholders = [tf.placeholder(v.dtype.base_dtype, v.shape) for v in variables]
-            assign = tf.group(*[tf.assign(v, p) for v, p in zip(variables, placeholders)])
+            if hvd is not None:
+                placeholders = []
+                assign = tf.group(*[tf.assign(v, hvd.broadcast(v, root_rank=0)) for v in variables])
+            else:
+                placeholders = [tf.placeholder(v.dtype.base_dtype, v.shape) for v in variables]
+                assign = tf.group(*[tf.assign(v, p) for v, p in zip(variables, placeholders)])
         per_graph[key] = (placeholders, assign)
     return per_graph[key]
 
@@ -204,6 +256,9 @@ def broadcast_variables(sess, variables: List):
     if world is None or not variables:
         return
     placeholders, assign = _assign_ops(variables)
+    if not placeholders:  # horovod: the assign op broadcasts in the graph
+        sess.run(assign)
+        return
     # Every rank fetches its own values only to get buffers of the right shape and dtype to receive into.
     values = [np.array(v, order="C") for v in sess.run(variables)]  # keeps 0-d shapes (ascontiguousarray doesn't)
     for value in values:

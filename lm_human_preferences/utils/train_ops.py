@@ -13,8 +13,9 @@ With micro_batches=1 there are no accumulator variables: `accumulate_op` compute
 across ranks and applies it in one run, and `apply_op` does nothing. The calling protocol stays the same and
 no memory is spent on a copy of the gradients.
 
-Across ranks the gradients are flattened into one buffer and averaged with one all-reduce per update
-(horovod in the graph when it imports, else `mpi.allreduce_mean` through `tf.numpy_function`).
+Across ranks the gradients are flattened into one buffer and averaged with one all-reduce per update:
+horovod's in the graph when it is installed (`make horovod`), else `mpi.allreduce_mean` through
+`tf.numpy_function`; LMHP_ALLREDUCE=horovod|mpi4py forces one (see `mpi.horovod_tensorflow`).
 
 All variables created here (accumulators, Adam's slots and beta powers, `grad_norm`) live under the
 optimizer's own variable scope (default `optimizer`); `Optimizer.variables` lists them. They are not model
@@ -42,6 +43,7 @@ def _average_across_ranks(gradients: List[tf.Tensor]) -> List[tf.Tensor]:
     sizes = [int(np.prod(shape)) for shape in shapes]
     flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in gradients], axis=0)  # [sum(sizes)]
     hvd = mpi.horovod_tensorflow()
+    mpi.allreduce_name()  # rank 0 says once which all-reduce the job uses
     if hvd is not None:
         averaged = hvd.allreduce(flat, op=hvd.Average)
     else:
