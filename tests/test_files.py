@@ -595,24 +595,31 @@ def fetch_on_two_ranks(server, cache, path):
     assert result.returncode == 0, result.stdout
     reports = {r: json.loads(line) for r, line in rank_lines(result.stdout, "RESULT").items()}
     assert sorted(reports) == [0, 1], result.stdout
-    return reports
+    return reports, result.stdout
 
 
 def test_mpi_ranks_on_one_machine_download_once(server, cache):
     server.files["/shared/vocab.bpe"] = b"merges " * 1000
-    reports = fetch_on_two_ranks(server, cache, "/shared/vocab.bpe")
+    reports, output = fetch_on_two_ranks(server, cache, "/shared/vocab.bpe")
     assert server.gets("/shared/vocab.bpe") == 1
+    target = files.cache_path(server.url("/shared/vocab.bpe"))
+    downloaded = [line for line in output.splitlines() if line.startswith("downloaded")]
+    assert len(downloaded) == 1 and summary(server.url("/shared/vocab.bpe"), target, "7.0 kB").fullmatch(
+        downloaded[0]), output  # one line for the job: rank 0's
     for report in reports.values():
         assert report["path"] == str(cache / "http" / server.host.replace(":", "_") / "shared" / "vocab.bpe")
         assert report["text"] == "merges " * 1000
 
 
 def test_mpi_error_of_the_downloading_rank_reaches_the_others(server, cache):
-    reports = fetch_on_two_ranks(server, cache, "/missing/encoder.json")
+    reports, output = fetch_on_two_ranks(server, cache, "/missing/encoder.json")
+    assert "downloaded" not in output
     assert server.gets("/missing/encoder.json") == 1
     for report in reports.values():
         assert server.url("/missing/encoder.json") in report["error"] and "HTTP 404" in report["error"]
-    assert "fetched by rank 0 of this machine" in reports[1]["error"]
+        assert (report["type"], report["status"]) == ("FileFetchError", 404)
+        assert report["cache_path"] == files.cache_path(server.url("/missing/encoder.json"))
+    assert reports[1]["error"] == reports[0]["error"]  # one message, which a job relaying its ranks shows once
 
 
 # ----- gs:// save directories, against a local Cloud Storage emulator (conftest.gcs_bucket) ---------------

@@ -239,3 +239,15 @@ def test_launch_py_lists_the_files_of_a_saved_reward_model_it_cannot_reach(cache
     assert f"; 4 files of model {url} {HOW_TO}" + listing(cached(
         f"{url}/{name}" for name in ["encoding", "hparams.json", "checkpoints/checkpoint"])) in error
     assert not os.path.exists(tmp_path / "save")
+
+
+def test_sample_py_on_two_ranks_offline_says_it_once(cache):
+    """Each rank meets the error (rank 1 receives rank 0's); the job shows the one line once."""
+    url = f"{CLOSED_PORT}/runs/descriptiveness"
+    result = run_cli("sample.py", "sample", "--save_dir", url, "--nsamples", "1", "--mpi", "2",
+                     env={"LMHP_CACHE_DIR": str(cache), "LMHP_FETCH_RETRIES": "0", "CUDA_VISIBLE_DEVICES": ""},
+                     timeout=300)
+    error = one_error_line(result)
+    assert error.startswith(f"error: could not fetch {url}/train_policy_hparams.json: host unreachable (offline?)")
+    assert f"; 5 files of run {url} {HOW_TO}{url}/train_policy_hparams.json -> " in error
+    assert result.stderr.count("(set LMHP_TRACEBACK=1") == 1 and "abort" not in result.stderr.lower()

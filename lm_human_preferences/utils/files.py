@@ -205,7 +205,8 @@ def local_path(path, *, collective: bool = True) -> str:
 
 def _once_per_machine(work, url, target, collective):
     """Run `work()` on rank 0 of this machine only (all ranks when not `collective` or without MPI); the other
-    ranks wait for it and raise FileFetchError with its error if it failed."""
+    ranks wait for it and raise FileFetchError with its error's message and HTTP status if it failed: the same
+    message on every rank, so that a job that relays its ranks' errors shows it once."""
     local = None
     if collective:
         from lm_human_preferences.utils import mpi
@@ -217,13 +218,15 @@ def _once_per_machine(work, url, target, collective):
         try:
             work()
         except BaseException as e:
-            local.bcast(_describe(e), root=0)  # release the other ranks with the reason, then fail here too
+            # release the other ranks with the reason, then fail here too
+            local.bcast((_describe(e), getattr(e, "status", None)), root=0)
             raise
         local.bcast(None, root=0)
         return
     error = local.bcast(None, root=0)
     if error is not None:
-        raise FileFetchError(f"{error} (fetched by rank 0 of this machine)", url=url, cache_path=target)
+        message, status = error
+        raise FileFetchError(message, url=url, cache_path=target, status=status)
 
 
 def _describe(error: BaseException) -> str:

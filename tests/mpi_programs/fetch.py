@@ -10,5 +10,5 @@ try:
     with open(path) as f:
         report = {"path": path, "text": f.read()}
 except files.FileFetchError as e:
-    report = {"error": str(e)}
+    report = {"error": str(e), "type": type(e).__name__, "status": e.status, "cache_path": e.cache_path}
 print("RESULT", mpi.rank(), json.dumps(report), flush=True)
