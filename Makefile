@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo bench mutation clean
+.PHONY: install test demo bench horovod mutation clean
 
 $(PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(PY)
 
 bench: $(PY)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) bench.py
+
+# horovod 0.28.1 built from source into .venv against the installed TensorFlow (a few minutes; needs cmake and g++;
+# why a build of our own: tools/build_horovod.sh). GPU boxes: HOROVOD_GPU_OPERATIONS=NCCL make horovod.
+horovod: $(PY)
+	bash tools/build_horovod.sh
 
 # Mutation testing (a tool, not part of `make test`): mutmut plants small bugs in the modules listed under
 # [tool.mutmut] in pyproject.toml, one at a time, and runs the tests that reach the mutated function.

@@ -20,6 +20,7 @@ PY="$VENV/bin/python"
 WORK="$ROOT/build/horovod"
 
 fail() { echo "make horovod: $*" >&2; exit 1; }
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 [ -x "$PY" ] || fail "no $VENV: run 'make install' first"
 for tool in cmake make g++; do
@@ -54,7 +55,9 @@ env PATH="$VENV/bin:$PATH" \
     "$PY" -m pip install --no-build-isolation --no-deps "$SOURCE" \
     || fail "the horovod build failed (its output is above)"
 
-"$PY" - <<'CHECK' || fail "horovod built but does not work in $VENV (see above)"
+mkdir -p "$WORK"
+# TensorFlow's start-up notices go to a log, shown only when the check fails.
+"$PY" - 2>"$WORK/check.log" <<'CHECK' || { cat "$WORK/check.log" >&2; fail "horovod built but does not work in $VENV (see above)"; }
 import horovod
 import horovod.tensorflow as hvd
 hvd.init()
