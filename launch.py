@@ -268,6 +268,8 @@ def plot(*run_dirs, output: str = None, force=False, band: str = "std"):
     (mean ± 1 sample standard deviation) or minmax.
     """
     from lm_human_preferences import plots
+    if not isinstance(force, bool) and os.path.exists(str(force)):  # `--force RUN_DIR`: fire took RUN_DIR as its value
+        raise ValueError(f"--force took {force!r} as its value; put --force after the RUN_DIRs (or write --force=true)")
     print(plots.plot_command(run_dirs, output=output, force=_flag(force, "force"), band=band).summary())
 
 
