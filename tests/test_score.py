@@ -3,12 +3,9 @@ independent numpy GPT-2 computed in the test from the checkpoint's weights, with
 padding, the truncate_token rule and penalty); every REWARD_MODEL_DIR form; JSON Lines in and out; every user error
 in one line before any work, with nothing written."""
 
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,9 @@ import tensorflow.compat.v1 as tf
 
 from lm_human_preferences import launcher, score, train_policy, train_reward
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_launch import cli_error, run_cli
+from test_model import np_attention, np_gelu, np_layer_norm
+
 ALPHABET = "abcdefghijklmnopqrstuvwxyz."  # the `test` encoding: one token per character (docs/formats.md)
 PADDING = 27
 QUERY_LENGTH, RESPONSE_LENGTH = 3, 4  # the `test` experiment's task
@@ -24,16 +23,6 @@ QUERY_LENGTH, RESPONSE_LENGTH = 3, 4  # the `test` experiment's task
 # penalty (-1, the default penalty_reward_value), as PPO scores it.
 TASK = {"task.truncate_token": ALPHABET.index("e"), "task.truncate_after": 1}
 PENALTY = -1.0
-
-
-def load_launch_script():
-    spec = importlib.util.spec_from_file_location("launch_cli_for_score", os.path.join(REPO_ROOT, "launch.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = load_launch_script()
 
 
 @pytest.fixture(scope="module")
@@ -59,41 +48,22 @@ def checkpoint_weights(model_dir):
     return {name: reader.get_tensor(name).astype(np.float64) for name in reader.get_variable_to_shape_map()}
 
 
-def layer_norm(x, g, b):
-    mean = x.mean(-1, keepdims=True)
-    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(variance + 1e-5) * g + b
-
-
-def gelu(x):
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-
-
 def numpy_reward(weights, n_head, tokens):
     """gain * (reward head at the last token) + bias for GPT-2 on the real tokens alone: pads are never keys,
     positions count real tokens, and a pad's output is that of the last real token, so the reward of a padded
     query + response is this one (docs/formats.md, padding semantics)."""
     w = {name[len("reward_model/"):]: value for name, value in weights.items()}
     x = w["model/wte"][tokens] + w["model/wpe"][np.arange(len(tokens))]  # [t, e]
-    t, e = x.shape
-    d = e // n_head
-    causal = np.tril(np.ones([t, t], bool))
     layer = 0
-    while f"model/h{layer}/ln_1/g" in w:
-        p = f"model/h{layer}/"
-        h = layer_norm(x, w[p + "ln_1/g"], w[p + "ln_1/b"])
-        q, k, v = np.split(h @ w[p + "attn/c_attn/w"][0] + w[p + "attn/c_attn/b"], 3, axis=-1)
-        heads = []
-        for i in range(n_head):
-            cut = slice(i * d, (i + 1) * d)
-            logits = np.where(causal, q[:, cut] @ k[:, cut].T / np.sqrt(d), -np.inf)
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            heads.append(probs / probs.sum(-1, keepdims=True) @ v[:, cut])
-        x = x + np.concatenate(heads, -1) @ w[p + "attn/c_proj/w"][0] + w[p + "attn/c_proj/b"]
-        h = layer_norm(x, w[p + "ln_2/g"], w[p + "ln_2/b"])
-        x = x + gelu(h @ w[p + "mlp/c_fc/w"][0] + w[p + "mlp/c_fc/b"]) @ w[p + "mlp/c_proj/w"][0] + w[p + "mlp/c_proj/b"]
+    while f"model/h{layer}/ln_1/g" in w:  # the layers the checkpoint holds
+        block = f"model/h{layer}/"
+        p = {name[len(block):]: value for name, value in w.items() if name.startswith(block)}
+        attention = {name[len("attn/"):]: value for name, value in p.items() if name.startswith("attn/")}
+        x = x + np_attention(np_layer_norm(x, p["ln_1/g"], p["ln_1/b"]), attention, n_head)
+        h = np_layer_norm(x, p["ln_2/g"], p["ln_2/b"])
+        x = x + np_gelu(h @ p["mlp/c_fc/w"][0] + p["mlp/c_fc/b"]) @ p["mlp/c_proj/w"][0] + p["mlp/c_proj/b"]
         layer += 1
-    hidden = layer_norm(x, w["model/ln_f/g"], w["model/ln_f/b"])[-1]
+    hidden = np_layer_norm(x, w["model/ln_f/g"], w["model/ln_f/b"])[-1]
     raw = hidden @ w["model/heads/reward/w"] + w["model/heads/reward/b"]
     return float(w["reward_norm/gain"] * raw + w["reward_norm/bias"])
 
@@ -111,15 +81,13 @@ def expected_reward(run_dir, query, response):
     return numpy_reward(checkpoint_weights(model_dir), n_head, tokens)
 
 
-def run_cli(*argv):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("LMHP_TRACEBACK", None)
-    return subprocess.run([sys.executable, "launch.py", *argv], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+def score_cli(*argv):
+    """A real `./launch.py score` subprocess."""
+    return run_cli("launch.py", "score", *argv, timeout=300)
 
 
 def write_lines(path, *lines):
-    path.write_text("".join(line + "\n" for line in lines))
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return str(path)
 
 
@@ -134,7 +102,7 @@ RECORDS = [
 # ----- the command and the Python API -------------------------------------------------------------------------
 
 def test_the_printed_reward_equals_the_numpy_reference(runs):
-    result = run_cli("score", runs["reward"], "--query", "abc", "--response", "aeb")
+    result = score_cli(runs["reward"], "--query", "abc", "--response", "aeb")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("\n") == 1  # the reward alone
     reward = float(result.stdout)
@@ -146,7 +114,7 @@ def test_jsonl_records_come_back_with_their_rewards_from_a_runs_reward_model_dir
     source = write_lines(tmp_path / "in.jsonl", *(json.dumps(r, ensure_ascii=False) for r in RECORDS[:2]), "",
                          *(json.dumps(r) for r in RECORDS[2:]))  # a blank line is skipped
     output = tmp_path / "out.jsonl"
-    result = run_cli("score", os.path.join(runs["reward"], "reward_model"), "--input", source, "--output",
+    result = score_cli(os.path.join(runs["reward"], "reward_model"), "--input", source, "--output",
                      str(output))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == ""
@@ -164,7 +132,7 @@ def test_jsonl_records_come_back_with_their_rewards_from_a_runs_reward_model_dir
 
 def test_a_policy_run_scores_with_the_reward_model_it_trained_against_records_to_stdout(runs, tmp_path):
     source = write_lines(tmp_path / "in.jsonl", *(json.dumps(r) for r in RECORDS))
-    result = run_cli("score", runs["policy"], "--input", source)
+    result = score_cli(runs["policy"], "--input", source)
     assert result.returncode == 0, result.stderr[-3000:]
     scored = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["id"] if "id" in r else None for r in scored] == [7, None, None, None]
@@ -196,29 +164,28 @@ def test_python_api_keeps_one_session_and_truncates_when_asked(runs):
 
 # ----- user errors: one line, before any work, nothing written --------------------------------------------------
 
-def cli_error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(arg) for arg in argv])
-    assert isinstance(info.value.code, str) and info.value.code.startswith("error: "), info.value.code
+def refused(capsys, *argv) -> str:
+    """launch.py's one-line error, in this process; nothing was printed to stdout."""
+    message = cli_error(capsys, *map(str, argv))
     assert capsys.readouterr().out == ""
-    return info.value.code.splitlines()[0]
+    return message.splitlines()[0]
 
 
 def test_what_is_not_a_reward_model_run_is_refused_saying_what_it_holds(runs, tmp_path, capsys):
     output = tmp_path / "out.jsonl"
     source = write_lines(tmp_path / "in.jsonl", json.dumps(RECORDS[0]))
     flags = ["--input", source, "--output", output]
-    message = cli_error(capsys, "score", tmp_path / "nowhere", *flags)
+    message = refused(capsys, "score", tmp_path / "nowhere", *flags)
     assert "REWARD_MODEL_DIR" in message and "nowhere: expected a train_reward or train_policy run directory" in \
         message and "there is no such directory" in message
-    message = cli_error(capsys, "score", os.path.dirname(runs["reward"]), *flags)
+    message = refused(capsys, "score", os.path.dirname(runs["reward"]), *flags)
     assert "not a reward-model run" in message and "it holds ppo, rm" in message
-    message = cli_error(capsys, "score", os.path.join(runs["policy"], "policy"), *flags)
+    message = refused(capsys, "score", os.path.join(runs["policy"], "policy"), *flags)
     assert "holds no reward model (its checkpoint has no reward_model/model/heads/reward/w; its scopes: policy)" in \
         message
     alone = tmp_path / "alone" / "reward_model"
     shutil.copytree(os.path.join(runs["reward"], "reward_model"), alone)
-    message = cli_error(capsys, "score", alone, *flags)
+    message = refused(capsys, "score", alone, *flags)
     assert "a saved model, but its run's hyperparameters" in message and "pass the run directory" in message
     assert sorted(os.listdir(tmp_path)) == ["alone", "in.jsonl"]
 
@@ -238,7 +205,7 @@ def test_what_is_not_a_reward_model_run_is_refused_saying_what_it_holds(runs, tm
 ])
 def test_bad_input_records_are_refused_naming_the_line_and_field(runs, tmp_path, capsys, lines, expected):
     source = write_lines(tmp_path / "in.jsonl", *lines)
-    message = cli_error(capsys, "score", runs["reward"], "--input", source, "--output", tmp_path / "out.jsonl")
+    message = refused(capsys, "score", runs["reward"], "--input", source, "--output", tmp_path / "out.jsonl")
     assert expected.format(**{"in": source}) in message
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
@@ -247,15 +214,15 @@ def test_flag_mistakes_and_an_existing_output_are_refused(runs, tmp_path, capsys
     source = write_lines(tmp_path / "in.jsonl", json.dumps(RECORDS[0]))
     output = tmp_path / "out.jsonl"
     output.write_text("kept\n")
-    message = cli_error(capsys, "score", runs["reward"], "--input", source, "--output", output)
+    message = refused(capsys, "score", runs["reward"], "--input", source, "--output", output)
     assert f"--output {output} exists, and an output is never overwritten" in message
     assert output.read_text() == "kept\n"
-    assert "give --query TEXT and --response TEXT" in cli_error(capsys, "score", runs["reward"], "--query", "abc")
-    assert "not both" in cli_error(capsys, "score", runs["reward"], "--input", source, "--query", "a", "--response", "b")
-    assert "--output applies to --input" in cli_error(capsys, "score", runs["reward"], "--query", "a", "--response",
+    assert "give --query TEXT and --response TEXT" in refused(capsys, "score", runs["reward"], "--query", "abc")
+    assert "not both" in refused(capsys, "score", runs["reward"], "--input", source, "--query", "a", "--response", "b")
+    assert "--output applies to --input" in refused(capsys, "score", runs["reward"], "--query", "a", "--response",
                                                       "b", "--output", tmp_path / "new.jsonl")
-    message = cli_error(capsys, "score", runs["reward"], "--query", "abc", "--response", "abcdef")
+    message = refused(capsys, "score", runs["reward"], "--query", "abc", "--response", "abcdef")
     assert "--response: the text is 6 tokens, more than the run's task.response_length of 4" in message
-    assert "missing.jsonl: no such file" in cli_error(capsys, "score", runs["reward"], "--input",
+    assert "missing.jsonl: no such file" in refused(capsys, "score", runs["reward"], "--input",
                                                       tmp_path / "missing.jsonl")
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]

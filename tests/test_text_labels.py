@@ -2,7 +2,6 @@
 loader reads back to the same texts and train_reward trains on (a real run); the task's lengths, padding and
 truncate_token rule, a run directory as the source, and every user error in one line with nothing written."""
 
-import importlib.util
 import json
 import os
 
@@ -13,20 +12,12 @@ import tensorflow.compat.v1 as tf
 from lm_human_preferences import label_types, launcher, train_reward
 from lm_human_preferences.language import encodings
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_launch import cli
+from test_score import refused, write_lines
+
 ALPHABET = "abcdefghijklmnopqrstuvwxyz."  # the `test` encoding (docs/formats.md)
 PADDING = 27
 QUERY_LENGTH, RESPONSE_LENGTH = 3, 4  # the `test` experiment's task
-
-
-def load_launch_script():
-    spec = importlib.util.spec_from_file_location("launch_cli_for_text_labels", os.path.join(REPO_ROOT, "launch.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = load_launch_script()
 
 
 def random_text(rng, most):
@@ -54,11 +45,6 @@ def comparisons(label_type, count, seed=0):
         record["labeler"] = f"person {index % 3}"
         records.append(record)
     return records
-
-
-def write_lines(path, *lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return str(path)
 
 
 def samples_of(record):
@@ -132,14 +118,6 @@ def test_the_tasks_truncate_token_cuts_samples_and_truncate_cuts_long_texts(tmp_
 
 # ----- user errors: one line, before any work, nothing written --------------------------------------------------
 
-def cli_error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(arg) for arg in argv])
-    assert isinstance(info.value.code, str) and info.value.code.startswith("error: "), info.value.code
-    assert capsys.readouterr().out == ""
-    return info.value.code.splitlines()[0]
-
-
 GOOD = {"query": "abc", "sample0": "a", "sample1": "b", "sample2": "c", "sample3": "d", "best": 1}
 
 
@@ -173,7 +151,7 @@ def changed(**fields):
 ])
 def test_bad_comparisons_are_refused_naming_the_line_and_field(tmp_path, capsys, lines, flags, expected):
     source = write_lines(tmp_path / "in.jsonl", *lines)
-    message = cli_error(capsys, "labels_from_text", "test", source, tmp_path / "labels.json", *flags)
+    message = refused(capsys, "labels_from_text", "test", source, tmp_path / "labels.json", *flags)
     assert expected.format(**{"in": source}) in message
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
@@ -181,19 +159,19 @@ def test_bad_comparisons_are_refused_naming_the_line_and_field(tmp_path, capsys,
 def test_bad_sources_and_an_existing_output_are_refused(tmp_path, capsys):
     source = write_lines(tmp_path / "in.jsonl", changed())
     output = tmp_path / "labels.json"
-    message = cli_error(capsys, "labels_from_text", "nonesuch", source, output)
+    message = refused(capsys, "labels_from_text", "nonesuch", source, output)
     assert "SOURCE nonesuch: no such run directory, and unknown train_reward experiment 'nonesuch'" in message
     (tmp_path / "notarun").mkdir()
-    message = cli_error(capsys, "labels_from_text", tmp_path / "notarun", source, output)
+    message = refused(capsys, "labels_from_text", tmp_path / "notarun", source, output)
     assert "expected a train_reward experiment name or a run directory" in message and "it is empty" in message
     run_dir = tmp_path / "run"
     launcher.resolve_hparams("train_reward", "test", "run", save_dir=str(tmp_path)).save_json(
         str(run_dir / "train_reward_hparams.json"))  # what a run writes first
-    message = cli_error(capsys, "labels_from_text", run_dir, source, output, "--task.query_length", "2")
+    message = refused(capsys, "labels_from_text", run_dir, source, output, "--task.query_length", "2")
     assert "--task.query_length: a saved run's settings are its own" in message
-    assert "no such file" in cli_error(capsys, "labels_from_text", "test", tmp_path / "missing.jsonl", output)
+    assert "no such file" in refused(capsys, "labels_from_text", "test", tmp_path / "missing.jsonl", output)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "notarun", "run"]
     output.write_text("kept\n")
-    message = cli_error(capsys, "labels_from_text", "test", source, output)
+    message = refused(capsys, "labels_from_text", "test", source, output)
     assert f"OUT.json {output} exists, and an output is never overwritten" in message
     assert output.read_text() == "kept\n"
