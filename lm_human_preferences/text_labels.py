@@ -38,16 +38,16 @@ _SAMPLE_FIELD = re.compile(r"sample\d*|samples")
 def resolve_source(source: str, overrides: dict) -> Tuple[str, object, Optional[str]]:
     """(a description, the task hyperparameters, the label type name or None) of SOURCE: a run directory or a
     train_reward experiment (module docstring)."""
-    from lm_human_preferences import launcher
+    from lm_human_preferences import experiments, launcher
 
     source = str(source)
     is_path = files.is_remote(source) or os.path.exists(os.path.expanduser(source))
-    if is_path:
-        run = text_inputs.saved_run(source)
-        if run is None:
-            raise ValueError(f"SOURCE {source}: expected a train_reward experiment name or a run directory "
-                             f"(holding train_reward_hparams.json or train_policy_hparams.json); "
-                             f"{text_inputs.describe_directory(source) if not files.is_remote(source) else 'none'}")
+    run = text_inputs.saved_run(source) if is_path else None
+    if is_path and run is None and source not in experiments.REWARD_EXPERIMENTS:  # ./test, no run: the experiment
+        raise ValueError(f"SOURCE {source}: expected a train_reward experiment name or a run directory "
+                         f"(holding train_reward_hparams.json or train_policy_hparams.json); "
+                         f"{text_inputs.describe_directory(source) if not files.is_remote(source) else 'none'}")
+    if run is not None:
         if overrides:
             names = ", ".join(f"--{name}" for name in sorted(overrides))
             raise ValueError(f"{names}: a saved run's settings are its own; overrides apply to an experiment")
@@ -55,7 +55,7 @@ def resolve_source(source: str, overrides: dict) -> Tuple[str, object, Optional[
     try:
         hparams = launcher.resolve_hparams("train_reward", source, "labels_from_text", overrides=overrides)
     except ValueError as error:
-        if overrides or not str(error).startswith("unknown train_reward experiment"):
+        if not str(error).startswith("unknown train_reward experiment"):
             raise
         raise ValueError(f"SOURCE {source}: no such run directory, and {error}") from None
     return f"experiment {source}", hparams.task, hparams.labels.type

@@ -175,3 +175,12 @@ def test_bad_sources_and_an_existing_output_are_refused(tmp_path, capsys):
     message = refused(capsys, "labels_from_text", "test", source, output)
     assert f"OUT.json {output} exists, and an output is never overwritten" in message
     assert output.read_text() == "kept\n"
+
+
+def test_an_experiment_name_wins_over_a_directory_of_that_name_that_holds_no_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "test").mkdir()
+    source = write_lines(tmp_path / "in.jsonl", changed())
+    cli.main(["labels_from_text", "test", source, "labels.json"])
+    assert "best_of_4 labels for experiment test " in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "labels.json").read_text())) == 1
