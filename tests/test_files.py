@@ -6,6 +6,7 @@ Storage emulator: round trip of a checkpoint, upload order, changed files only, 
 import collections
 import contextlib
 import fcntl
+import hashlib
 import http.server
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import termios
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -35,7 +37,8 @@ from mpi_programs import REPO_ROOT, rank_lines, run
 class FileServer:
     """Serves `files`; `fail_503[path]` answers 503 that many times first; `truncate[path]` sends the
     Content-Length of the whole file but closes after half of it, that many times; `rate[path]` sends the body
-    at about that many bytes per second. Counts requests."""
+    at about that many bytes per second; `custom[path](handler)` answers as it likes. Counts requests and keeps
+    the headers of each path's last request."""
 
     PIECE_BYTES = 1 << 16  # a throttled body goes out in pieces of this size
 
@@ -44,6 +47,8 @@ class FileServer:
         self.fail_503 = collections.Counter()
         self.truncate = collections.Counter()
         self.rate = {}
+        self.custom = {}  # path -> function(handler) that answers the request itself
+        self.headers = {}  # path -> the headers of its last request
         self.requests = collections.Counter()  # (method, path) -> count
         self.lock = threading.Lock()
         server = self
@@ -67,6 +72,10 @@ class FileServer:
                         server.fail_503[self.path] -= 1
                     elif truncate:
                         server.truncate[self.path] -= 1
+                    server.headers[self.path] = dict(self.headers)
+                if self.path in server.custom:
+                    server.custom[self.path](self)
+                    return
                 body = server.files.get(self.path)
                 if fail:
                     self.send_error(503)
@@ -294,6 +303,269 @@ def test_unreachable_host_fails_fast(cache, monkeypatch):
     assert url in message and files.cache_path(url) in message and "unreachable" in message
     with pytest.raises(files.FileFetchError, match="unreachable"):
         files.exists(url)
+
+
+# ----- http(s) error paths: which failures are retried, how long it waits, what the error says ------------
+
+class Clock:
+    """Stands in for files.time and files.random: records the waits between attempts instead of sleeping, and
+    draws the jitter factor `jitter` (random.uniform(0.5, 1.5) otherwise)."""
+
+    def __init__(self, monkeypatch, jitter=1.5):
+        self.waits = []
+        self.jitter_range = []
+        monkeypatch.setattr(files, "time", types.SimpleNamespace(sleep=self.waits.append, monotonic=time.monotonic))
+        monkeypatch.setattr(files, "random", types.SimpleNamespace(uniform=self.uniform))
+        self.jitter = jitter
+
+    def uniform(self, low, high):
+        self.jitter_range.append((low, high))
+        return self.jitter
+
+
+def answer(status, headers=(), body=b""):
+    """A custom answer: `status` with `headers` and `body` (Content-Length added)."""
+    def respond(handler):
+        handler.send_response(status)
+        for name, value in headers:
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command == "GET":
+            handler.wfile.write(body)
+    return respond
+
+
+def test_retries_wait_with_exponential_backoff_and_jitter_and_say_so(server, cache, monkeypatch, capfd):
+    clock = Clock(monkeypatch)
+    monkeypatch.setattr(files, "BACKOFF_SECONDS", 2.0)
+    monkeypatch.setattr(files, "RETRIES", 3)
+    server.files["/flaky.json"] = b"[]"
+    server.fail_503["/flaky.json"] = 3
+    url = server.url("/flaky.json")
+    assert files.read_json(url) == []
+    assert clock.waits == [3.0, 6.0, 12.0]  # 2 s x 2**attempt x the jitter factor drawn (1.5)
+    assert clock.jitter_range == [(0.5, 1.5)] * 3
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[:3] == [f"fetch {url} failed (HTTP 503 Service Unavailable); retry {n} of 3 in {wait:.1f}s"
+                         for n, wait in [(1, 3.0), (2, 6.0), (3, 12.0)]]
+    assert lines[3].startswith(f"downloaded {url} -> ") and len(lines) == 4
+
+
+def test_a_wait_honours_retry_after_and_is_capped(server, cache, monkeypatch):
+    clock = Clock(monkeypatch, jitter=1.0)
+    monkeypatch.setattr(files, "BACKOFF_SECONDS", 1.0)
+    monkeypatch.setattr(files, "RETRIES", 3)
+    monkeypatch.setattr(files, "MAX_BACKOFF_SECONDS", 10.0)
+    answers = iter([answer(429, [("Retry-After", "7")]), answer(429, [("Retry-After", "120")]),
+                    answer(503, [("Retry-After", "soon")]), answer(200, body=b"ok")])
+    server.custom["/busy"] = lambda handler: next(answers)(handler)
+    assert files.read_text(server.url("/busy")) == "ok"
+    # Retry-After 7 s beats the 1 s backoff; 120 s is capped at 10; an unreadable one is ignored (4 s backoff)
+    assert clock.waits == [7.0, 10.0, 4.0]
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+def test_these_statuses_are_transient_and_retried(server, cache, monkeypatch, status):
+    Clock(monkeypatch)
+    answers = iter([answer(status), answer(200, body=b"x")])
+    server.custom["/f"] = lambda handler: next(answers)(handler)
+    assert files.read_text(server.url("/f")) == "x" and server.gets("/f") == 2
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 451])
+def test_other_4xx_fail_at_once_with_their_status(server, cache, monkeypatch, status):
+    clock = Clock(monkeypatch)
+    server.custom["/f"] = answer(status)
+    url = server.url("/f")
+    with pytest.raises(files.FileFetchError) as info:
+        files.local_path(url)
+    reason = http.server.BaseHTTPRequestHandler.responses[status][0]
+    assert str(info.value) == f"could not fetch {url}: HTTP {status} {reason} (not retried); cache path " \
+                              f"{files.cache_path(url)}"
+    assert (info.value.status, info.value.url, info.value.cache_path) == (status, url, files.cache_path(url))
+    assert server.gets("/f") == 1 and clock.waits == []
+    assert not os.path.exists(files.cache_path(url)) and leftovers(cache) == []
+    if status == 404:
+        assert not files.exists(url)
+    else:
+        with pytest.raises(files.FileFetchError) as info:
+            files.exists(url)
+        assert str(info.value) == f"could not check whether {url} exists: HTTP {status} {reason} (not retried); " \
+                                  f"cache path {files.cache_path(url)}"
+        assert info.value.status == status
+
+
+def test_no_retries_when_the_setting_is_zero_or_negative(server, cache, monkeypatch):
+    clock = Clock(monkeypatch)
+    server.files["/down"] = b"x"
+    server.fail_503["/down"] = 100
+    for retries, attempts in [(0, 1), (-3, 1), (1, 2)]:
+        monkeypatch.setattr(files, "RETRIES", retries)
+        before = server.gets("/down")
+        with pytest.raises(files.FileFetchError) as info:
+            files.local_path(server.url("/down"))
+        assert server.gets("/down") - before == attempts
+        noun = "attempt" if attempts == 1 else "attempts"
+        assert str(info.value) == (f"could not fetch {server.url('/down')} after {attempts} {noun}, last error: "
+                                   f"HTTP 503 Service Unavailable; cache path {files.cache_path(server.url('/down'))}")
+        assert info.value.status is None
+    assert clock.waits == [pytest.approx(0.0015)]  # the one wait, of the run with one retry
+
+
+def test_a_server_that_hangs_up_or_goes_silent_is_retried(server, cache, monkeypatch):
+    Clock(monkeypatch)
+    monkeypatch.setattr(files, "READ_TIMEOUT_SECONDS", 0.3)
+
+    def hang_up(handler):
+        handler.close_connection = True  # no answer at all
+
+    def silent(handler):
+        time.sleep(1.0)  # past the read timeout before any answer
+
+    def stall(handler):  # headers and part of the body, then silence
+        handler.send_response(200)
+        handler.send_header("Content-Length", "200000")
+        handler.end_headers()
+        handler.wfile.write(b"x" * 100_000)
+        handler.wfile.flush()
+        time.sleep(1.0)
+
+    # the body is read 64 KiB at a time: the stalled one fails in its second piece
+    for path, behaviour, expected in [("/hang-up", hang_up, "connection error: "), ("/silent", silent, "timeout: "),
+                                      ("/stall", stall, "transfer interrupted after 65536 bytes: ")]:
+        server.custom[path] = behaviour
+        url = server.url(path)
+        with pytest.raises(files.FileFetchError) as info:
+            files.local_path(url)
+        message = str(info.value)
+        assert message.startswith(f"could not fetch {url} after 3 attempts, last error: {expected}"), message
+        assert message.endswith(f"; cache path {files.cache_path(url)}")
+        assert server.gets(path) == 3
+        assert not os.path.exists(files.cache_path(url)) and leftovers(cache) == []
+
+
+def test_a_host_that_never_accepts_the_connection_fails_at_once(cache, monkeypatch):
+    clock = Clock(monkeypatch)
+    monkeypatch.setattr(files, "CONNECT_TIMEOUT_SECONDS", 0.3)
+    with socket.socket() as listener:  # listens, but its queue is full: connection attempts time out
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/gpt-2/models/124M/hparams.json"
+        with pytest.raises(files.FileFetchError) as info:
+            files.local_path(url)
+        for filler in fillers:
+            filler.close()
+    assert str(info.value) == (f"could not fetch {url}: host unreachable: no connection within 0.3s (offline?); "
+                               f"cache path {files.cache_path(url)}")
+    assert clock.waits == []
+
+
+def test_redirects_are_followed_and_an_endless_one_fails_at_once(server, cache, monkeypatch):
+    clock = Clock(monkeypatch)
+    server.files["/new/place.json"] = b"[1]"
+    server.custom["/old/place.json"] = answer(302, [("Location", "/new/place.json")])
+    assert files.read_json(server.url("/old/place.json")) == [1]
+    assert os.path.isfile(files.cache_path(server.url("/old/place.json")))  # cached under the URL asked for
+    server.custom["/loop"] = answer(302, [("Location", "/loop")])
+    with pytest.raises(files.FileFetchError, match=r"^could not fetch http://.*/loop: TooManyRedirects: Exceeded "
+                                                   r"\d+ redirects.*; cache path "):
+        files.local_path(server.url("/loop"))
+    assert server.gets("/loop") > 1 and clock.waits == []  # followed, but never retried
+
+
+def test_a_url_requests_cannot_use_is_a_permanent_error(cache):
+    url = "http://127.0.0.1:notaport/a.json"
+    with pytest.raises(files.FileFetchError, match=r"^could not fetch http://127.0.0.1:notaport/a.json: InvalidURL: "):
+        files.local_path(url)
+
+
+def test_the_file_is_asked_for_unencoded_and_a_body_without_length_is_taken_whole(server, cache):
+    body = b"no length " * 5000
+
+    def chunked(handler):  # HTTP/1.1 chunked transfer: no Content-Length, so no size to check or show
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        for start in range(0, len(body), 7000):
+            piece = body[start:start + 7000]
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        handler.wfile.write(b"0\r\n\r\n")
+        handler.close_connection = True
+
+    server.custom["/chunked.txt"] = chunked
+    assert files.read_text(server.url("/chunked.txt")) == body.decode()
+    assert server.headers["/chunked.txt"]["Accept-Encoding"] == "identity"
+
+
+def test_a_gzip_encoded_answer_is_stored_as_sent_without_a_length_check(server, cache):
+    import gzip
+    compressed = gzip.compress(b"[1, 2, 3]")
+    # a Content-Length that does not match: it is not checked for an encoded body, whose bytes are kept as they are
+    server.custom["/enc.json"] = answer(200, [("Content-Encoding", "gzip")], compressed)
+    with open(files.local_path(server.url("/enc.json")), "rb") as f:
+        assert f.read() == compressed
+
+
+def test_a_failed_download_on_a_terminal_clears_its_bar_and_reports_nothing(server, cache, monkeypatch):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(files, "RETRIES", 0)
+    server.files["/part.bin"] = bytes(range(256)) * 4000
+    server.rate["/part.bin"] = 4 * RATE
+    server.truncate["/part.bin"] = 1
+    terminal = Terminal()
+    with open(terminal.slave, "w", closefd=False) as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        with pytest.raises(files.FileFetchError, match=r" after 1 attempt, last error: transfer interrupted after "
+                                                       r"512000 bytes: Connection broken: IncompleteRead"):
+            files.local_path(server.url("/part.bin"))
+        monkeypatch.undo()
+    output = terminal.output()
+    assert "part.bin:   0%|" in output and "downloaded" not in output
+    assert output.split("\r")[-1].strip() == "", output  # the bar's line is blank again
+    assert leftovers(cache) == []
+
+
+def test_fetch_errors_survive_pickling(cache):
+    import pickle
+    error = files.FileFetchError("could not fetch u", url="u", cache_path="/c/u", status=404)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), str(copy), copy.url, copy.cache_path, copy.status) == \
+        (files.FileFetchError, "could not fetch u", "u", "/c/u", 404)
+    assert isinstance(copy, OSError)
+
+
+def test_cache_dir_and_cache_paths_of_unusual_urls(cache, monkeypatch):
+    assert files.cache_path("HTTPS://User:Secret@Host:8443/a/b.json") == \
+        os.path.join(str(cache), "https", "Host_8443", "a", "b.json")  # credentials are not kept in the path
+    assert files.cache_path("https://h/a/b.json?x=1") == \
+        os.path.join(str(cache), "https", "h", "a", "b.json_q" + hashlib.sha1(b"x=1").hexdigest()[:12])
+    assert files.cache_path("https://h/a//b.json") == os.path.join(str(cache), "https", "h", "a", "b.json")
+    with pytest.raises(ValueError) as info:
+        files.cache_path("https://h/dir/")
+    assert str(info.value) == "'https://h/dir/' does not name a file (expected https://HOST/PATH/FILE)"
+    for bad in ["https://h/a/%2E%2E/b", "https://h/a%5Cb", "https://h/a%00b", "https://h/./a"]:
+        with pytest.raises(ValueError) as info:
+            files.cache_path(bad)
+        assert str(info.value) == f"{bad!r}: '.', '..' and escaped '/' path components are not accepted in URLs"
+    monkeypatch.setenv("LMHP_CACHE_DIR", "")  # empty: the default
+    assert files.cache_dir() == os.path.expanduser("~/.cache/lm-human-preferences")
+    monkeypatch.setenv("LMHP_CACHE_DIR", "~/elsewhere")
+    assert files.cache_dir() == os.path.expanduser("~/elsewhere")
+    assert files.join("https://h/", "", "a") == "https://h/a"
+
+
+def test_a_file_that_is_not_json_is_named(server, cache, tmp_path):
+    server.files["/labels.json"] = b"[1, 2"
+    with pytest.raises(ValueError) as info:
+        files.read_json(server.url("/labels.json"))
+    assert str(info.value).startswith(f"{server.url('/labels.json')}: not valid JSON (Expecting")
+    assert not isinstance(info.value, files.FileFetchError)
 
 
 # ----- files read together: every one missing from the cache is listed ------------------------------------
@@ -853,6 +1125,42 @@ def test_gcs_staging_dir_is_a_copy_of_the_remote_run(gcs_bucket, tiny_run, cache
         f.write("step 3\n")
     assert files.sync_up(staging, url).uploaded == ["tb/events.out.tfevents.1"]
     assert record_uploads == ["experiments/run/tb/events.out.tfevents.1"]
+
+
+def upload(url, data):
+    bucket, _, name = url[len("gs://"):].partition("/")
+    storage.Client(project=None).bucket(bucket).blob(name).upload_from_string(data)
+
+
+def test_gcs_download_shows_its_size_on_a_terminal_and_one_line_at_the_end(gcs_bucket, cache, monkeypatch):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    url = f"{gcs_bucket}/gpt-2/models/124M/model.ckpt.index"
+    data = np.random.RandomState(1).bytes(300_000)
+    upload(url, data)
+    terminal = Terminal()
+    with open(terminal.slave, "w", closefd=False) as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        target = files.local_path(url)
+        monkeypatch.undo()
+    output = terminal.output()
+    with open(target, "rb") as f:
+        assert f.read() == data
+    assert "model.ckpt.index:   0%|" in output and "| 0.00B/300kB, ?B/s, ? left" in output  # the object's size
+    assert summary(url, target, "300.0 kB").fullmatch(output.split("\r\n")[0].split("\r")[-1]), output
+
+
+def test_gcs_staging_reports_each_file_it_downloads_once(gcs_bucket, cache, capfd):
+    url = f"{gcs_bucket}/runs/r"
+    upload(f"{url}/hparams.json", b'{"n_layer": 2}')
+    upload(f"{url}/tb/events", b"e" * 2000)
+    staging = files.staging_dir(url)
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert summary(f"{url}/hparams.json", os.path.join(staging, "hparams.json"), "14 B").fullmatch(lines[0])
+    assert summary(f"{url}/tb/events", os.path.join(staging, "tb", "events"), "2.0 kB").fullmatch(lines[1])
+    assert files.staging_dir(url) == staging
+    assert capfd.readouterr().err == ""  # already there (same MD5): nothing fetched, nothing said
 
 
 def test_gcs_errors_name_the_url_and_the_fix(gcs_bucket, tiny_run, cache, tmp_path, monkeypatch):

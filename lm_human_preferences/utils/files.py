@@ -344,7 +344,8 @@ def _attempts(url, target, attempt, action="fetch"):
         except _Transient as e:
             if number == retries:
                 where = f"; {'cache path' if action == 'fetch' else 'local path'} {target}" if target else ""
-                raise FileFetchError(f"could not {action} {url} after {retries + 1} attempts, last error: {e}{where}",
+                attempts = f"{retries + 1} attempt{'s' if retries else ''}"
+                raise FileFetchError(f"could not {action} {url} after {attempts}, last error: {e}{where}",
                                      url=url, cache_path=target) from None
             delay = BACKOFF_SECONDS * 2 ** number * random.uniform(0.5, 1.5)  # jitter: ranks don't retry in step
             if e.retry_after is not None:
