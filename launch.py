@@ -234,9 +234,7 @@ def labels_from_text(source, input, output, label_type: str = None, truncate=Fal
     its task, encoding and labels.type apply. LABEL_TYPE: instead of the source's labels.type. TRUNCATE: cut texts
     longer than the task's lengths instead of refusing them.
     """
-    from lm_human_preferences.utils import devices
-    devices.import_tensorflow()  # before anything else imports it: without its start-up notices
-    from lm_human_preferences import text_labels
+    from lm_human_preferences import text_labels  # no TensorFlow: settings, encodings and the label validator
     text_labels.labels_from_text(source, input, output, label_type=label_type, truncate=_flag(truncate, "truncate"),
                                  **overrides)
 

@@ -47,8 +47,8 @@ def saved_run(directory: str) -> Optional[SavedRun]:
     for command, name in RUN_HPARAMS_FILES.items():
         path = files.join(directory, name)
         if files.exists(path):
-            module = launcher.command_module(command)
-            hparams = module.HParams.from_nested_dict(files.read_json(path), strict=False, where=f"{path}: ")
+            hparams = launcher.command_hparams(command).from_nested_dict(files.read_json(path), strict=False,
+                                                                         where=f"{path}: ")
             return SavedRun(directory, command, hparams)
     return None
 

@@ -12,7 +12,7 @@ import tensorflow.compat.v1 as tf
 from lm_human_preferences import label_types, launcher, train_reward
 from lm_human_preferences.language import encodings
 
-from test_launch import cli
+from test_launch import cli, run_cli
 from test_score import refused, write_lines
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz."  # the `test` encoding (docs/formats.md)
@@ -184,3 +184,13 @@ def test_an_experiment_name_wins_over_a_directory_of_that_name_that_holds_no_run
     cli.main(["labels_from_text", "test", source, "labels.json"])
     assert "best_of_4 labels for experiment test " in capsys.readouterr().out
     assert len(json.loads((tmp_path / "labels.json").read_text())) == 1
+
+
+def test_the_command_runs_without_tensorflow(tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", changed())
+    result = run_cli("-X", "importtime", "launch.py", "labels_from_text", "test", source, str(tmp_path / "out.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]  # every imported module
+    assert "lm_human_preferences.text_labels" in imported
+    assert not [name for name in imported if name.split(".")[0] == "tensorflow"]
