@@ -15,7 +15,9 @@ Models have random weights of the chosen size (`test`, `demo`, `small`, `124M`);
 * model-FLOPs utilisation: FLOPs counted from the shapes (lm_human_preferences/flops.py) / time / peak;
 * peak host RSS, and peak GPU memory where there is a GPU;
 * cost growth: the PPO update while the batch size doubles, and while the response length doubles;
-* speed switches: XLA auto-clustering (`run.xla`) and bf16 mixed precision (`run.mixed_precision`, GPU only).
+* speed switches: XLA auto-clustering (`run.xla`) and bf16 mixed precision (`run.mixed_precision`, GPU only);
+* the gradient all-reduce: a GPT-2 124M-sized float32 buffer (about 500 MB) averaged over `allreduce_ranks` MPI
+  ranks through each path (mpi4py, and horovod where `make horovod` built it), beside the PPO update's time.
 
 A table goes to stdout, everything to the JSON file `--output` (default bench_results.json).
 """
@@ -28,11 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # started by a Python without the dependencies: re-run under .venv/bin/python
     from lm_human_preferences.utils.entry_points import ensure_project_python
     ensure_project_python(__file__)
-# TensorFlow's XLA auto-clustering (run.xla) compiles CPU ops only with this flag, so that the XLA switch is
-# measured for real on a CPU too. It changes nothing where run.xla is off. Set before TensorFlow reads it.
-CPU_XLA_FLAG = "--tf_xla_cpu_global_jit"
-if __name__ == "__main__" and CPU_XLA_FLAG not in os.environ.get("TF_XLA_FLAGS", ""):
-    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} {CPU_XLA_FLAG}".strip()
 
 import json  # noqa: E402
 import resource  # noqa: E402
@@ -50,7 +47,8 @@ from lm_human_preferences.utils.entry_points import fire_argv  # noqa: E402
 
 def main(size: str = "small", batch: int = None, query_length: int = None, response_length: int = None,
          warmup: int = 1, repeats: int = 3, noptepochs: int = 4, growth_steps: int = 2, switches: bool = True,
-         xla: bool = False, mixed_precision: bool = False, peak_flops: float = None,
+         xla: bool = False, mixed_precision: bool = False, peak_flops: float = None, allreduce_ranks: int = 2,
+         allreduce_elements: int = None,
          output: str = "bench_results.json"):  # `int = None`: fire's --help shows Optional[int]
     """Benchmark one model size; see the module docstring.
 
@@ -67,11 +65,14 @@ def main(size: str = "small", batch: int = None, query_length: int = None, respo
         xla: base setting of run.xla
         mixed_precision: base setting of run.mixed_precision (bf16 compute, float32 weights)
         peak_flops: the device's peak FLOP/s for the MFU (default: a datasheet table or a CPU estimate)
+        allreduce_ranks: MPI ranks of the all-reduce measurement (0: skip it)
+        allreduce_elements: float32 values all-reduced (default: GPT-2 124M's parameter count, 124,439,808)
         output: the JSON file written
     """
     run(str(size), batch=batch, query_length=query_length, response_length=response_length, warmup=warmup,
         repeats=repeats, noptepochs=noptepochs, growth_steps=growth_steps, switches=switches, xla=xla,
-        mixed_precision=mixed_precision, peak_flops=peak_flops, output=output)
+        mixed_precision=mixed_precision, peak_flops=peak_flops, allreduce_ranks=allreduce_ranks,
+        allreduce_elements=allreduce_elements, output=output)
 
 
 if __name__ == "__main__" and fire_argv(sys.argv[1:]) != sys.argv[1:]:  # --help
@@ -378,13 +379,51 @@ def switch_entry(off: dict, on: dict) -> dict:
 def xla_note() -> Optional[str]:
     if devices.gpu_count():
         return None
-    if CPU_XLA_FLAG in os.environ.get("TF_XLA_FLAGS", ""):
-        return (f"measured with TF_XLA_FLAGS={CPU_XLA_FLAG}, without which XLA compiles no CPU ops: "
-                f"training with run.xla on a CPU needs the same environment variable")
-    return f"on a CPU, XLA compiles nothing unless TF_XLA_FLAGS={CPU_XLA_FLAG} is set: this measured no change"
+    flag = devices.CPU_XLA_FLAG
+    if devices.cpu_xla_enabled():  # devices.import_tensorflow sets it, as for training with run.xla
+        return f"measured with TF_XLA_FLAGS={flag}, without which XLA compiles no CPU ops"
+    return f"on a CPU, XLA compiles nothing unless TF_XLA_FLAGS={flag} is set: this measured no change"
 
 
 # ----- the command ----------------------------------------------------------------------------------------------
+
+GPT2_124M_PARAMETERS = 124_439_808  # 50257x768 + 1024x768 embeddings, 12 blocks of 7,087,872, the final layer norm
+
+
+def measure_allreduce(elements: int, ranks: int, settings: Settings) -> dict:
+    """The gradient all-reduce of `elements` float32 values over `ranks` MPI ranks, through mpi4py and through
+    horovod (where it is built): median seconds, and the bus bandwidth 2 (n - 1) / n x bytes / seconds (what a ring
+    all-reduce moves per rank), for comparison with the PPO update's time."""
+    result = {"elements": elements, "bytes": 4 * elements, "ranks": ranks, "paths": {}}
+    if not ranks:
+        result["skipped"] = "--allreduce_ranks 0"
+        return result
+    if ranks == 1:
+        result["skipped"] = "one rank all-reduces nothing (--allreduce_ranks must be 2 or more to measure)"
+        return result
+    import importlib.util
+    import subprocess
+    from lm_human_preferences.utils import allreduce_timing, mpi
+    for path in mpi.ALLREDUCE_CHOICES:
+        if path == "horovod" and importlib.util.find_spec("horovod") is None:
+            result["paths"][path] = {"skipped": "horovod is not built into this environment (make horovod)"}
+            continue
+        argv = mpi.mpiexec_command(ranks) + [sys.executable, "-m", allreduce_timing.__name__, str(elements),
+                                             str(settings.warmup), str(settings.repeats)]
+        env = dict(os.environ, **{mpi.ALLREDUCE_ENV: path})
+        for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):  # bench.py itself may run inside an MPI job
+            env.pop(name, None)
+        done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith(allreduce_timing.RESULT_PREFIX)]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"the {path} all-reduce measurement failed (exit {done.returncode}):\n"
+                               f"{done.stdout[-3000:]}")
+        measured = json.loads(lines[-1][len(allreduce_timing.RESULT_PREFIX):])
+        seconds = statistics.median(measured["seconds"])
+        result["paths"][path] = {"seconds": seconds, "runs": measured["seconds"],
+                                 "bus_bytes_per_second": 2 * (ranks - 1) / ranks * 4 * elements / seconds}
+    return result
+
 
 def check_counts(*, minimum: int, **values):
     for name, value in values.items():
@@ -395,7 +434,8 @@ def check_counts(*, minimum: int, **values):
 def run(size: str = "small", *, batch: Optional[int] = None, query_length: Optional[int] = None,
         response_length: Optional[int] = None, warmup: int = 1, repeats: int = 3, noptepochs: int = 4,
         growth_steps: int = 2, switches: bool = True, xla: bool = False, mixed_precision: bool = False,
-        peak_flops: Optional[float] = None, output: Optional[str] = "bench_results.json",
+        peak_flops: Optional[float] = None, allreduce_ranks: int = 2, allreduce_elements: Optional[int] = None,
+        output: Optional[str] = "bench_results.json",
         log: Callable[[str], None] = print) -> dict:
     """Run every benchmark at one model size; returns the results (also written to `output` as JSON, unless
     None) after printing the table through `log`."""
@@ -406,7 +446,9 @@ def run(size: str = "small", *, batch: Optional[int] = None, query_length: Optio
                   response_length or preset.response_length)
     check_counts(minimum=1, batch=shape.batch, query_length=shape.query_length,
                  response_length=shape.response_length, repeats=repeats, noptepochs=noptepochs)
-    check_counts(minimum=0, warmup=warmup, growth_steps=growth_steps)
+    check_counts(minimum=0, warmup=warmup, growth_steps=growth_steps, allreduce_ranks=allreduce_ranks)
+    allreduce_elements = GPT2_124M_PARAMETERS if allreduce_elements is None else allreduce_elements
+    check_counts(minimum=1, allreduce_elements=allreduce_elements)
     if peak_flops is not None and not float(peak_flops) > 0:
         raise ValueError(f"bench.py: --peak_flops must be a positive number of FLOP/s, got {peak_flops!r}")
     settings = Settings(warmup, repeats, noptepochs, bool(xla), bool(mixed_precision))
@@ -450,6 +492,9 @@ def run(size: str = "small", *, batch: Optional[int] = None, query_length: Optio
             results["switches"]["mixed_precision"] = {
                 "skipped": "no GPU: bf16 mixed precision is a GPU switch (pass --mixed_precision to measure it "
                            "on this CPU anyway)"}
+    if allreduce_ranks:
+        log(f"  gradient all-reduce: {allreduce_elements} float32 values over {allreduce_ranks} ranks ...")
+    results["allreduce"] = measure_allreduce(allreduce_elements, allreduce_ranks, settings)
     results["memory"] = overall_memory(results)
     log(report(results))
     if output:
@@ -503,6 +548,16 @@ def report(results: dict) -> str:
     for part, figures in results["ppo_update"]["parts"].items():
         lines.append(f"  {part:<32}{figures['seconds']:>10.4f}  {percent(figures['share']) + ' of the update':<24}"
                      f"{si(figures['flops']):>10}{'':>12}{percent(figures['mfu']):>9}")
+    allreduce = results["allreduce"]
+    lines.append(f"gradient all-reduce, {si(allreduce['bytes'], 'B')} ({allreduce['elements']:,} float32) over "
+                 f"{allreduce['ranks']} ranks" + (f": skipped, {allreduce['skipped']}" if "skipped" in allreduce else ""))
+    for path, figures in allreduce["paths"].items():
+        if "skipped" in figures:
+            lines.append(f"  {path:<32}  skipped: {figures['skipped']}")
+            continue
+        share = figures["seconds"] / results["ppo_update"]["seconds"]
+        lines.append(f"  {path:<32}{figures['seconds']:>10.4f}  {si(figures['bus_bytes_per_second'], 'B/s') + ' bus':<24}"
+                     f"  {share:.2f}x the PPO update's time")
     gpu = results["memory"]["gpu_peak_bytes"]
     lines.append(f"peak host RSS {si(results['memory']['host_peak_rss_bytes'], 'B')}"
                  + ("" if gpu is None else f"; peak GPU memory {si(gpu, 'B')}"))

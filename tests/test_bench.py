@@ -2,8 +2,10 @@
 computation and against TensorFlow's own FLOP statistics of the graph; device peaks; and the bf16
 mixed-precision switch of the model (close to float32, float32 where it has to be)."""
 
+import importlib.util
 import json
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -136,11 +138,11 @@ def test_benchmark_runs_on_the_test_size_and_its_json_has_every_field(tmp_path):
     lines = []
     # mixed_precision on: the bf16 PPO update and reward training run, and the switch is measured on a CPU too
     returned = bench.run("test", warmup=0, repeats=1, noptepochs=1, growth_steps=1, mixed_precision=True,
-                         output=str(output), log=lines.append)
+                         allreduce_elements=1000, output=str(output), log=lines.append)
     results = json.loads(output.read_text())
     assert results == json.loads(json.dumps(returned))
     assert set(results) == {"config", "device", "sampling", "ppo_update", "reward_model", "growth", "switches",
-                            "memory"}
+                            "allreduce", "memory"}
     config = results["config"]
     assert {"size", "model", "model_hparams", "batch", "query_length", "response_length", "warmup", "repeats",
             "noptepochs", "nminibatches", "xla", "mixed_precision", "tensorflow"} <= set(config)
@@ -198,10 +200,20 @@ def test_benchmark_runs_on_the_test_size_and_its_json_has_every_field(tmp_path):
     if not devices.gpu_count():
         assert results["memory"]["gpu_peak_bytes"] is None
 
+    allreduce = results["allreduce"]
+    assert (allreduce["elements"], allreduce["bytes"], allreduce["ranks"]) == (1000, 4000, 2)
+    assert list(allreduce["paths"]) == ["horovod", "mpi4py"]
+    measured = {path: figures for path, figures in allreduce["paths"].items() if "skipped" not in figures}
+    assert "mpi4py" in measured and ("horovod" in measured or importlib.util.find_spec("horovod") is None)
+    for figures in measured.values():  # the worker checked the averaged values before timing
+        assert figures["seconds"] == statistics.median(figures["runs"]) > 0 and len(figures["runs"]) == 1
+        assert figures["bus_bytes_per_second"] == pytest.approx(4000 / figures["seconds"])  # 2 (n-1)/n = 1 on 2 ranks
+
     table = "\n".join(lines)
     for text in ("sampling (with cache)", "reward model forward", "reward model train (best_of_4)", "PPO update",
                  "ppo_epochs", "cost growth of one PPO update, doubling batch", "doubling response length",
-                 "xla", "mixed_precision", f"wrote {output}"):
+                 "xla", "mixed_precision", "gradient all-reduce, 4 kB (1,000 float32) over 2 ranks",
+                 "x the PPO update's time", f"wrote {output}"):
         assert text in table
 
 
@@ -215,7 +227,18 @@ def test_benchmark_growth_stops_at_the_context_window_and_bad_settings_are_rejec
         bench.run("test", repeats=0, output=None, log=lambda line: None)
     with pytest.raises(ValueError, match="--peak_flops must be a positive number"):
         bench.run("test", peak_flops=-1, output=None, log=lambda line: None)
+    with pytest.raises(ValueError, match="--allreduce_elements must be an integer >= 1, got 0"):
+        bench.run("test", allreduce_elements=0, output=None, log=lambda line: None)
+    with pytest.raises(ValueError, match="--allreduce_ranks must be an integer >= 0, got -1"):
+        bench.run("test", allreduce_ranks=-1, output=None, log=lambda line: None)
     assert hparams.n_ctx == 8
+
+
+@pytest.mark.parametrize("ranks, reason", [(0, "--allreduce_ranks 0"), (1, "one rank all-reduces nothing")])
+def test_an_allreduce_on_fewer_than_two_ranks_is_skipped_with_the_reason(ranks, reason):
+    settings = bench.Settings(warmup=0, repeats=1, noptepochs=1, xla=False, mixed_precision=False)
+    result = bench.measure_allreduce(1000, ranks, settings)
+    assert result["paths"] == {} and result["skipped"].startswith(reason)
 
 
 def test_overall_gpu_memory_is_the_largest_stage_peak():

@@ -35,7 +35,7 @@ def _dense(gradient):
     return tf.convert_to_tensor(gradient) if isinstance(gradient, tf.IndexedSlices) else gradient
 
 
-def _average_across_ranks(gradients: List[tf.Tensor]) -> List[tf.Tensor]:
+def average_across_ranks(gradients: List[tf.Tensor]) -> List[tf.Tensor]:
     """Mean of each gradient over MPI ranks, with one all-reduce of a flat float32 buffer."""
     if mpi.size() == 1:
         return gradients
@@ -96,7 +96,7 @@ class Optimizer:
         self.variables = [v for v in tf.global_variables() if v.name.startswith(self.scope + "/")]
 
     def _apply(self, gradients):
-        averaged = _average_across_ranks(gradients)
+        averaged = average_across_ranks(gradients)
         apply = self._adam.apply_gradients(list(zip(averaged, self.params)))
         norm = self.grad_norm.assign(tf.linalg.global_norm(averaged))
         return tf.group(apply, norm, name="apply")
