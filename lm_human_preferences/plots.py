@@ -125,6 +125,7 @@ def aggregate(per_run: Sequence[Points], band: str = "std") -> Curve:
     return Curve(runs, steps, mean, low, high, all_steps=all(len(m) == len(steps) for m in maps))
 
 
+PANEL_SIZE = (4.8, 3.3)  # inches of figure per panel, margins included
 SMOOTH_FROM = 50  # a NOISY series of one run with this many points or more is drawn under its running mean
 
 
@@ -238,8 +239,16 @@ def draw(runs: Dict[str, Scalars], output: str, *, title: str, band: str = "std"
 
     columns = min(3, len(panels)) if len(panels) <= 9 else 4
     rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(4.8 * columns, 3.3 * rows + (0.6 if several else 0.3)), dpi=100, layout="constrained")
+    # A fixed layout in inches (matplotlib's constrained layout would take most of the drawing time): each panel
+    # PANEL_SIZE, with room around it for tick labels, axis labels and the title; the figure's title above.
+    header = 0.6 if several else 0.35
+    width, height = PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + header
+    figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
+    left, right, bottom, gap_x, gap_y = 0.8, 0.2, 0.55, 0.85, 0.8  # inches
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                           top=1 - (header + 0.3) / height, wspace=gap_x / (PANEL_SIZE[0] - gap_x),
+                           hspace=gap_y / (PANEL_SIZE[1] - gap_y))
     axes = list(figure.subplots(rows, columns, squeeze=False).flat)
     drawn = Drawn(output, [], [], list(runs), band if several else None, online_rounds=rounds)
     first_ppo = True
@@ -291,7 +300,7 @@ def draw(runs: Dict[str, Scalars], output: str, *, title: str, band: str = "std"
         lines.append(f"line: mean over the runs; band: {BAND_MEANINGS[band]}; faint lines: each run"
                      + ("; where runs logged different steps, mean and band use the steps all of them logged"
                         if drawn.partial_tags else ""))
-    figure.suptitle("\n".join(lines), fontsize=11)
+    figure.suptitle("\n".join(lines), fontsize=11, y=1 - 0.12 / height, va="top")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Title": title, "Description": json.dumps(drawn.record())})
     files.write_bytes_atomic(output, buffer.getvalue())
