@@ -627,7 +627,7 @@ BAR = re.compile(r"(?P<name>[\w.-]+): +(?P<percent>\d+)%\|[^|]*\| (?P<done>[\d.]
 def summary(url, target, size_text):
     """The line a completed download ends with, as a regex of the whole line."""
     return re.compile(rf"downloaded {re.escape(url)} -> {re.escape(target)} \({re.escape(size_text)} in "
-                      rf"(?P<seconds>\d+\.\d)s, (?P<rate>[\d.]+) (?P<unit>k|M)B/s\)")
+                      rf"(?P<seconds>\d+\.\d)s, (?P<rate>[\d.]+) (?P<unit>k|M|)B/s\)")
 
 
 class Terminal:
@@ -1189,3 +1189,175 @@ def test_gcs_errors_name_the_url_and_the_fix(gcs_bucket, tiny_run, cache, tmp_pa
     monkeypatch.delattr(google.cloud, "storage")
     with pytest.raises(files.FileFetchError, match="gs://some-bucket/run.*pip install google-cloud-storage"):
         files.remote_dir_exists("gs://some-bucket/run")
+
+
+# ----- gs:// error paths, against the emulator ------------------------------------------------------------
+
+def failing_first(monkeypatch, cls, method, errors):
+    """`cls.method` raises `errors` one after another on its first calls, then does its real work."""
+    real = getattr(cls, method)
+    pending = list(errors)
+
+    def wrapper(*args, **kwargs):
+        if pending:
+            raise pending.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cls, method, wrapper)
+    return pending
+
+
+def test_a_missing_gcs_object_fails_at_once_naming_it(gcs_bucket, cache, monkeypatch):
+    clock = Clock(monkeypatch)
+    url = f"{gcs_bucket}/gpt-2/models/124M/hparams.json"
+    with pytest.raises(files.FileFetchError) as info:
+        files.local_path(url)
+    message = str(info.value)
+    assert message.startswith(f"could not fetch {url}: NotFound: 404 ") and message.endswith(
+        f" (not retried); cache path {files.cache_path(url)}")
+    assert info.value.status == 404 and clock.waits == []
+    assert not os.path.exists(files.cache_path(url)) and leftovers(cache) == []
+    assert not files.exists(url)
+    upload(url, b"{}")
+    assert files.exists(url) and not os.path.exists(files.cache_path(url))  # asked, not fetched
+
+
+@pytest.mark.parametrize("error, transient", [
+    ("ServiceUnavailable", True), ("TooManyRequests", True), ("InternalServerError", True),
+    ("RequestRangeNotSatisfiable", True), ("Timeout", True), ("ChunkedEncodingError", True),
+    ("ConnectionReset", True), ("Forbidden", False), ("NotFound", False), ("TransportError", False)])
+def test_gcs_failures_are_retried_or_not_by_kind(gcs_bucket, cache, monkeypatch, error, transient):
+    from google.api_core import exceptions as api_exceptions
+    from google.auth import exceptions as auth_exceptions
+    clock = Clock(monkeypatch)
+    raised = {"ServiceUnavailable": api_exceptions.ServiceUnavailable("busy"),
+              "TooManyRequests": api_exceptions.TooManyRequests("slow down"),
+              "InternalServerError": api_exceptions.InternalServerError("oops"),
+              "RequestRangeNotSatisfiable": api_exceptions.RequestRangeNotSatisfiable("range"),
+              "Timeout": requests.exceptions.ReadTimeout("read timed out"),
+              "ChunkedEncodingError": requests.exceptions.ChunkedEncodingError("broken chunk"),
+              "ConnectionReset": requests.exceptions.ConnectionError("connection reset by peer"),
+              "Forbidden": api_exceptions.Forbidden("no access"),
+              "NotFound": api_exceptions.NotFound("gone"),
+              "TransportError": auth_exceptions.TransportError("no route to the token server")}[error]
+    url = f"{gcs_bucket}/data/file.bin"
+    upload(url, b"payload")
+    pending = failing_first(monkeypatch, storage.Blob, "download_to_file", [raised])
+    if transient:
+        with open(files.local_path(url), "rb") as f:
+            assert f.read() == b"payload"
+        assert pending == [] and len(clock.waits) == 1
+        return
+    with pytest.raises(files.FileFetchError) as info:
+        files.local_path(url)
+    message = str(info.value)
+    if error == "TransportError":
+        assert message == (f"could not fetch {url}: host unreachable (offline?): no route to the token server; "
+                           f"cache path {files.cache_path(url)}")
+    else:
+        assert message == (f"could not fetch {url}: {error}: {raised.code} {raised.message} (not retried); cache "
+                           f"path {files.cache_path(url)}")
+        assert info.value.status == raised.code
+    assert clock.waits == [] and not os.path.exists(files.cache_path(url)) and leftovers(cache) == []
+
+
+def test_an_unreachable_cloud_storage_fails_at_once_everywhere(tiny_run, cache, monkeypatch):
+    clock = Clock(monkeypatch)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", CLOSED_PORT)  # nothing answers there
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    tiny_run.save(1)
+    url = "gs://bucket/runs/r"
+    staging = os.path.join(str(cache), "staging", "bucket", "runs", "r")
+    for attempt, expected in [
+            (lambda: files.local_path(f"{url}/hparams.json"),
+             f"could not fetch {url}/hparams.json: host unreachable (offline?): "),
+            (lambda: files.exists(f"{url}/hparams.json"),
+             f"could not check whether {url}/hparams.json exists: host unreachable (offline?): "),
+            (lambda: files.staging_dir(url), f"could not list {url}: host unreachable (offline?): "),
+            (lambda: files.remote_dir_exists(url), f"could not list {url}: host unreachable (offline?): "),
+            (lambda: files.sync_up(tiny_run.directory, url),
+             f"could not upload to {url}/hparams.json: host unreachable (offline?): ")]:
+        with pytest.raises(files.FileFetchError) as info:
+            attempt()
+        assert str(info.value).startswith(expected), str(info.value)
+    assert str(info.value).endswith(f"; local path {os.path.join(tiny_run.directory, 'hparams.json')}")
+    assert clock.waits == [] and leftovers(cache) == []
+    assert not os.path.exists(files.cache_path(f"{url}/hparams.json"))
+    assert not os.listdir(staging) if os.path.exists(staging) else True
+
+
+def test_an_object_deleted_behind_the_runs_back_is_no_error(gcs_bucket, tiny_run, cache):
+    url = f"{gcs_bucket}/run"
+    tiny_run.save(1)
+    tiny_run.save(2)
+    files.sync_up(tiny_run.directory, url)
+    tiny_run.save(3)  # checkpoint 1 dropped locally: its objects are deleted at the next sync
+    bucket, _, prefix = url[len("gs://"):].partition("/")
+    storage.Client(project=None).bucket(bucket).blob(f"{prefix}/model/checkpoints/model.ckpt-1.index").delete()
+    assert sorted(files.sync_up(tiny_run.directory, url).deleted) == sorted(ckpt(1))
+    assert not ckpt(1) & set(remote_objects(url))
+
+
+def test_a_sync_record_that_is_unreadable_or_of_another_run_uploads_everything(gcs_bucket, tiny_run, cache):
+    url = f"{gcs_bucket}/run"
+    tiny_run.save(1)
+    everything = set(files.sync_up(tiny_run.directory, url).uploaded)
+    record = os.path.join(tiny_run.directory, files.SYNC_RECORD_NAME)
+    for content in ["not json", "[1, 2]", json.dumps({"save_dir": f"{gcs_bucket}/other", "files": {"x": {}}})]:
+        with open(record, "w") as f:
+            f.write(content)
+        assert set(files.sync_up(tiny_run.directory, url).uploaded) == everything
+        with open(record) as f:
+            assert json.load(f)["save_dir"] == url  # rewritten for this run
+    assert files.sync_up(tiny_run.directory, url) == files.Synced([], [])
+    os.remove(record)
+    assert set(files.sync_up(tiny_run.directory, url).uploaded) == everything
+
+
+def test_sync_up_needs_a_directory(gcs_bucket, tmp_path):
+    missing = str(tmp_path / "nothing")
+    with pytest.raises(ValueError) as info:
+        files.sync_up(missing, f"{gcs_bucket}/run")
+    assert str(info.value) == f"cannot upload {missing} to {gcs_bucket}/run: {missing} is not a directory"
+
+
+def test_staging_skips_folder_placeholders_and_refuses_unstorable_object_names(gcs_bucket, cache):
+    url = f"{gcs_bucket}/exp/run"
+    upload(f"{url}/hparams.json", b"{}")
+    upload(f"{url}/tb/", b"")  # a "folder" made in the web console
+    staging = files.staging_dir(url)
+    assert files._local_files(staging) == ["hparams.json"]
+    for bad in ["a//b", "./c"]:  # (the emulator cannot store a name with '..' in it)
+        bucket, _, _ = url[len("gs://"):].partition("/")
+        blob = storage.Client(project=None).bucket(bucket).blob(f"exp/run/{bad}")
+        blob.upload_from_string(b"x")
+        with pytest.raises(ValueError) as info:
+            files.staging_dir(url)
+        assert str(info.value) == (f"{url}: object 'exp/run/{bad}' cannot be stored as a local file (empty, '.' or "
+                                   f"'..' path component); rename or remove it")
+        blob.delete()
+
+
+def test_local_files_leave_out_the_sync_record_and_unfinished_writes(tmp_path):
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    for name in ["z.json", "a.txt", "b/c/d.bin", "b/c/d.bin.1234.part", files.SYNC_RECORD_NAME, "b/" +
+                 files.SYNC_RECORD_NAME]:
+        (tmp_path / name).write_text("x")
+    assert files._local_files(str(tmp_path)) == ["a.txt", "z.json", f"b/{files.SYNC_RECORD_NAME}", "b/c/d.bin"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("https://example.com/run", "'https://example.com/run': runs are saved to a local directory or a gs://BUCKET/PATH "
+                                "URL (https:// cannot be written)"),
+    ("gs://bucket/a/../b", "'gs://bucket/a/../b' is not a valid save directory (expected gs://BUCKET/PATH, without "
+                           "'.', '..', '?' or '#')"),
+    ("gs://bucket/./b", None), ("gs://bucket/run?x=1", None), ("gs://bucket/run#top", None), ("gs:///run", None)])
+def test_save_directory_urls_are_checked(url, message):
+    message = message or (f"{url!r} is not a valid save directory (expected gs://BUCKET/PATH, without '.', '..', "
+                          f"'?' or '#')")
+    for call in [files._run_location, files.remote_dir_exists, files.staging_dir]:
+        with pytest.raises(ValueError) as info:
+            call(url)
+        assert str(info.value) == message
+    assert files._run_location("gs://bucket//runs/x/") == ("bucket", "runs/x")
+    assert files._run_location("gs://bucket") == ("bucket", "")
