@@ -5,6 +5,12 @@ One MPI rank per GPU: rank `local_rank` on a machine sees only GPU `local_rank`,
 and with none everything runs on the CPU. `xla` switches on TensorFlow's XLA auto-clustering (JIT), one of
 the speed switches measured by bench.py.
 
+On a CPU, auto-clustering compiles nothing unless TF_XLA_FLAGS holds `--tf_xla_cpu_global_jit`, and TensorFlow
+reads that once per process, when it first lists its devices (a later change is ignored). So `import_tensorflow`,
+which every entry point calls before anything else touches TensorFlow, sets it on a machine without an NVIDIA
+GPU: `--run.xla on` then compiles on a CPU too. Without XLA switched on it changes nothing. A session asked for
+XLA on a CPU in a process that did not set it says once that XLA compiles nothing there, and what to set.
+
 Float32 means true float32: TensorFlow computes float32 matrix products in TF32 (10-bit mantissa) on
 Ampere and newer GPUs unless told otherwise, and the 2019 runs had no TF32. Every session made here sets
 TF32 explicitly, off unless `tf32=True` (`--run.tf32`), so results do not depend on the GPU generation.
@@ -30,6 +36,9 @@ _STARTUP_NOISE = re.compile(
     r"|[EW]\d{4} [\d:.]+ +\d+ \S+:\d+\] Unable to register cu(DNN|FFT|BLAS) factory.*")
 # On a machine without an NVIDIA GPU, a TensorFlow built with CUDA reports its failure to find one as an error.
 _NO_GPU_NOISE = re.compile(r"[EW]\d{4} [\d:.]+ +\d+ \S+:\d+\] failed call to cuInit: .*")
+
+# What lets XLA auto-clustering compile CPU ops (see the module docstring).
+CPU_XLA_FLAG = "--tf_xla_cpu_global_jit"
 
 
 def has_nvidia_device() -> bool:
@@ -67,9 +76,31 @@ def tensorflow_startup_quiet():
             sys.stderr.flush()
 
 
+def allow_xla_on_cpu():
+    """On a machine without an NVIDIA GPU, add CPU_XLA_FLAG to TF_XLA_FLAGS (this process's and the ones it starts),
+    unless the user's TF_XLA_FLAGS already says `--tf_xla_cpu_global_jit=...`. Effective only before TensorFlow first
+    lists its devices."""
+    if has_nvidia_device():
+        return
+    flags = os.environ.get("TF_XLA_FLAGS", "").split()
+    if not any(flag == CPU_XLA_FLAG or flag.startswith(CPU_XLA_FLAG + "=") for flag in flags):
+        os.environ["TF_XLA_FLAGS"] = " ".join(flags + [CPU_XLA_FLAG])
+
+
+def cpu_xla_enabled() -> bool:
+    """Whether TF_XLA_FLAGS lets auto-clustering compile CPU ops (`--tf_xla_cpu_global_jit`, or `=true`/`=1`)."""
+    for flag in os.environ.get("TF_XLA_FLAGS", "").split():
+        name, equals, value = flag.partition("=")
+        if name == CPU_XLA_FLAG:
+            return not equals or value.lower() in ("true", "1")
+    return False
+
+
 def import_tensorflow():
-    """`import tensorflow` without its start-up notices; the entry points call it before anything imports
-    TensorFlow (a later import finds the module loaded and prints nothing)."""
+    """`import tensorflow` without its start-up notices, XLA allowed to compile on a CPU (allow_xla_on_cpu); the
+    entry points call it before anything imports TensorFlow (a later import finds the module loaded and prints
+    nothing)."""
+    allow_xla_on_cpu()  # before gpu_count(): listing the devices fixes TensorFlow's XLA flags for the process
     with tensorflow_startup_quiet():
         import tensorflow as tf
         gpu_count()  # finding the devices is the other noisy step (cuInit)
@@ -90,7 +121,21 @@ def session_config(*, xla: bool = False):
         config.gpu_options.allow_growth = True  # several ranks may share a GPU on small machines
     if xla:
         config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1
+        if not gpu_count() and not cpu_xla_enabled():
+            _say_once(f"run.xla: XLA compiles nothing on a CPU unless TF_XLA_FLAGS={CPU_XLA_FLAG} is set before "
+                      f"TensorFlow first lists its devices; this process runs without it (./launch.py, sample.py and "
+                      f"bench.py set it themselves): set TF_XLA_FLAGS={CPU_XLA_FLAG} in the environment, or call "
+                      f"lm_human_preferences.utils.devices.import_tensorflow() before anything else uses TensorFlow")
     return config
+
+
+_said = set()
+
+
+def _say_once(message: str):
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def set_tf32(enabled: bool):
