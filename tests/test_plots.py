@@ -144,6 +144,18 @@ def test_a_policy_run_leaves_its_learning_curves_with_the_reward_model_it_traine
     assert capsys.readouterr().out.count("learning curves: ") == 1
 
 
+def test_a_run_saved_to_gs_uploads_its_learning_curves(tmp_path, gcs_bucket, monkeypatch):
+    monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "cache"))
+    hparams = tiny("train_reward", f"{gcs_bucket}/runs", "rm")
+    with tf.Graph().as_default():
+        train_reward.train(hparams)
+    from google.cloud import storage
+    bucket = storage.Client.create_anonymous_client().bucket(gcs_bucket[len("gs://"):])
+    uploaded = tmp_path / "uploaded.png"
+    bucket.blob(f"runs/rm/{plots.FILENAME}").download_to_filename(str(uploaded))
+    assert figure_record(uploaded)["panels"] == REWARD_PANELS
+
+
 def test_a_failed_drawing_costs_neither_the_run_nor_its_own_error(tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise OSError("disk full\nsecond line")
