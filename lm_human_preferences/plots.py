@@ -156,7 +156,8 @@ def _natural_key(text: str):
 
 
 EXPECTED_RUN = ("a train_reward or train_policy run directory (TensorBoard event files under RUN_DIR/tb/, e.g. "
-                "tb/ppo or tb/reward_model), or a sweep's directory SAVE_DIR/NAME whose trial directories are such runs")
+                "tb/ppo or tb/reward_model), or a sweep's directory SAVE_DIR/NAME whose trial directories are such "
+                "runs")
 
 
 def expand_runs(paths: Sequence[str]) -> List[str]:
