@@ -177,7 +177,7 @@ def test_descriptiveness_seeds_is_descriptiveness_over_seeds_1_2_3(tmp_path):
         assert hparams.run.save_dir == str(tmp_path / "seeds" / f"seed{seed}")
         single = launcher.resolve_hparams("train_policy", "descriptiveness", "seeds", save_dir=str(tmp_path),
                                           overrides={"run.seed": seed})
-        single.run.save_dir = hparams.run.save_dir
+        single.run.save_dir = single.rewards.train_new_model.run.save_dir = hparams.run.save_dir
         assert hparams == single  # the paper's experiment, only the seed (and directory) differ
     assert trials[2][1].rewards.train_new_model.run.seed == 1  # the nested reward experiment keeps its seed
 
