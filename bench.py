@@ -5,6 +5,7 @@
     ./bench.py --size 124M --batch 4             GPT-2 124M-shaped, random weights (nothing is downloaded)
     ./bench.py --size test --repeats 1 --growth_steps 1 --output /tmp/bench.json
     ./bench.py --size 124M --mixed_precision --xla --peak_flops 989e12
+    ./bench.py --size 124M --batch 8 --calibrate    measure the machine's limits only, cached in --output
 
 Models have random weights of the chosen size (`test`, `demo`, `small`, `124M`); every stage is timed after
 `warmup` untimed runs, as the median of `repeats` runs:
@@ -13,13 +14,18 @@ Models have random weights of the chosen size (`test`, `demo`, `small`, `124M`);
 * reward model: forward (query + response pairs per second) and one Adam step on best_of_4 labels;
 * one PPO update end to end (`train_policy.PPOTrainer.update`), split into its parts;
 * model-FLOPs utilisation: FLOPs counted from the shapes (lm_human_preferences/flops.py) / time / peak;
+* a roofline of every stage against this machine's measured limits (`--calibrate`: dense matmul FLOP/s at the
+  model's sizes and memory bandwidth, per compute dtype on a GPU): compute utilisation, memory utilisation
+  (bytes the stage must move, lm_human_preferences/flops.py) and which of the two bounds the stage;
 * peak host RSS, and peak GPU memory where there is a GPU;
 * cost growth: the PPO update while the batch size doubles, and while the response length doubles;
 * speed switches: XLA auto-clustering (`run.xla`) and bf16 mixed precision (`run.mixed_precision`, GPU only);
 * the gradient all-reduce: a GPT-2 124M-sized float32 buffer (about 500 MB) averaged over `allreduce_ranks` MPI
   ranks through each path (mpi4py, and horovod where `make horovod` built it), beside the PPO update's time.
 
-A table goes to stdout, everything to the JSON file `--output` (default bench_results.json).
+A table goes to stdout, everything to the JSON file `--output` (default bench_results.json). The machine's
+limits (the `calibration` entry) are measured once: a later run reads them back from `--output` when they were
+taken on the same device and TensorFlow, and measures only the matmul sizes still missing.
 """
 
 import os
@@ -48,7 +54,7 @@ from lm_human_preferences.utils.entry_points import fire_argv  # noqa: E402
 def main(size: str = "small", batch: int = None, query_length: int = None, response_length: int = None,
          warmup: int = 1, repeats: int = 3, noptepochs: int = 4, growth_steps: int = 2, switches: bool = True,
          xla: bool = False, mixed_precision: bool = False, peak_flops: float = None, allreduce_ranks: int = 2,
-         allreduce_elements: int = None,
+         allreduce_elements: int = None, calibrate: bool = False,
          output: str = "bench_results.json"):  # `int = None`: fire's --help shows Optional[int]
     """Benchmark one model size; see the module docstring.
 
@@ -67,12 +73,14 @@ def main(size: str = "small", batch: int = None, query_length: int = None, respo
         peak_flops: the device's peak FLOP/s for the MFU (default: a datasheet table or a CPU estimate)
         allreduce_ranks: MPI ranks of the all-reduce measurement (0: skip it)
         allreduce_elements: float32 values all-reduced (default: GPT-2 124M's parameter count, 124,439,808)
+        calibrate: measure this machine's limits afresh (matmul FLOP/s at this size and batch, memory
+            bandwidth), write them to --output and stop; without it, a benchmark reuses the limits cached there
         output: the JSON file written
     """
     run(str(size), batch=batch, query_length=query_length, response_length=response_length, warmup=warmup,
         repeats=repeats, noptepochs=noptepochs, growth_steps=growth_steps, switches=switches, xla=xla,
         mixed_precision=mixed_precision, peak_flops=peak_flops, allreduce_ranks=allreduce_ranks,
-        allreduce_elements=allreduce_elements, output=output)
+        allreduce_elements=allreduce_elements, calibrate=calibrate, output=output)
 
 
 if __name__ == "__main__" and fire_argv(sys.argv[1:]) != sys.argv[1:]:  # --help
@@ -92,7 +100,7 @@ from lm_human_preferences import flops, label_types, launcher, rewards  # noqa: 
 from lm_human_preferences.language import model as lm_model  # noqa: E402
 from lm_human_preferences.language.trained_models import TrainedModel  # noqa: E402
 from lm_human_preferences.train_policy import PPOTrainer  # noqa: E402
-from lm_human_preferences.utils import train_ops  # noqa: E402
+from lm_human_preferences.utils import files, train_ops  # noqa: E402
 
 REWARD_LABEL_TYPE = "best_of_4"
 PPO_PARTS = ("rollout", "ref_logprobs", "score", "ppo_epochs", "stats")
@@ -152,15 +160,39 @@ def timed_runs(fn: Callable, settings: Settings) -> List[tuple]:
     return runs
 
 
-def rate(runs, flop_count, peak, **counts) -> dict:
-    """Throughput figures of a stage whose timed `runs` each handled `counts` (e.g. tokens=...) and
-    `flop_count` FLOPs: median seconds, {unit}_per_second, FLOP/s and the model-FLOPs utilisation (None
-    without a known peak)."""
+@dataclass(frozen=True)
+class Ceilings:
+    """What a stage is compared with: the datasheet-style peak (for the MFU) and this machine's measured dense
+    matmul FLOP/s (in the stage's compute dtype) and memory bandwidth (for the roofline); None: unknown."""
+    peak_flops: Optional[float]
+    matmul_flops_per_second: Optional[Dict[str, float]] = None  # {compute dtype: FLOP/s}
+    bytes_per_second: Optional[float] = None
+
+    def matmul(self, dtype: str) -> Optional[float]:
+        rates = self.matmul_flops_per_second or {}
+        return rates.get(dtype, rates.get("float32"))
+
+
+def rate(runs, flop_count, ceilings: Ceilings, byte_count: Optional[int] = None, dtype: str = "float32",
+         **counts) -> dict:
+    """Throughput figures of a stage whose timed `runs` each handled `counts` (e.g. tokens=...), did
+    `flop_count` FLOPs and had to move `byte_count` bytes: median seconds, {unit}_per_second, FLOP/s, the
+    model-FLOPs utilisation (None without a known peak) and the roofline (flops.roofline) with a byte count."""
     seconds = float(statistics.median(run_seconds for run_seconds, _ in runs))
     achieved = flop_count / seconds
-    return {"seconds": seconds, "repeats_seconds": [run_seconds for run_seconds, _ in runs],
-            **{f"{unit}_per_second": count / seconds for unit, count in counts.items()},
-            "flops": int(flop_count), "flops_per_second": achieved, "mfu": None if not peak else achieved / peak}
+    peak = ceilings.peak_flops
+    figures = {"seconds": seconds, "repeats_seconds": [run_seconds for run_seconds, _ in runs],
+               **{f"{unit}_per_second": count / seconds for unit, count in counts.items()},
+               "flops": int(flop_count), "flops_per_second": achieved, "mfu": None if not peak else achieved / peak}
+    if byte_count is not None:
+        figures["roofline"] = stage_roofline(flop_count, byte_count, seconds, ceilings, dtype)
+    return figures
+
+
+def stage_roofline(flop_count, byte_count, seconds, ceilings: Ceilings, dtype: str) -> dict:
+    """flops.roofline against the matmul FLOP/s measured in the stage's compute `dtype`."""
+    return flops.roofline(flop_count=flop_count, byte_count=byte_count, seconds=seconds,
+                          matmul_flops_per_second=ceilings.matmul(dtype), bytes_per_second=ceilings.bytes_per_second)
 
 
 # ----- memory ---------------------------------------------------------------------------------------------------
@@ -235,6 +267,146 @@ def device_info(peak_flops: Optional[float], compute_dtype: str) -> dict:
             "peak_flops_source": source}
 
 
+# ----- calibration: this machine's measured limits --------------------------------------------------------------
+
+# The array read and copied to measure memory bandwidth: 8x the largest last-level caches of common CPUs.
+BANDWIDTH_ARRAY_BYTES = 256 * 2 ** 20
+# A timed run of a calibration op repeats it until it lasts this long (tiny matmuls take microseconds).
+CALIBRATION_MIN_SECONDS = 0.05
+
+
+def calibration_dtypes(device: dict) -> List[str]:
+    """The compute dtypes whose matmuls are measured: float32, and on a GPU (or with mixed precision) bfloat16."""
+    return ["float32"] + (["bfloat16"] if device["kind"] == "gpu" or device["compute_dtype"] == "bfloat16" else [])
+
+
+def matmul_shapes(hparams, tokens: int) -> List[List[int]]:
+    """[m, k, n] of the model's matmuls on `tokens` positions at once (a training or scoring pass): QKV,
+    attention projection, MLP in and out, the tied output layer."""
+    e = hparams.n_embd
+    shapes = [[tokens, e, 3 * e], [tokens, e, e], [tokens, e, 4 * e], [tokens, 4 * e, e], [tokens, e, hparams.n_vocab]]
+    return [list(shape) for shape in dict.fromkeys(map(tuple, shapes))]  # distinct, in order
+
+
+def time_op(sess, op, settings: Settings) -> List[float]:
+    """Seconds per run of `op` (fetched as an op: nothing is copied out), `repeats` medians of enough back-to-back
+    runs to last CALIBRATION_MIN_SECONDS, after `warmup` (at least one) untimed runs."""
+    for _ in range(max(1, settings.warmup)):
+        sess.run(op)
+    start = time.perf_counter()
+    sess.run(op)
+    number = max(1, int(np.ceil(CALIBRATION_MIN_SECONDS / max(time.perf_counter() - start, 1e-9))))
+    runs = []
+    for _ in range(settings.repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            sess.run(op)
+        runs.append((time.perf_counter() - start) / number)
+    return runs
+
+
+def measure_matmul(m: int, k: int, n: int, dtype: str, settings: Settings) -> dict:
+    """Dense [m, k] x [k, n] matmul FLOP/s (2·m·k·n FLOPs) in `dtype`, inputs in variables."""
+    with tf.Graph().as_default():
+        a = tf1.get_variable("a", [m, k], tf.float32, tf1.random_normal_initializer())
+        b = tf1.get_variable("b", [k, n], tf.float32, tf1.random_normal_initializer())
+        a_in, b_in = tf.cast(a, dtype), tf.cast(b, dtype)
+        if dtype != "float32":  # cast once, outside the timed op: the calibration times the matmul alone
+            a_in, b_in = tf1.Variable(a_in, trainable=False), tf1.Variable(b_in, trainable=False)
+        product = tf.matmul(a_in, b_in)
+        with devices.new_session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            if dtype != "float32":
+                sess.run([a_in.initializer, b_in.initializer])
+            runs = time_op(sess, product.op, settings)
+    seconds = float(statistics.median(runs))
+    return {"dtype": dtype, "shape": [m, k, n], "seconds": seconds, "repeats_seconds": runs,
+            "flops_per_second": 2 * m * k * n / seconds}
+
+
+def measure_bandwidth(nbytes: int, settings: Settings) -> dict:
+    """Memory bandwidth: a sum over a float32 array of `nbytes` (reads it once) and a scaled copy of it (x · s
+    with s a variable, which no graph rewrite removes: reads the array and writes a new one, 2·nbytes moved).
+    `bytes_per_second` is the larger of the two rates."""
+    elements = nbytes // 4
+    with tf.Graph().as_default():
+        x = tf1.get_variable("x", [elements], tf.float32, tf1.ones_initializer())
+        scale = tf1.get_variable("scale", [], tf.float32, tf1.ones_initializer())
+        value = tf.convert_to_tensor(x)
+        read, copy = tf.reduce_sum(value), value * scale
+        with devices.new_session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            read_runs = time_op(sess, read.op, settings)
+            copy_runs = time_op(sess, copy.op, settings)
+    read_rate = elements * 4 / statistics.median(read_runs)
+    copy_rate = 2 * elements * 4 / statistics.median(copy_runs)
+    return {"array_bytes": elements * 4, "read_bytes_per_second": read_rate, "read_repeats_seconds": read_runs,
+            "copy_bytes_per_second": copy_rate, "copy_repeats_seconds": copy_runs,
+            "bytes_per_second": max(read_rate, copy_rate), "from": "read" if read_rate >= copy_rate else "copy"}
+
+
+def calibration_key(device: dict) -> dict:
+    """What the measured limits belong to: a cached calibration is reused only on the same device and
+    TensorFlow."""
+    return {"kind": device["kind"], "name": device["name"], "count": device["count"], "tensorflow": tf.__version__}
+
+
+def read_cached_calibration(path: Optional[str]) -> Optional[dict]:
+    """The `calibration` entry of an earlier bench JSON at `path`, or None (no file, none in it, unreadable)."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            cached = json.load(f).get("calibration")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cached if isinstance(cached, dict) else None
+
+
+def calibrate_machine(device: dict, model_hparams, shape: Shape, settings: Settings, cached: Optional[dict],
+                      log) -> dict:
+    """This machine's limits: dense matmul FLOP/s at the model's sizes (`tokens` = batch x (query + response)
+    positions) in each compute dtype, and memory bandwidth. Figures in `cached` taken on the same device and
+    TensorFlow are reused; only what is missing is measured.
+
+    matmul_flops_per_second {dtype: the best of this batch's sizes}: the reference of the compute utilisation."""
+    key = calibration_key(device)
+    usable = cached if cached and cached.get("key") == key else None
+    tokens = shape.batch * (shape.query_length + shape.response_length)
+    matmuls = [entry for entry in (usable or {}).get("matmuls", []) if isinstance(entry, dict)]
+    reused = 0
+    for dtype in calibration_dtypes(device):
+        for m, k, n in matmul_shapes(model_hparams, tokens):
+            if any(entry.get("dtype") == dtype and entry.get("shape") == [m, k, n] for entry in matmuls):
+                reused += 1
+                continue
+            log(f"  calibration: {dtype} matmul [{m}, {k}] x [{k}, {n}] ...")
+            matmuls.append(measure_matmul(m, k, n, dtype, settings))
+    memory = (usable or {}).get("memory")
+    if memory is None:
+        log(f"  calibration: memory bandwidth ({si(BANDWIDTH_ARRAY_BYTES, 'B')} read and copied) ...")
+        memory = measure_bandwidth(BANDWIDTH_ARRAY_BYTES, settings)
+    best = {}  # over this size and batch's matmuls (the cache may also hold other batches')
+    needed = matmul_shapes(model_hparams, tokens)
+    for entry in matmuls:
+        if entry["shape"] in needed:
+            best[entry["dtype"]] = max(best.get(entry["dtype"], 0.0), entry["flops_per_second"])
+    return {"key": key, "tf32": device["kind"] == "gpu" and tf.config.experimental.tensor_float_32_execution_enabled(),
+            "matmuls": matmuls, "matmul_flops_per_second": best, "memory": memory,
+            "bytes_per_second": memory["bytes_per_second"],
+            "reused": f"{reused} matmul sizes{' and the bandwidth' if usable and usable.get('memory') else ''} "
+                      f"cached in the output file" if usable else None}
+
+
+def limits(calibration: Optional[dict], compute_dtype: str) -> dict:
+    """{matmul_flops_per_second, bytes_per_second} for a stage computing in `compute_dtype` (None: unknown)."""
+    if not calibration:
+        return {"matmul_flops_per_second": None, "bytes_per_second": None}
+    rates = calibration["matmul_flops_per_second"]
+    return {"matmul_flops_per_second": rates.get(compute_dtype, rates.get("float32")),
+            "bytes_per_second": calibration["bytes_per_second"]}
+
+
 # ----- PPO: sampling and whole updates --------------------------------------------------------------------------
 
 def ppo_hparams(shape: Shape, settings: Settings, *, xla: bool, mixed_precision: bool):
@@ -252,7 +424,7 @@ def random_tokens(rng, n_vocab, *shape):
     return rng.randint(0, n_vocab, size=shape).astype(np.int32)
 
 
-def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, peak, *, xla=None,
+def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, ceilings: Ceilings, *, xla=None,
                 mixed_precision=None, sampling=True) -> dict:
     """Build a PPOTrainer (policy, reference policy and reward model from `trained_model`) and time sampling
     (optional) and whole PPO updates."""
@@ -260,6 +432,8 @@ def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, p
     mixed_precision = settings.mixed_precision if mixed_precision is None else mixed_precision
     hparams = ppo_hparams(shape, settings, xla=xla, mixed_precision=mixed_precision)
     model_hparams = trained_model.hparams()
+    dtype = "bfloat16" if mixed_precision else "float32"
+    dtype_bytes = 2 if mixed_precision else flops.FLOAT32_BYTES
     queries = random_tokens(np.random.RandomState(0), model_hparams.n_vocab, shape.batch, shape.query_length)
     results = {"batch": shape.batch, "query_length": shape.query_length, "response_length": shape.response_length,
                "xla": xla, "mixed_precision": mixed_precision}
@@ -274,8 +448,14 @@ def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, p
                 runs = timed_runs(lambda: trainer.sess.run(trainer.rollout_op, feed), settings)
                 sample_flops = flops.sampling_flops(model_hparams, batch=shape.batch, context_length=context_length,
                                                     response_length=shape.response_length)
-                results["sampling"] = rate(runs, sample_flops, peak,
+                sample_bytes = flops.sampling_bytes(model_hparams, batch=shape.batch,
+                                                    context_length=context_length,
+                                                    response_length=shape.response_length, dtype_bytes=dtype_bytes)
+                results["sampling"] = rate(runs, sample_flops, ceilings, sample_bytes, dtype,
                                            tokens=shape.batch * shape.response_length)
+                # one token step: the model call that reads every weight once (the context's call included)
+                results["sampling"]["seconds_per_token_step"] = \
+                    results["sampling"]["seconds"] / shape.response_length
                 results["sampling"]["memory"] = memory_after_stage()
             runs = timed_runs(lambda: trainer.update(queries, 0)[1]["timings"], settings)
         finally:
@@ -283,13 +463,22 @@ def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, p
     part_flops = flops.ppo_update_flops(model_hparams, model_hparams, batch=shape.batch,
                                         context_length=context_length, query_length=shape.query_length,
                                         response_length=shape.response_length, noptepochs=settings.noptepochs)
-    update = rate(runs, sum(part_flops.values()), peak, episodes=shape.batch)
+    part_bytes = flops.ppo_update_bytes(model_hparams, model_hparams, batch=shape.batch,
+                                        context_length=context_length, query_length=shape.query_length,
+                                        response_length=shape.response_length, noptepochs=settings.noptepochs,
+                                        dtype_bytes=dtype_bytes)
+    update = rate(runs, sum(part_flops.values()), ceilings, sum(part_bytes.values()), dtype,
+                  episodes=shape.batch)
     update["parts"] = {}
+    peak = ceilings.peak_flops
     for part in PPO_PARTS:
         seconds = float(statistics.median(timings[part] for _, timings in runs))
         update["parts"][part] = {"seconds": seconds, "share": seconds / update["seconds"], "flops": part_flops[part],
                                  "mfu": None if not peak or not part_flops[part] else
                                  part_flops[part] / seconds / peak}
+        if part_bytes[part]:
+            update["parts"][part]["roofline"] = stage_roofline(part_flops[part], part_bytes[part], seconds,
+                                                                    ceilings, dtype)
     update["memory"] = memory_after_stage()
     results["ppo_update"] = update
     return results
@@ -297,7 +486,7 @@ def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, p
 
 # ----- reward model ---------------------------------------------------------------------------------------------
 
-def measure_reward_model(trained_model: TrainedModel, shape: Shape, settings: Settings, peak) -> dict:
+def measure_reward_model(trained_model: TrainedModel, shape: Shape, settings: Settings, ceilings: Ceilings) -> dict:
     """Reward model forward on (query, response) pairs and training steps on best_of_4 labels."""
     model_hparams = trained_model.hparams()
     label_type = label_types.get(REWARD_LABEL_TYPE)
@@ -322,11 +511,16 @@ def measure_reward_model(trained_model: TrainedModel, shape: Shape, settings: Se
             forward_memory = memory_after_stage()
             train_runs = timed_runs(lambda: optimizer.step(sess, [feed]), settings)
     shapes = dict(query_length=shape.query_length, response_length=shape.response_length)
-    forward = rate(forward_runs, flops.reward_flops(model_hparams, batch=shape.batch, **shapes), peak,
+    dtype = "bfloat16" if settings.mixed_precision else "float32"
+    dtype_bytes = 2 if settings.mixed_precision else flops.FLOAT32_BYTES
+    forward = rate(forward_runs, flops.reward_flops(model_hparams, batch=shape.batch, **shapes), ceilings,
+                   flops.reward_bytes(model_hparams, batch=shape.batch, dtype_bytes=dtype_bytes, **shapes), dtype,
                    examples=shape.batch)  # an example: one query + response
     forward["memory"] = forward_memory
     train = rate(train_runs, flops.reward_training_flops(
-        model_hparams, batch=shape.batch, num_samples=label_type.num_samples, **shapes), peak,
+        model_hparams, batch=shape.batch, num_samples=label_type.num_samples, **shapes), ceilings,
+        flops.reward_training_bytes(model_hparams, batch=shape.batch, num_samples=label_type.num_samples,
+                                    dtype_bytes=dtype_bytes, **shapes), dtype,
         examples=shape.batch)  # an example: one label, a query and its 4 responses
     train["memory"] = memory_after_stage()
     return {"label_type": REWARD_LABEL_TYPE, "forward": forward, "train": train}
@@ -334,7 +528,7 @@ def measure_reward_model(trained_model: TrainedModel, shape: Shape, settings: Se
 
 # ----- cost growth and switches ---------------------------------------------------------------------------------
 
-def growth_rows(trained_model, base: dict, shape: Shape, settings: Settings, peak, *, dimension: str,
+def growth_rows(trained_model, base: dict, shape: Shape, settings: Settings, ceilings: Ceilings, *, dimension: str,
                 steps: int, log) -> List[dict]:
     """The PPO update at `shape` (the base measurement) and with `dimension` doubled `steps` times."""
     rows = [base]
@@ -349,7 +543,7 @@ def growth_rows(trained_model, base: dict, shape: Shape, settings: Settings, pea
                                     f"exceed the model's n_ctx {n_ctx}"})
             break
         log(f"  growth: {dimension} x{factor} ...")
-        rows.append(measure_ppo(trained_model, bigger, settings, peak, sampling=False))
+        rows.append(measure_ppo(trained_model, bigger, settings, ceilings, sampling=False))
     table = []
     previous = None
     for row in rows:
@@ -435,10 +629,12 @@ def run(size: str = "small", *, batch: Optional[int] = None, query_length: Optio
         response_length: Optional[int] = None, warmup: int = 1, repeats: int = 3, noptepochs: int = 4,
         growth_steps: int = 2, switches: bool = True, xla: bool = False, mixed_precision: bool = False,
         peak_flops: Optional[float] = None, allreduce_ranks: int = 2, allreduce_elements: Optional[int] = None,
-        output: Optional[str] = "bench_results.json",
+        calibrate: bool = False, output: Optional[str] = "bench_results.json",
         log: Callable[[str], None] = print) -> dict:
     """Run every benchmark at one model size; returns the results (also written to `output` as JSON, unless
-    None) after printing the table through `log`."""
+    None) after printing the table through `log`. The machine's limits are those cached in `output` (same
+    device and TensorFlow), measured where missing; with `calibrate`, they are measured afresh and nothing
+    else is run (the results then hold `config`, `device` and `calibration` only)."""
     if size not in SIZES:
         raise ValueError(f"bench.py: unknown --size {size!r}; known sizes: {', '.join(SIZES)}")
     preset = SIZES[size]
@@ -458,7 +654,6 @@ def run(size: str = "small", *, batch: Optional[int] = None, query_length: Optio
         raise ValueError(f"bench.py: --query_length {shape.query_length} + --response_length "
                          f"{shape.response_length} exceed the {size} model's n_ctx {model_hparams.n_ctx}")
     device = device_info(peak_flops, "bfloat16" if settings.mixed_precision else "float32")
-    peak = device["peak_flops"]
     results = {
         "config": {"size": size, "model": preset.description, "model_hparams": model_hparams.to_nested_dict(),
                    "batch": shape.batch, "query_length": shape.query_length,
@@ -468,24 +663,34 @@ def run(size: str = "small", *, batch: Optional[int] = None, query_length: Optio
         "device": device,
     }
     log(header(results))
+    cached = None if calibrate else read_cached_calibration(output)
+    calibration = calibrate_machine(device, model_hparams, shape, settings, cached, log)
+    results["calibration"] = calibration
+    if calibrate:
+        log(calibration_report(calibration))
+        write_results(results, output, log)
+        return results
+    ceilings = Ceilings(device["peak_flops"], calibration["matmul_flops_per_second"],
+                        calibration["bytes_per_second"])
     log("  PPO trainer: sampling and updates ...")
-    base = measure_ppo(trained_model, shape, settings, peak)
+    base = measure_ppo(trained_model, shape, settings, ceilings)
     results["sampling"] = base["sampling"]
     results["ppo_update"] = base["ppo_update"]
     log("  reward model ...")
-    results["reward_model"] = measure_reward_model(trained_model, shape, settings, peak)
-    results["growth"] = {dimension: growth_rows(trained_model, base, shape, settings, peak, dimension=dimension,
+    results["reward_model"] = measure_reward_model(trained_model, shape, settings, ceilings)
+    results["growth"] = {dimension: growth_rows(trained_model, base, shape, settings, ceilings, dimension=dimension,
                                                 steps=growth_steps, log=log)
                          for dimension in ("batch", "response_length")}
     results["switches"] = {}
     if switches:
         log("  switch: xla ...")
-        flipped = measure_ppo(trained_model, shape, settings, peak, xla=not settings.xla)
+        flipped = measure_ppo(trained_model, shape, settings, ceilings, xla=not settings.xla)
         off, on = (base, flipped) if not settings.xla else (flipped, base)
         results["switches"]["xla"] = {**switch_entry(off, on), "note": xla_note()}
         if devices.gpu_count() or settings.mixed_precision:
             log("  switch: mixed_precision ...")
-            flipped = measure_ppo(trained_model, shape, settings, peak, mixed_precision=not settings.mixed_precision)
+            flipped = measure_ppo(trained_model, shape, settings, ceilings,
+                                  mixed_precision=not settings.mixed_precision)
             off, on = (base, flipped) if not settings.mixed_precision else (flipped, base)
             results["switches"]["mixed_precision"] = {**switch_entry(off, on), "note": None}
         else:
@@ -497,12 +702,14 @@ def run(size: str = "small", *, batch: Optional[int] = None, query_length: Optio
     results["allreduce"] = measure_allreduce(allreduce_elements, allreduce_ranks, settings)
     results["memory"] = overall_memory(results)
     log(report(results))
-    if output:
-        with open(output, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        log(f"wrote {output}")
+    write_results(results, output, log)
     return results
+
+
+def write_results(results: dict, output: Optional[str], log):
+    if output:
+        files.write_text_atomic(output, json.dumps(results, indent=2) + "\n")
+        log(f"wrote {output}")
 
 
 # ----- the table ------------------------------------------------------------------------------------------------
@@ -529,6 +736,55 @@ def header(results: dict) -> str:
             f"{config['warmup']} warm-up\n"
             f"device: {device['kind']} {device['name']} x{device['count']}; peak {si(device['peak_flops'], 'FLOP/s')} "
             f"({device['peak_flops_source']})")
+
+
+def calibration_report(calibration: dict) -> str:
+    """The measured limits: each matmul size and dtype, the best per dtype, and the memory bandwidth."""
+    lines = ["", "this machine's measured limits" + (f" ({calibration['reused']})" if calibration["reused"] else "")]
+    for entry in calibration["matmuls"]:
+        m, k, n = entry["shape"]
+        lines.append(f"  {entry['dtype']:<9} matmul [{m}, {k}] x [{k}, {n}]{'':<4}{si(entry['flops_per_second'], 'FLOP/s')}")
+    for dtype, value in calibration["matmul_flops_per_second"].items():
+        lines.append(f"  {dtype:<9} matmul, best of these sizes: {si(value, 'FLOP/s')}")
+    memory = calibration["memory"]
+    lines.append(f"  memory bandwidth {si(memory['bytes_per_second'], 'B/s')} (read {si(memory['read_bytes_per_second'], 'B/s')},"
+                 f" copy {si(memory['copy_bytes_per_second'], 'B/s')}, {si(memory['array_bytes'], 'B')} array); "
+                 f"ridge point {calibration_ridge(calibration):.1f} FLOP/byte")
+    return "\n".join(lines)
+
+
+def calibration_ridge(calibration: dict) -> float:
+    """FLOP per byte above which a float32 stage is compute-bound on this machine."""
+    return calibration["matmul_flops_per_second"]["float32"] / calibration["bytes_per_second"]
+
+
+def roofline_rows(results: dict):
+    """(name, figures) of every stage that has a roofline."""
+    yield "sampling (rollout)", results["sampling"]
+    for part in ("ref_logprobs", "score", "ppo_epochs"):
+        yield f"PPO {part}", results["ppo_update"]["parts"][part]
+    yield "PPO update (whole)", results["ppo_update"]
+    yield "reward model forward", results["reward_model"]["forward"]
+    yield "reward model train", results["reward_model"]["train"]
+
+
+def roofline_report(results: dict) -> List[str]:
+    lines = ["", "roofline against the measured limits (utilisation = model FLOP/s / matmul FLOP/s, bytes that must "
+                 "move / s / bandwidth)",
+             f"{'stage':<24}{'seconds':>9}{'FLOP/s':>11}{'compute':>9}{'bytes/s':>11}{'memory':>9}{'FLOP/B':>8}"
+             f"{'bound':>9}{'of bound':>10}"]
+    for name, figures in roofline_rows(results):
+        roof = figures.get("roofline")
+        if roof is None:
+            continue
+        flop_rate = figures["flops"] / figures["seconds"]
+        intensity = "-" if roof["arithmetic_intensity"] is None else f"{roof['arithmetic_intensity']:.1f}"
+        lines.append(f"{name:<24}{figures['seconds']:>9.4f}{si(flop_rate):>11}{percent(roof['compute_utilisation']):>9}"
+                     f"{si(roof['bytes_per_second'], 'B'):>11}{percent(roof['memory_utilisation']):>9}{intensity:>8}"
+                     f"{roof['bound'] or '-':>9}{percent(roof['bound_utilisation']):>10}")
+    sampling = results["sampling"]
+    lines.append(f"sampling: {sampling['seconds_per_token_step'] * 1e3:.1f} ms per token step")
+    return lines
 
 
 def report(results: dict) -> str:
@@ -558,6 +814,8 @@ def report(results: dict) -> str:
         share = figures["seconds"] / results["ppo_update"]["seconds"]
         lines.append(f"  {path:<32}{figures['seconds']:>10.4f}  {si(figures['bus_bytes_per_second'], 'B/s') + ' bus':<24}"
                      f"  {share:.2f}x the PPO update's time")
+    lines.append(calibration_report(results["calibration"]))
+    lines += roofline_report(results)
     gpu = results["memory"]["gpu_peak_bytes"]
     lines.append(f"peak host RSS {si(results['memory']['host_peak_rss_bytes'], 'B')}"
                  + ("" if gpu is None else f"; peak GPU memory {si(gpu, 'B')}"))

@@ -1,4 +1,5 @@
-"""FLOPs the model math needs, counted from shapes, and the peak FLOP/s of a device (for bench.py).
+"""FLOPs and bytes the model math needs, counted from shapes, the peak FLOP/s of a device, and the roofline
+of a stage against measured limits (for bench.py).
 
 Counting convention (the usual one for model-FLOPs utilisation):
 
@@ -16,6 +17,23 @@ The counts follow what the graphs compute (see policy.py, rewards.py, language/s
 cache feeds the context once and then one token per step; the reward model never computes logits (TensorFlow
 runs only the ops a fetch needs); `analyze_responses` feeds context + response[:-1] and computes logits for
 the last `response_length` positions.
+
+Bytes (the memory side of the roofline) are a lower bound on the traffic to and from main memory that the
+same math needs however well it is scheduled, at `dtype_bytes` per value (4 for float32):
+
+* per model call, every matmul weight is read once (12·e² per layer; the tied output layer's n_vocab·e when
+  logits are computed): in sampling, one call per token step, so the weights are read once per step;
+* activations that the matmuls read and write: per layer and token 16·e values (QKV in e, out 3e; projection
+  in e, out e; MLP in e, out 4e; in 4e, out e); the cached keys and values read once per call
+  (2·e per key position and layer) and the new ones written; the attention score matrix written once and read
+  once (heads·tokens·keys, float32); the logits written once and read once (float32);
+* a training step moves 3 × its forward bytes (the backward pass reads the weights and activations again and
+  writes the gradients), plus Adam's update of every parameter: read the parameter, its gradient and both
+  moments, write the parameter and both moments (7 values per parameter, float32).
+
+Elementwise work (layer norms, GELU, residual adds) is counted neither as FLOPs nor as bytes: a fused kernel
+needs no traffic of its own for it. The counts are what a stage must move at least; what the graph moves is
+more (see bench.py's roofline, which compares the two only through time).
 """
 
 import re
@@ -95,6 +113,115 @@ def ppo_update_flops(policy: "HParams", reward: "HParams", *, batch: int, contex
         "ppo_epochs": noptepochs * TRAIN_STEP_MULTIPLIER * analyze_responses_flops(policy, **shape),
         "stats": 0,
     }
+
+
+# ----- bytes ----------------------------------------------------------------------------------------------------
+
+FLOAT32_BYTES = 4
+# Values Adam reads and writes per parameter and step: read the parameter, its gradient, m and v; write the
+# parameter, m and v.
+ADAM_VALUES_PER_PARAMETER = 7
+# Activation values per layer and token that the four matmuls of a block read and write (see the docstring).
+MATMUL_ACTIVATIONS_PER_TOKEN = 16
+
+
+def parameter_count(hparams: "HParams", scalar_heads: int = 0) -> int:
+    """Every trainable value: embeddings (n_vocab·e + n_ctx·e), per layer the four matmuls' 12·e² weights and
+    biases (9·e) and two layer norms (4·e), the final layer norm (2·e) and e + 1 per scalar head."""
+    e = hparams.n_embd
+    per_layer = 12 * e * e + 9 * e + 4 * e
+    return (hparams.n_vocab * e + hparams.n_ctx * e + hparams.n_layer * per_layer + 2 * e
+            + scalar_heads * (e + 1))
+
+
+def forward_bytes(hparams: "HParams", *, batch: int, tokens: int, keys: Optional[int] = None, logits: int = 0,
+                  dtype_bytes: int = FLOAT32_BYTES) -> int:
+    """Bytes one Model call must move at least (see the module docstring); arguments as `forward_flops`."""
+    keys = tokens if keys is None else keys
+    e, layers = hparams.n_embd, hparams.n_layer
+    weights = layers * 12 * e * e + (hparams.n_vocab * e if logits else 0)
+    activations = batch * tokens * layers * MATMUL_ACTIVATIONS_PER_TOKEN * e
+    cache = batch * layers * 2 * e * keys  # keys and values read (the new ones written are part of `keys`)
+    values = dtype_bytes * (weights + activations + cache)
+    scores = FLOAT32_BYTES * 2 * batch * layers * hparams.n_head * tokens * keys  # written once, read once
+    output = FLOAT32_BYTES * 2 * batch * logits * hparams.n_vocab  # written once, read once
+    return values + scores + output
+
+
+def sampling_bytes(hparams: "HParams", *, batch: int, context_length: int, response_length: int,
+                   dtype_bytes: int = FLOAT32_BYTES) -> int:
+    """Policy.respond_op, call by call as `sampling_flops`: the weights are read once per token step."""
+    first = forward_bytes(hparams, batch=batch, tokens=context_length, logits=1, dtype_bytes=dtype_bytes)
+    return first + sum(forward_bytes(hparams, batch=batch, tokens=1, keys=context_length + step, logits=1,
+                                     dtype_bytes=dtype_bytes) for step in range(1, response_length))
+
+
+def analyze_responses_bytes(hparams: "HParams", *, batch: int, context_length: int, response_length: int,
+                            dtype_bytes: int = FLOAT32_BYTES) -> int:
+    return forward_bytes(hparams, batch=batch, tokens=context_length + response_length - 1,
+                         logits=response_length, dtype_bytes=dtype_bytes)
+
+
+def reward_bytes(hparams: "HParams", *, batch: int, query_length: int, response_length: int,
+                 dtype_bytes: int = FLOAT32_BYTES) -> int:
+    return forward_bytes(hparams, batch=batch, tokens=query_length + response_length, dtype_bytes=dtype_bytes)
+
+
+def adam_bytes(parameters: int) -> int:
+    """One Adam step over `parameters` float32 values."""
+    return FLOAT32_BYTES * ADAM_VALUES_PER_PARAMETER * parameters
+
+
+def reward_training_bytes(hparams: "HParams", *, batch: int, num_samples: int, query_length: int,
+                          response_length: int, dtype_bytes: int = FLOAT32_BYTES) -> int:
+    """One reward-model training step: N reward passes forward + backward, then Adam over every parameter."""
+    passes = TRAIN_STEP_MULTIPLIER * num_samples * reward_bytes(
+        hparams, batch=batch, query_length=query_length, response_length=response_length, dtype_bytes=dtype_bytes)
+    return passes + adam_bytes(parameter_count(hparams, scalar_heads=1))
+
+
+def ppo_update_bytes(policy: "HParams", reward: "HParams", *, batch: int, context_length: int, query_length: int,
+                     response_length: int, noptepochs: int, nminibatches: int = 1,
+                     dtype_bytes: int = FLOAT32_BYTES) -> Dict[str, int]:
+    """One PPO update by part, as `ppo_update_flops`; each epoch takes `nminibatches` Adam steps."""
+    shape = dict(batch=batch, context_length=context_length, response_length=response_length,
+                 dtype_bytes=dtype_bytes)
+    analyze = analyze_responses_bytes(policy, **shape)
+    return {
+        "rollout": sampling_bytes(policy, **shape),
+        "ref_logprobs": analyze,
+        "score": reward_bytes(reward, batch=batch, query_length=query_length, response_length=response_length,
+                              dtype_bytes=dtype_bytes),
+        "ppo_epochs": noptepochs * (TRAIN_STEP_MULTIPLIER * analyze
+                                    + nminibatches * adam_bytes(parameter_count(policy, scalar_heads=1))),
+        "stats": 0,
+    }
+
+
+# ----- the roofline ---------------------------------------------------------------------------------------------
+
+def roofline(*, flop_count: int, byte_count: int, seconds: float, matmul_flops_per_second: Optional[float],
+             bytes_per_second: Optional[float]) -> dict:
+    """Where a stage that did `flop_count` FLOPs and had to move `byte_count` bytes in `seconds` stands against
+    this machine's measured matmul FLOP/s and memory bandwidth.
+
+    compute_utilisation = FLOP/s / matmul FLOP/s; memory_utilisation = bytes/s / bandwidth; the bound is the
+    one whose time at the measured limit is the longer ("compute" when the arithmetic intensity FLOP/byte is
+    at least the machine's ridge point matmul FLOP/s / bandwidth, else "memory"); roofline_seconds is that
+    time, and bound_utilisation = roofline_seconds / seconds, the utilisation of the limit that applies (1 =
+    the stage runs at this machine's measured limit)."""
+    result = {"bytes": int(byte_count), "bytes_per_second": byte_count / seconds,
+              "arithmetic_intensity": flop_count / byte_count if byte_count else None,
+              "compute_utilisation": None, "memory_utilisation": None, "bound": None, "roofline_seconds": None,
+              "bound_utilisation": None}
+    if matmul_flops_per_second and bytes_per_second:
+        compute_seconds = flop_count / matmul_flops_per_second
+        memory_seconds = byte_count / bytes_per_second
+        bound_seconds = max(compute_seconds, memory_seconds)
+        result.update(compute_utilisation=compute_seconds / seconds, memory_utilisation=memory_seconds / seconds,
+                      bound="compute" if compute_seconds >= memory_seconds else "memory",
+                      roofline_seconds=bound_seconds, bound_utilisation=bound_seconds / seconds)
+    return result
 
 
 # ----- device peaks ---------------------------------------------------------------------------------------------

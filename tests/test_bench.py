@@ -141,8 +141,8 @@ def test_benchmark_runs_on_the_test_size_and_its_json_has_every_field(tmp_path):
                          allreduce_elements=1000, output=str(output), log=lines.append)
     results = json.loads(output.read_text())
     assert results == json.loads(json.dumps(returned))
-    assert set(results) == {"config", "device", "sampling", "ppo_update", "reward_model", "growth", "switches",
-                            "allreduce", "memory"}
+    assert set(results) == {"config", "device", "calibration", "sampling", "ppo_update", "reward_model", "growth",
+                            "switches", "allreduce", "memory"}
     config = results["config"]
     assert {"size", "model", "model_hparams", "batch", "query_length", "response_length", "warmup", "repeats",
             "noptepochs", "nminibatches", "xla", "mixed_precision", "tensorflow"} <= set(config)
@@ -154,19 +154,19 @@ def test_benchmark_runs_on_the_test_size_and_its_json_has_every_field(tmp_path):
 
     hparams = TrainedModel("test").hparams()
     sampling = results["sampling"]
-    assert STAGE_FIELDS | {"tokens_per_second"} == set(sampling)
+    assert STAGE_FIELDS | {"tokens_per_second", "roofline", "seconds_per_token_step"} == set(sampling)
     assert sampling["tokens_per_second"] == pytest.approx(B * R / sampling["seconds"])
     assert sampling["flops"] == flops.sampling_flops(hparams, batch=B, context_length=Q, response_length=R)
     assert set(sampling["memory"]) == MEMORY_FIELDS and sampling["memory"]["host_peak_rss_bytes"] > 0
 
     update = results["ppo_update"]
-    assert STAGE_FIELDS | {"episodes_per_second", "parts"} == set(update)
+    assert STAGE_FIELDS | {"episodes_per_second", "parts", "roofline"} == set(update)
     assert update["episodes_per_second"] == pytest.approx(B / update["seconds"])
     assert list(update["parts"]) == ["rollout", "ref_logprobs", "score", "ppo_epochs", "stats"]
     expected_parts = flops.ppo_update_flops(hparams, hparams, batch=B, context_length=Q, query_length=Q,
                                             response_length=R, noptepochs=1)
     for part, figures in update["parts"].items():
-        assert set(figures) == {"seconds", "share", "flops", "mfu"}
+        assert set(figures) == {"seconds", "share", "flops", "mfu"} | ({"roofline"} if part != "stats" else set())
         assert figures["flops"] == expected_parts[part]
         assert 0 < figures["seconds"] <= update["seconds"]
     assert sum(p["seconds"] for p in update["parts"].values()) <= update["seconds"]
@@ -177,7 +177,7 @@ def test_benchmark_runs_on_the_test_size_and_its_json_has_every_field(tmp_path):
     reward = results["reward_model"]
     assert reward["label_type"] == "best_of_4"
     for stage in ("forward", "train"):
-        assert STAGE_FIELDS | {"examples_per_second"} == set(reward[stage])
+        assert STAGE_FIELDS | {"examples_per_second", "roofline"} == set(reward[stage])
     assert reward["train"]["flops"] == 3 * 4 * reward["forward"]["flops"]
 
     batch_rows, length_rows = results["growth"]["batch"], results["growth"]["response_length"]
@@ -336,3 +336,167 @@ def test_bfloat16_policy_and_reward_model_are_close_to_float32_and_train():
 def test_unsupported_compute_dtypes_are_rejected(dtype):
     with pytest.raises(ValueError, match="compute_dtype must be one of float32, bfloat16"):
         lm_model.Model(HP, compute_dtype=dtype)
+
+
+# ----- bytes, the roofline and the machine's measured limits -----------------------------------------------------
+
+def test_forward_bytes_match_a_hand_computation():
+    # batch 3, 5 tokens, logits at all 5 positions; n_embd 4, 2 layers, 2 heads, n_vocab 10; float32 (4 bytes).
+    weights = 2 * 12 * 4 * 4 + 10 * 4  # four matmuls per layer (12·e²) + the tied output layer = 424 values
+    activations = 3 * 5 * 2 * (4 + 12 + 4 + 4 + 4 + 16 + 16 + 4)  # per token and layer: in/out of the 4 matmuls
+    cache = 3 * 2 * 2 * 4 * 5  # keys and values (2·e) of 5 positions, 2 layers = 240 values
+    scores = 2 * 3 * 2 * 2 * 5 * 5  # [b, layers, heads, t, keys] written and read = 600 float32
+    logits = 2 * 3 * 5 * 10  # written and read = 300 float32
+    expected = 4 * (weights + activations + cache + scores + logits)
+    assert expected == 4 * (424 + 1920 + 240 + 600 + 300) == 13936
+    assert flops.forward_bytes(HP, batch=3, tokens=5, logits=5) == expected
+    # without logits nothing of the output layer moves; in bfloat16 the weights and activations are 2 bytes
+    assert flops.forward_bytes(HP, batch=3, tokens=5) == 4 * (2 * 12 * 4 * 4 + 1920 + 240 + 600)
+    assert flops.forward_bytes(HP, batch=3, tokens=5, logits=5, dtype_bytes=2) == \
+        2 * (424 + 1920 + 240) + 4 * (600 + 300)
+
+
+def test_sampling_reads_every_weight_once_per_token_step():
+    one_more = (flops.sampling_bytes(HP, batch=2, context_length=3, response_length=4) -
+                flops.sampling_bytes(HP, batch=2, context_length=3, response_length=3))
+    assert one_more == flops.forward_bytes(HP, batch=2, tokens=1, keys=3 + 3, logits=1)
+    # 124M at batch 8, 100 keys: a step reads the weights (494 MB) and the key/value cache (59 MB)
+    step = flops.forward_bytes(lm_model.HParams(), batch=8, tokens=1, keys=100, logits=1)
+    weights = 4 * (12 * 12 * 768 * 768 + 50257 * 768)
+    cache = 4 * 8 * 12 * 2 * 768 * 100
+    small = 4 * (8 * 12 * 16 * 768 + 2 * 8 * 12 * 12 * 100 + 2 * 8 * 50257)  # activations, scores, logits
+    assert (weights, cache) == (494_128_128, 58_982_400) and step == weights + cache + small
+
+
+def test_parameter_count_is_the_models_variables():
+    for hparams in (HP, lm_model.HParams(n_vocab=27, n_ctx=8, n_embd=6, n_head=3, n_layer=3)):
+        with tf.Graph().as_default():
+            model = lm_model.Model(hparams, scalar_heads=["value"])
+            model(tf.zeros([1, 2], tf.int32))
+            counted = sum(int(np.prod(v.shape.as_list())) for v in model.get_params())
+        assert flops.parameter_count(hparams, scalar_heads=1) == counted
+    assert flops.parameter_count(lm_model.HParams()) == bench.GPT2_124M_PARAMETERS
+
+
+def test_training_bytes_are_three_passes_and_an_adam_step_over_every_parameter():
+    shape = dict(query_length=3, response_length=2)
+    assert flops.reward_training_bytes(HP, batch=2, num_samples=4, **shape) == \
+        3 * 4 * flops.reward_bytes(HP, batch=2, **shape) + 7 * 4 * flops.parameter_count(HP, scalar_heads=1)
+    parts = flops.ppo_update_bytes(HP, HP, batch=2, context_length=4, query_length=3, response_length=3,
+                                   noptepochs=4, nminibatches=2)
+    analyze = flops.analyze_responses_bytes(HP, batch=2, context_length=4, response_length=3)
+    assert parts["ppo_epochs"] == 4 * (3 * analyze + 2 * 7 * 4 * flops.parameter_count(HP, scalar_heads=1))
+    assert parts["rollout"] == flops.sampling_bytes(HP, batch=2, context_length=4, response_length=3)
+    assert parts["ref_logprobs"] == analyze and parts["stats"] == 0
+
+
+def test_roofline_names_the_bound_whose_time_at_the_measured_limit_is_longer():
+    # 100 FLOPs and 10 bytes in 2 s on a machine of 1000 FLOP/s and 10 B/s: 0.1 s of matmul, 1 s of traffic
+    memory_bound = flops.roofline(flop_count=100, byte_count=10, seconds=2.0, matmul_flops_per_second=1000.0,
+                                  bytes_per_second=10.0)
+    assert memory_bound == {"bytes": 10, "bytes_per_second": 5.0, "arithmetic_intensity": 10.0,
+                            "compute_utilisation": pytest.approx(0.05), "memory_utilisation": pytest.approx(0.5),
+                            "bound": "memory", "roofline_seconds": pytest.approx(1.0),
+                            "bound_utilisation": pytest.approx(0.5)}
+    compute_bound = flops.roofline(flop_count=4000, byte_count=10, seconds=8.0, matmul_flops_per_second=1000.0,
+                                   bytes_per_second=10.0)
+    assert (compute_bound["bound"], compute_bound["bound_utilisation"]) == ("compute", pytest.approx(0.5))
+    unknown = flops.roofline(flop_count=1, byte_count=1, seconds=1.0, matmul_flops_per_second=None,
+                             bytes_per_second=None)
+    assert unknown["bound"] is None and unknown["compute_utilisation"] is None and unknown["bytes"] == 1
+
+
+def check_calibration(calibration, hparams, tokens):
+    shapes = [[tokens, 7, 21], [tokens, 7, 7], [tokens, 7, 28], [tokens, 28, 7], [tokens, 7, 27]]
+    measured = [entry for entry in calibration["matmuls"] if entry["shape"][0] == tokens]
+    assert [entry["shape"] for entry in measured] == shapes == bench.matmul_shapes(hparams, tokens)
+    for entry in calibration["matmuls"]:
+        m, k, n = entry["shape"]
+        assert entry["dtype"] == "float32" and entry["seconds"] == statistics.median(entry["repeats_seconds"]) > 0
+        assert entry["flops_per_second"] == pytest.approx(2 * m * k * n / entry["seconds"])
+    assert calibration["matmul_flops_per_second"] == {"float32": max(entry["flops_per_second"] for entry in measured)}
+    memory = calibration["memory"]
+    assert memory["array_bytes"] == bench.BANDWIDTH_ARRAY_BYTES
+    read = memory["array_bytes"] / statistics.median(memory["read_repeats_seconds"])
+    copy = 2 * memory["array_bytes"] / statistics.median(memory["copy_repeats_seconds"])
+    assert memory["read_bytes_per_second"] == pytest.approx(read)
+    assert memory["copy_bytes_per_second"] == pytest.approx(copy)
+    assert calibration["bytes_per_second"] == memory["bytes_per_second"] == max(read, copy)
+    assert 1e8 < memory["bytes_per_second"] < 1e13  # a real memory system: 0.1 GB/s to 10 TB/s
+
+
+def test_calibration_is_measured_cached_and_every_stage_has_its_roofline(tmp_path):
+    output = tmp_path / "bench.json"
+    hparams = TrainedModel("test").hparams()
+    lines = []
+    returned = bench.run("test", warmup=0, repeats=2, calibrate=True, output=str(output), log=lines.append)
+    saved = json.loads(output.read_text())
+    assert saved == json.loads(json.dumps(returned)) and set(saved) == {"config", "device", "calibration"}
+    calibration = saved["calibration"]
+    check_calibration(calibration, hparams, tokens=8 * (2 + 2))  # batch x (query + response)
+    assert calibration["key"] == {"kind": "cpu" if not devices.gpu_count() else "gpu",
+                                  "name": saved["device"]["name"], "count": saved["device"]["count"],
+                                  "tensorflow": tf.__version__}
+    assert calibration["reused"] is None
+    table = "\n".join(lines)
+    assert "calibration: float32 matmul [32, 7] x [7, 21] ..." in table and "ridge point" in table
+
+    # a benchmark run takes the limits cached in its output file and measures none
+    lines = []
+    results = bench.run("test", warmup=0, repeats=1, noptepochs=1, growth_steps=0, switches=False,
+                        allreduce_ranks=0, output=str(output), log=lines.append)
+    assert not any("calibration:" in line for line in lines)
+    assert results["calibration"]["matmuls"] == calibration["matmuls"]
+    assert results["calibration"]["memory"] == calibration["memory"]
+    assert results["calibration"]["reused"] == "5 matmul sizes and the bandwidth cached in the output file"
+    matmul, bandwidth = calibration["matmul_flops_per_second"]["float32"], calibration["bytes_per_second"]
+    B, Q, R = 8, 2, 2
+    expected_bytes = {
+        "sampling (rollout)": flops.sampling_bytes(hparams, batch=B, context_length=Q, response_length=R),
+        "reward model forward": flops.reward_bytes(hparams, batch=B, query_length=Q, response_length=R),
+        "reward model train": flops.reward_training_bytes(hparams, batch=B, num_samples=4, query_length=Q,
+                                                          response_length=R)}
+    parts = flops.ppo_update_bytes(hparams, hparams, batch=B, context_length=Q, query_length=Q, response_length=R,
+                                   noptepochs=1)
+    expected_bytes.update({f"PPO {part}": parts[part] for part in ("ref_logprobs", "score", "ppo_epochs")},
+                          **{"PPO update (whole)": sum(parts.values())})
+    rows = dict(bench.roofline_rows(results))
+    assert set(rows) == set(expected_bytes)
+    for name, figures in rows.items():
+        roof = figures["roofline"]
+        assert roof["bytes"] == expected_bytes[name], name
+        compute = figures["flops"] / figures["seconds"] / matmul
+        memory = roof["bytes"] / figures["seconds"] / bandwidth
+        assert roof["compute_utilisation"] == pytest.approx(compute)
+        assert roof["memory_utilisation"] == pytest.approx(memory)
+        assert roof["arithmetic_intensity"] == pytest.approx(figures["flops"] / roof["bytes"])
+        assert roof["bound"] == ("compute" if roof["arithmetic_intensity"] >= matmul / bandwidth else "memory")
+        assert roof["bound_utilisation"] == pytest.approx(max(compute, memory))
+        assert roof["roofline_seconds"] == pytest.approx(max(figures["flops"] / matmul, roof["bytes"] / bandwidth))
+    assert results["sampling"]["seconds_per_token_step"] == pytest.approx(results["sampling"]["seconds"] / R)
+    table = "\n".join(lines)
+    assert "roofline against the measured limits" in table and "ms per token step" in table
+    assert "PPO ppo_epochs" in table and "5 matmul sizes and the bandwidth cached" in table
+
+
+def test_a_calibration_measures_only_what_its_cache_lacks():
+    hparams = TrainedModel("test").hparams()
+    settings = bench.Settings(warmup=0, repeats=1, noptepochs=1, xla=False, mixed_precision=False)
+    device = bench.device_info(None, "float32")
+    lines = []
+    first = bench.calibrate_machine(device, hparams, bench.Shape(2, 2, 2), settings, None, lines.append)
+    assert len([line for line in lines if "calibration:" in line]) == 6  # 5 matmul sizes and the bandwidth
+    lines = []
+    # another batch: its 5 matmul sizes are measured, the bandwidth is reused
+    second = bench.calibrate_machine(device, hparams, bench.Shape(4, 2, 2), settings, first, lines.append)
+    assert [line for line in lines if "calibration:" in line] == [
+        f"  calibration: float32 matmul [16, {k}] x [{k}, {n}] ..." for _, k, n in bench.matmul_shapes(hparams, 16)]
+    assert second["memory"] == first["memory"] and second["matmuls"][:5] == first["matmuls"]
+    check_calibration(second, hparams, tokens=16)
+    assert second["reused"] == "0 matmul sizes and the bandwidth cached in the output file"
+    # measured on another device or TensorFlow: nothing is reused
+    lines = []
+    foreign = dict(second, key=dict(second["key"], name="another CPU"))
+    third = bench.calibrate_machine(device, hparams, bench.Shape(4, 2, 2), settings, foreign, lines.append)
+    assert len([line for line in lines if "calibration:" in line]) == 6 and third["reused"] is None
+    assert bench.read_cached_calibration(None) is None
