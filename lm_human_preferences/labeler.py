@@ -18,6 +18,7 @@ instead, in the web app of label_app.py. TensorFlow is imported only to sample (
 
 import json
 import math
+import os
 import re
 import signal
 import threading
@@ -223,6 +224,8 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
     for flag in _SERVING_FLAGS:
         if serving[flag] is not None:
             raise ValueError(f"--{flag} applies only to --judge human (people labelling in the web app)")
+    if os.path.lexists(os.path.expanduser(output)):
+        raise ValueError(_exists_message(output))
     temperature = _parse_number(0.0 if temperature is None else temperature, float, "--temperature",
                                 "a judge noise >= 0 (0 = exact)", 0.0)
     try:
@@ -238,10 +241,18 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
         return make_records(label_type, queries, samples, judge_fn, encoder, temperature, rng)
 
     records, _ = sample_policy_records(hparams, label_type, count, seed, policy, judged)
-    write_label_file(output, records)
+    try:
+        files.write_new_text_atomic(output, json.dumps(records) + "\n")
+    except FileExistsError:  # made by someone else while the judge was labelling
+        raise ValueError(_exists_message(output)) from None
     source = f"policy {policy}" if policy else "the initial policy"
     print(f"wrote {count} {label_type.name} labels of experiment {experiment!r} ({source}) by judge {judge!r} "
           f"(temperature {temperature}) to {output}")
+
+
+def _exists_message(output) -> str:
+    return (f"label output {output}: the file exists, and a label file is never overwritten; give another path "
+            f"or remove it")
 
 
 def _label_by_people(experiment, output, *, count, label_type, seed, policy, overrides, host, port, token, overlap,

@@ -384,3 +384,26 @@ def test_label_command_rejects_bad_arguments_before_writing(tmp_path, arguments,
     with pytest.raises(ValueError, match=message):
         labeler.label_command(call.pop("experiment"), call.pop("output"), **call)
     assert not os.path.exists(output)
+
+
+def test_label_command_never_overwrites_an_existing_label_file(tmp_path):
+    output = tmp_path / "labels.json"
+    output.write_text("[]\n")  # e.g. a day of people's labels
+    with pytest.raises(ValueError, match=r"labels.json: the file exists, and a label file is never overwritten; "
+                                         r"give another path or remove it$"):
+        labeler.label_command("demo", str(output), count=4, judge="letter_e")
+    assert output.read_text() == "[]\n" and os.listdir(tmp_path) == ["labels.json"]
+
+
+def test_a_label_file_made_meanwhile_is_not_overwritten_either(tmp_path, monkeypatch):
+    output = tmp_path / "labels.json"
+    real = labeler.sample_policy_records
+
+    def someone_writes_it_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        output.write_text("theirs\n")
+        return result
+    monkeypatch.setattr(labeler, "sample_policy_records", someone_writes_it_meanwhile)
+    with pytest.raises(ValueError, match="the file exists, and a label file is never overwritten"):
+        labeler.label_command("demo", str(output), count=4, judge="letter_e")
+    assert output.read_text() == "theirs\n" and os.listdir(tmp_path) == ["labels.json"]
