@@ -283,9 +283,8 @@ def main(argv=None):
     except ValueError as error:  # user errors (bad hparams, label files, paths): one clear line
         if os.environ.get("LMHP_TRACEBACK"):
             raise
-        if not mpi.is_root():  # the ranks of an outer mpirun job check alike: rank 0 says it for all
-            sys.exit(1)
-        sys.exit(f"error: {error}\n(set LMHP_TRACEBACK=1 to see where it was raised)")
+        # one line; in an outer mpirun job, rank 0 says it for all and ends the job (mpi.exit_with_user_error)
+        mpi.exit_with_user_error(str(error), "(set LMHP_TRACEBACK=1 to see where it was raised)")
 
 
 if __name__ == "__main__":

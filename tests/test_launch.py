@@ -480,6 +480,24 @@ def test_under_an_outer_mpiexec_a_user_error_is_said_once_by_rank_0(tmp_path):
     assert errors == ["error: rollout_batch_size=3 must be divisible by the number of MPI ranks (2)"], result.stdout
 
 
+def test_under_an_outer_mpiexec_an_error_of_one_rank_alone_ends_the_job(tmp_path):
+    """Rank 1 alone cannot read its label file (as on a host the save directory is not shared with): it says so,
+    naming its rank, and the job ends, instead of rank 0 waiting for it forever."""
+    launch = [sys.executable, os.path.join(REPO_ROOT, "launch.py"), "train_reward", "test", "x",
+              "--save_dir", str(tmp_path / "save")]
+    missing = tmp_path / "elsewhere" / "labels.json"
+    argv = mpi.mpiexec_command(1) + launch + [":", "-n", "1"] + launch + ["--labels.source", str(missing)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
+    started = time.monotonic()
+    result = subprocess.run(argv, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=240)
+    assert result.returncode != 0
+    errors = [line for line in result.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("[rank 1 of 2] error: ") and str(missing) in errors[0], \
+        result.stdout[-3000:]
+    assert time.monotonic() - started < 200
+
+
 def test_relaying_the_ranks_stderr_drops_repeats_and_open_mpi_failure_banners():
     import io
     dashes = "-" * 74 + "\n"

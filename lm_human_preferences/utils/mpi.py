@@ -266,6 +266,32 @@ def broadcast_variables(sess, variables: List):
     sess.run(assign, feed_dict=dict(zip(placeholders, values)))
 
 
+# How long a rank other than 0 waits, after a user error, for rank 0 to end the job with the same error.
+RANK_ERROR_GRACE_SECONDS = 5.0
+
+
+def exit_with_user_error(message: str, hint: str = ""):
+    """End the process with `error: MESSAGE` (and `hint` on its own line), exit status 1; in a job of several
+    ranks (an outer mpirun), end the whole job.
+
+    The ranks of a job usually meet a user error alike (they check the same command line): rank 0 says it and
+    aborts the job, and the others, which first wait RANK_ERROR_GRACE_SECONDS for that, are ended silently. A rank
+    that meets an error of its own (a save directory or label file another host cannot see) is still running
+    after the wait: it says its error, naming its rank, and aborts the job, where a quiet exit would leave the
+    other ranks waiting for it in a collective forever."""
+    world = comm()
+    if world is None:
+        sys.exit(f"error: {message}" + (f"\n{hint}" if hint else ""))
+    import time
+    if not is_root():
+        time.sleep(RANK_ERROR_GRACE_SECONDS)
+    prefix = "" if is_root() else f"[rank {rank()} of {size()}] "
+    sys.stderr.write(f"{prefix}error: {message}\n" + (f"{hint}\n" if hint and is_root() else ""))
+    sys.stderr.flush()
+    sys.stdout.flush()
+    world.Abort(1)  # ends every rank; does not return
+
+
 def install_abort_on_error():
     """An uncaught exception on any rank prints its traceback with the rank, then aborts the whole job.
 
