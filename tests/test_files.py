@@ -1324,9 +1324,13 @@ def test_sync_up_needs_a_directory(gcs_bucket, tmp_path):
 def test_staging_skips_folder_placeholders_and_refuses_unstorable_object_names(gcs_bucket, cache):
     url = f"{gcs_bucket}/exp/run"
     upload(f"{url}/hparams.json", b"{}")
-    upload(f"{url}/tb/", b"")  # a "folder" made in the web console
+    upload(f"{url}/a/", b"")  # a "folder" made in the web console (listed before the files)
+    upload(f"{url}/tb/events", b"e")
+    upload(f"{url}2/hparams.json", b"[]")  # another run whose name starts alike: not part of this one
     staging = files.staging_dir(url)
-    assert files._local_files(staging) == ["hparams.json"]
+    assert files._local_files(staging) == ["hparams.json", "tb/events"]
+    with open(os.path.join(staging, "hparams.json")) as f:
+        assert f.read() == "{}"
     for bad in ["a//b", "./c"]:  # (the emulator cannot store a name with '..' in it)
         bucket, _, _ = url[len("gs://"):].partition("/")
         blob = storage.Client(project=None).bucket(bucket).blob(f"exp/run/{bad}")
@@ -1361,3 +1365,79 @@ def test_save_directory_urls_are_checked(url, message):
         assert str(info.value) == message
     assert files._run_location("gs://bucket//runs/x/") == ("bucket", "runs/x")
     assert files._run_location("gs://bucket") == ("bucket", "")
+
+
+def test_staging_names_the_object_or_listing_that_failed(gcs_bucket, cache, monkeypatch):
+    from google.api_core import exceptions as api_exceptions
+    clock = Clock(monkeypatch)
+    url = f"{gcs_bucket}/exp/run"
+    upload(f"{url}/hparams.json", b"{}")
+    staging = os.path.join(str(cache), "staging", gcs_bucket[len("gs://"):], "exp", "run")
+    failing_first(monkeypatch, storage.Blob, "download_to_file", [api_exceptions.ServiceUnavailable("busy")] * 3)
+    with pytest.raises(files.FileFetchError) as info:
+        files.staging_dir(url)
+    assert str(info.value) == (f"could not fetch {url}/hparams.json after 3 attempts, last error: ServiceUnavailable: "
+                               f"503 busy; cache path {os.path.join(staging, 'hparams.json')}")
+    assert (info.value.url, info.value.cache_path) == (f"{url}/hparams.json", os.path.join(staging, "hparams.json"))
+    assert leftovers(cache) == [] and not os.path.exists(os.path.join(staging, "hparams.json"))
+    clock.waits.clear()  # (the three failures are spent: downloads work again)
+    failing_first(monkeypatch, storage.Client, "list_blobs", [api_exceptions.TooManyRequests("slow down")] * 3)
+    with pytest.raises(files.FileFetchError) as info:
+        files.staging_dir(url)
+    assert str(info.value) == (f"could not list {url} after 3 attempts, last error: TooManyRequests: 429 slow down; "
+                               f"local path {staging}")
+    assert len(clock.waits) == 2
+
+
+def test_exists_that_keeps_failing_names_the_url_and_the_cache_path(server, cache, monkeypatch):
+    Clock(monkeypatch)
+    server.fail_503["/busy.json"] = 100
+    url = server.url("/busy.json")
+    with pytest.raises(files.FileFetchError) as info:
+        files.exists(url)
+    assert str(info.value) == (f"could not fetch {url} after 3 attempts, last error: HTTP 503 Service Unavailable; "
+                               f"cache path {files.cache_path(url)}")
+    assert server.requests["HEAD", "/busy.json"] == 3 and server.gets("/busy.json") == 0
+
+
+@pytest.fixture
+def silent_storage(monkeypatch, tmp_path):
+    """$STORAGE_EMULATOR_HOST points at a server that takes every request and answers nothing for 3 s; short
+    connect and read timeouts."""
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer_nothing(self):
+            time.sleep(3)
+            self.close_connection = True
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = answer_nothing
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{httpd.server_address[1]}")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "READ_TIMEOUT_SECONDS", 0.3)
+    monkeypatch.setattr(files, "RETRIES", 1)
+    Clock(monkeypatch)
+    yield
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_cloud_storage_that_never_answers_times_out_each_call_and_is_retried(silent_storage, tiny_run):
+    tiny_run.save(1)
+    url = "gs://bucket/runs/r"
+    start = time.monotonic()
+    for name, attempt in [("fetch", lambda: files.local_path(f"{url}/hparams.json")),
+                          ("exists", lambda: files.exists(f"{url}/hparams.json")),
+                          ("list", lambda: files.remote_dir_exists(url)),
+                          ("staging", lambda: files.staging_dir(url)),
+                          ("upload", lambda: files.sync_up(tiny_run.directory, url))]:
+        with pytest.raises(files.FileFetchError) as info:
+            attempt()
+        assert " after 2 attempts, last error: " in str(info.value) and "Timeout" in str(info.value), (name, info.value)
+    assert time.monotonic() - start < 20  # each attempt gave up after the read timeout, not the server's 3 s
