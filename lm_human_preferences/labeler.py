@@ -319,12 +319,12 @@ def saved_policy_model(save_dir: str):
 def sample_policy_records(hparams, label_type, count: int, seed: int, policy: Optional[str], make):
     """(`count` records made by `make(queries, samples, encoder)` from samples of the experiment's initial policy,
     or of the saved policy at `policy`, post-processed as for scoring; the encoder)."""
-    import tensorflow.compat.v1 as tf
+    from lm_human_preferences.utils import devices
+    tf = devices.import_tensorflow().compat.v1  # first, without TensorFlow's start-up notices
 
     from lm_human_preferences import lm_tasks
     from lm_human_preferences.language.trained_models import TrainedModel
     from lm_human_preferences.policy import Policy
-    from lm_human_preferences.utils import devices
 
     task = hparams.task
     trained_model = TrainedModel(task.policy.initial_model)
