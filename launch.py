@@ -280,6 +280,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         fire.Fire(COMMANDS, command=prepare_argv(argv), name="launch.py")
+    except BrokenPipeError:  # `./launch.py ... --dry_run | head`: the reader has what it wanted; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit-time flush would fail again
+        sys.exit(141)  # what a shell reports for a process ended by SIGPIPE
     except ValueError as error:  # user errors (bad hparams, label files, paths): one clear line
         if os.environ.get("LMHP_TRACEBACK"):
             raise

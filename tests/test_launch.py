@@ -526,3 +526,14 @@ def test_the_demo_says_it_runs_as_one_process(capsys, flag):
                               f"its steps run alone as ./launch.py train_reward demo NAME and ./launch.py "
                               f"train_policy demo NAME, which take {flag}"), message
     assert "unknown hyperparameter" not in message
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`./launch.py ... --dry_run | head -1`: the pipe closes before the hyperparameters are written."""
+    process = subprocess.Popen([sys.executable, "launch.py", "train_policy", "descriptiveness_seeds", "x", "--dry_run"],
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    process.stdout.close()  # the reader is gone before the first line
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
