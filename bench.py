@@ -288,16 +288,22 @@ def matmul_shapes(hparams, tokens: int) -> List[List[int]]:
     return [list(shape) for shape in dict.fromkeys(map(tuple, shapes))]  # distinct, in order
 
 
+# Timed runs of each calibration op, at least: the limit is the best of them (the fastest run is what the
+# machine can do; slower ones met other work on a shared machine).
+CALIBRATION_REPEATS = 5
+
+
 def time_op(sess, op, settings: Settings) -> List[float]:
-    """Seconds per run of `op` (fetched as an op: nothing is copied out), `repeats` medians of enough back-to-back
-    runs to last CALIBRATION_MIN_SECONDS, after `warmup` (at least one) untimed runs."""
+    """Seconds per run of `op` (fetched as an op: nothing is copied out), each the mean of enough back-to-back
+    runs to last CALIBRATION_MIN_SECONDS, max(repeats, CALIBRATION_REPEATS) times, after `warmup` (at least
+    one) untimed runs."""
     for _ in range(max(1, settings.warmup)):
         sess.run(op)
     start = time.perf_counter()
     sess.run(op)
     number = max(1, int(np.ceil(CALIBRATION_MIN_SECONDS / max(time.perf_counter() - start, 1e-9))))
     runs = []
-    for _ in range(settings.repeats):
+    for _ in range(max(settings.repeats, CALIBRATION_REPEATS)):
         start = time.perf_counter()
         for _ in range(number):
             sess.run(op)
@@ -306,7 +312,8 @@ def time_op(sess, op, settings: Settings) -> List[float]:
 
 
 def measure_matmul(m: int, k: int, n: int, dtype: str, settings: Settings) -> dict:
-    """Dense [m, k] x [k, n] matmul FLOP/s (2·m·k·n FLOPs) in `dtype`, inputs in variables."""
+    """Dense [m, k] x [k, n] matmul FLOP/s (2·m·k·n FLOPs) in `dtype`, inputs in variables; seconds: the
+    fastest of the timed runs."""
     with tf.Graph().as_default():
         a = tf1.get_variable("a", [m, k], tf.float32, tf1.random_normal_initializer())
         b = tf1.get_variable("b", [k, n], tf.float32, tf1.random_normal_initializer())
@@ -319,7 +326,7 @@ def measure_matmul(m: int, k: int, n: int, dtype: str, settings: Settings) -> di
             if dtype != "float32":
                 sess.run([a_in.initializer, b_in.initializer])
             runs = time_op(sess, product.op, settings)
-    seconds = float(statistics.median(runs))
+    seconds = float(min(runs))
     return {"dtype": dtype, "shape": [m, k, n], "seconds": seconds, "repeats_seconds": runs,
             "flops_per_second": 2 * m * k * n / seconds}
 
@@ -327,7 +334,7 @@ def measure_matmul(m: int, k: int, n: int, dtype: str, settings: Settings) -> di
 def measure_bandwidth(nbytes: int, settings: Settings) -> dict:
     """Memory bandwidth: a sum over a float32 array of `nbytes` (reads it once) and a scaled copy of it (x · s
     with s a variable, which no graph rewrite removes: reads the array and writes a new one, 2·nbytes moved).
-    `bytes_per_second` is the larger of the two rates."""
+    Each rate is that of the fastest run; `bytes_per_second` is the larger of the two."""
     elements = nbytes // 4
     with tf.Graph().as_default():
         x = tf1.get_variable("x", [elements], tf.float32, tf1.ones_initializer())
@@ -338,8 +345,8 @@ def measure_bandwidth(nbytes: int, settings: Settings) -> dict:
             sess.run(tf1.global_variables_initializer())
             read_runs = time_op(sess, read.op, settings)
             copy_runs = time_op(sess, copy.op, settings)
-    read_rate = elements * 4 / statistics.median(read_runs)
-    copy_rate = 2 * elements * 4 / statistics.median(copy_runs)
+    read_rate = elements * 4 / min(read_runs)
+    copy_rate = 2 * elements * 4 / min(copy_runs)
     return {"array_bytes": elements * 4, "read_bytes_per_second": read_rate, "read_repeats_seconds": read_runs,
             "copy_bytes_per_second": copy_rate, "copy_repeats_seconds": copy_runs,
             "bytes_per_second": max(read_rate, copy_rate), "from": "read" if read_rate >= copy_rate else "copy"}
@@ -424,6 +431,29 @@ def random_tokens(rng, n_vocab, *shape):
     return rng.randint(0, n_vocab, size=shape).astype(np.int32)
 
 
+def sampling_split(trainer, feed, rollout_runs, model_hparams, shape: Shape, context_length: int,
+                   settings: Settings, ceilings: Ceilings, dtype: str, dtype_bytes: int) -> dict:
+    """The rollout in its two kinds of work: the context pass (one model call over the whole context, which a
+    one-token rollout times) and the token steps (one cached call per further token, each reading every
+    weight once): their seconds (the steps' = rollout - context pass), FLOPs, bytes and rooflines."""
+    context_op = trainer.policy.respond_op(trainer.queries, 1, seed=trainer.rollout_seed)
+    runs = timed_runs(lambda: trainer.sess.run(context_op, feed), settings)
+    counts = dict(batch=shape.batch, context_length=context_length)
+    context = rate(runs, flops.sampling_flops(model_hparams, response_length=1, **counts), ceilings,
+                   flops.sampling_bytes(model_hparams, response_length=1, dtype_bytes=dtype_bytes, **counts), dtype)
+    steps_count = shape.response_length - 1
+    if not steps_count:
+        return {"context_pass": context, "token_steps": None, "seconds_per_token_step": None}
+    seconds = max(float(statistics.median(seconds for seconds, _ in rollout_runs)) - context["seconds"], 1e-9)
+    step_flops = (flops.sampling_flops(model_hparams, response_length=shape.response_length, **counts)
+                  - context["flops"])
+    step_bytes = (flops.sampling_bytes(model_hparams, response_length=shape.response_length,
+                                       dtype_bytes=dtype_bytes, **counts) - context["roofline"]["bytes"])
+    steps = {"steps": steps_count, "seconds": seconds, "flops": step_flops, "flops_per_second": step_flops / seconds,
+             "roofline": stage_roofline(step_flops, step_bytes, seconds, ceilings, dtype)}
+    return {"context_pass": context, "token_steps": steps, "seconds_per_token_step": seconds / steps_count}
+
+
 def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, ceilings: Ceilings, *, xla=None,
                 mixed_precision=None, sampling=True) -> dict:
     """Build a PPOTrainer (policy, reference policy and reward model from `trained_model`) and time sampling
@@ -453,9 +483,8 @@ def measure_ppo(trained_model: TrainedModel, shape: Shape, settings: Settings, c
                                                     response_length=shape.response_length, dtype_bytes=dtype_bytes)
                 results["sampling"] = rate(runs, sample_flops, ceilings, sample_bytes, dtype,
                                            tokens=shape.batch * shape.response_length)
-                # one token step: the model call that reads every weight once (the context's call included)
-                results["sampling"]["seconds_per_token_step"] = \
-                    results["sampling"]["seconds"] / shape.response_length
+                results["sampling"].update(sampling_split(trainer, feed, runs, model_hparams, shape, context_length,
+                                                          settings, ceilings, dtype, dtype_bytes))
                 results["sampling"]["memory"] = memory_after_stage()
             runs = timed_runs(lambda: trainer.update(queries, 0)[1]["timings"], settings)
         finally:
@@ -619,6 +648,16 @@ def measure_allreduce(elements: int, ranks: int, settings: Settings) -> dict:
     return result
 
 
+def flag(name: str, value) -> bool:
+    """A switch from the command line: fire gives True/False for --x, --nox and --x=True, but the text 'false' for
+    --x false, which must not count as on."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"bench.py: --{name} is a switch (--{name}, --no{name}, --{name} true|false), got {value!r}")
+
+
 def check_counts(*, minimum: int, **values):
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -647,7 +686,8 @@ def run(size: str = "small", *, batch: Optional[int] = None, query_length: Optio
     check_counts(minimum=1, allreduce_elements=allreduce_elements)
     if peak_flops is not None and not float(peak_flops) > 0:
         raise ValueError(f"bench.py: --peak_flops must be a positive number of FLOP/s, got {peak_flops!r}")
-    settings = Settings(warmup, repeats, noptepochs, bool(xla), bool(mixed_precision))
+    switches, calibrate = flag("switches", switches), flag("calibrate", calibrate)
+    settings = Settings(warmup, repeats, noptepochs, flag("xla", xla), flag("mixed_precision", mixed_precision))
     trained_model = preset.make_model()
     model_hparams = trained_model.hparams()
     if shape.query_length + shape.response_length > model_hparams.n_ctx:
@@ -761,6 +801,9 @@ def calibration_ridge(calibration: dict) -> float:
 def roofline_rows(results: dict):
     """(name, figures) of every stage that has a roofline."""
     yield "sampling (rollout)", results["sampling"]
+    yield "  context pass", results["sampling"]["context_pass"]
+    if results["sampling"]["token_steps"]:
+        yield "  token steps", results["sampling"]["token_steps"]
     for part in ("ref_logprobs", "score", "ppo_epochs"):
         yield f"PPO {part}", results["ppo_update"]["parts"][part]
     yield "PPO update (whole)", results["ppo_update"]
@@ -782,8 +825,10 @@ def roofline_report(results: dict) -> List[str]:
         lines.append(f"{name:<24}{figures['seconds']:>9.4f}{si(flop_rate):>11}{percent(roof['compute_utilisation']):>9}"
                      f"{si(roof['bytes_per_second'], 'B'):>11}{percent(roof['memory_utilisation']):>9}{intensity:>8}"
                      f"{roof['bound'] or '-':>9}{percent(roof['bound_utilisation']):>10}")
-    sampling = results["sampling"]
-    lines.append(f"sampling: {sampling['seconds_per_token_step'] * 1e3:.1f} ms per token step")
+    steps = results["sampling"]["token_steps"]
+    if steps:
+        lines.append(f"sampling: {steps['seconds'] / steps['steps'] * 1e3:.1f} ms per token step (rollout minus a "
+                     f"one-token rollout, over {steps['steps']} steps)")
     return lines
 
 

@@ -154,7 +154,8 @@ def test_benchmark_runs_on_the_test_size_and_its_json_has_every_field(tmp_path):
 
     hparams = TrainedModel("test").hparams()
     sampling = results["sampling"]
-    assert STAGE_FIELDS | {"tokens_per_second", "roofline", "seconds_per_token_step"} == set(sampling)
+    assert STAGE_FIELDS | {"tokens_per_second", "roofline", "seconds_per_token_step", "context_pass",
+                           "token_steps"} == set(sampling)
     assert sampling["tokens_per_second"] == pytest.approx(B * R / sampling["seconds"])
     assert sampling["flops"] == flops.sampling_flops(hparams, batch=B, context_length=Q, response_length=R)
     assert set(sampling["memory"]) == MEMORY_FIELDS and sampling["memory"]["host_peak_rss_bytes"] > 0
@@ -412,13 +413,14 @@ def check_calibration(calibration, hparams, tokens):
     assert [entry["shape"] for entry in measured] == shapes == bench.matmul_shapes(hparams, tokens)
     for entry in calibration["matmuls"]:
         m, k, n = entry["shape"]
-        assert entry["dtype"] == "float32" and entry["seconds"] == statistics.median(entry["repeats_seconds"]) > 0
+        assert entry["dtype"] == "float32" and entry["seconds"] == min(entry["repeats_seconds"]) > 0
+        assert len(entry["repeats_seconds"]) == bench.CALIBRATION_REPEATS  # at least that many, the fastest counts
         assert entry["flops_per_second"] == pytest.approx(2 * m * k * n / entry["seconds"])
     assert calibration["matmul_flops_per_second"] == {"float32": max(entry["flops_per_second"] for entry in measured)}
     memory = calibration["memory"]
     assert memory["array_bytes"] == bench.BANDWIDTH_ARRAY_BYTES
-    read = memory["array_bytes"] / statistics.median(memory["read_repeats_seconds"])
-    copy = 2 * memory["array_bytes"] / statistics.median(memory["copy_repeats_seconds"])
+    read = memory["array_bytes"] / min(memory["read_repeats_seconds"])
+    copy = 2 * memory["array_bytes"] / min(memory["copy_repeats_seconds"])
     assert memory["read_bytes_per_second"] == pytest.approx(read)
     assert memory["copy_bytes_per_second"] == pytest.approx(copy)
     assert calibration["bytes_per_second"] == memory["bytes_per_second"] == max(read, copy)
@@ -460,6 +462,9 @@ def test_calibration_is_measured_cached_and_every_stage_has_its_roofline(tmp_pat
                                    noptepochs=1)
     expected_bytes.update({f"PPO {part}": parts[part] for part in ("ref_logprobs", "score", "ppo_epochs")},
                           **{"PPO update (whole)": sum(parts.values())})
+    context = flops.sampling_bytes(hparams, batch=B, context_length=Q, response_length=1)
+    expected_bytes.update({"  context pass": context,
+                           "  token steps": expected_bytes["sampling (rollout)"] - context})
     rows = dict(bench.roofline_rows(results))
     assert set(rows) == set(expected_bytes)
     for name, figures in rows.items():
@@ -473,10 +478,25 @@ def test_calibration_is_measured_cached_and_every_stage_has_its_roofline(tmp_pat
         assert roof["bound"] == ("compute" if roof["arithmetic_intensity"] >= matmul / bandwidth else "memory")
         assert roof["bound_utilisation"] == pytest.approx(max(compute, memory))
         assert roof["roofline_seconds"] == pytest.approx(max(figures["flops"] / matmul, roof["bytes"] / bandwidth))
-    assert results["sampling"]["seconds_per_token_step"] == pytest.approx(results["sampling"]["seconds"] / R)
+    sampling = results["sampling"]
+    steps = sampling["token_steps"]
+    assert steps["steps"] == R - 1 and sampling["seconds_per_token_step"] == pytest.approx(steps["seconds"] / (R - 1))
+    assert steps["seconds"] == pytest.approx(max(sampling["seconds"] - sampling["context_pass"]["seconds"], 1e-9))
+    assert steps["flops"] + sampling["context_pass"]["flops"] == sampling["flops"]
     table = "\n".join(lines)
     assert "roofline against the measured limits" in table and "ms per token step" in table
     assert "PPO ppo_epochs" in table and "5 matmul sizes and the bandwidth cached" in table
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("false", False), ("True", True)])
+def test_switches_read_true_and_false_as_fire_gives_them(value, expected):
+    assert bench.flag("switches", value) is expected
+
+
+def test_a_switch_given_something_else_is_refused():
+    with pytest.raises(ValueError, match=r"--switches is a switch \(--switches, --noswitches, --switches true\|false\), "
+                                         r"got 'off'"):
+        bench.run("test", switches="off", output=None, log=lambda line: None)
 
 
 def test_a_calibration_measures_only_what_its_cache_lacks():
