@@ -520,3 +520,29 @@ def test_a_calibration_measures_only_what_its_cache_lacks():
     third = bench.calibrate_machine(device, hparams, bench.Shape(4, 2, 2), settings, foreign, lines.append)
     assert len([line for line in lines if "calibration:" in line]) == 6 and third["reused"] is None
     assert bench.read_cached_calibration(None) is None
+
+
+def test_a_cache_given_as_per_layer_pairs_computes_what_the_stacked_cache_does():
+    # What sampling feeds back each step (`cache`) against the stacked `present` form, with padding in the cache.
+    hparams = lm_model.HParams(n_vocab=10, n_ctx=16, n_embd=8, n_head=2, n_layer=3)
+    context = np.array([[1, 2, 3], [4, 10, 10]], np.int32)  # 10: padding
+    step = np.array([[5], [6]], np.int32)
+    model = lm_model.Model(hparams, scalar_heads=["value"])
+    first = model(context, padding_token=10)
+    stacked = model(step, past=first["present"], past_tokens=context, padding_token=10)
+    pairs = model(step, past=first["cache"], past_tokens=context, padding_token=10)
+    whole = model(np.concatenate([context, step], axis=1), padding_token=10)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        randomize(sess, tf.global_variables())
+        stacked, pairs, whole, first_present = sess.run([stacked, pairs, whole, first["present"]])
+    for name in ("lm_logits", "value", "present"):
+        np.testing.assert_allclose(pairs[name], stacked[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(pairs["lm_logits"][:, -1], whole["lm_logits"][:, -1], rtol=1e-4, atol=1e-5)
+    for layer, (keys, values) in enumerate(pairs["cache"]):  # every position: the first call's, then the step's
+        np.testing.assert_array_equal(keys, np.concatenate([first_present[:, layer, 0], stacked["present"][:, layer, 0]],
+                                                           axis=-2))
+        np.testing.assert_array_equal(values, np.concatenate([first_present[:, layer, 1],
+                                                              stacked["present"][:, layer, 1]], axis=-2))
+    with pytest.raises(ValueError, match=r"one \(keys, values\) pair per layer \(3\), got 2"):
+        model(step, past=pairs["cache"][:2], past_tokens=context, padding_token=10)

@@ -94,15 +94,16 @@ def merge_heads(x):
 # ----- the transformer ------------------------------------------------------------------------------------------
 
 def attn(x, scope, *, past, attention_bias, hparams: HParams, do_dropout):
-    """Masked multi-head self-attention. x [b, t, e]; past [b, 2, h, p, d] or None;
-    attention_bias [b or 1, 1, t, p + t] (0 where a query may see a key, MASKED_LOGIT elsewhere).
-    Returns the output [b, t, e] and this chunk's keys and values, present [b, 2, h, t, d]."""
+    """Masked multi-head self-attention. x [b, t, e]; past [b, 2, h, p, d], a pair (keys, values) of
+    [b, h, p, d], or None; attention_bias [b or 1, 1, t, p + t] (0 where a query may see a key, MASKED_LOGIT
+    elsewhere). Returns the output [b, t, e], this chunk's keys and values, present [b, 2, h, t, d], and
+    the pair (keys, values) of every position, each [b, h, p + t, d]."""
     with tf.variable_scope(scope):
         qkv = conv1d(x, "c_attn", 3 * hparams.n_embd)
         q, k, v = (split_heads(part, hparams.n_head) for part in tf.split(qkv, 3, axis=2))  # each [b, h, t, d]
         present = tf.stack([k, v], axis=1)
         if past is not None:
-            past_k, past_v = tf.unstack(past, axis=1)
+            past_k, past_v = past if isinstance(past, tuple) else tf.unstack(past, axis=1)
             k = tf.concat([past_k, k], axis=-2)  # [b, h, p + t, d]
             v = tf.concat([past_v, v], axis=-2)
         q = q * (1 / np.sqrt(hparams.head_size))
@@ -111,7 +112,7 @@ def attn(x, scope, *, past, attention_bias, hparams: HParams, do_dropout):
         weights = dropout(tf.cast(weights, v.dtype), hparams.attn_pdrop, do_dropout)
         a = merge_heads(tf.matmul(weights, v))  # [b, t, e]
         a = conv1d(a, "c_proj", hparams.n_embd)
-        return dropout(a, hparams.resid_pdrop, do_dropout), present
+        return dropout(a, hparams.resid_pdrop, do_dropout), present, (k, v)
 
 
 def mlp(x, scope, *, hparams: HParams, do_dropout):
@@ -123,11 +124,11 @@ def mlp(x, scope, *, hparams: HParams, do_dropout):
 def block(x, scope, *, past, attention_bias, hparams: HParams, do_dropout):
     """One pre-layer-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.))."""
     with tf.variable_scope(scope):
-        a, present = attn(norm(x, "ln_1"), "attn", past=past, attention_bias=attention_bias, hparams=hparams,
-                          do_dropout=do_dropout)
+        a, present, keys_values = attn(norm(x, "ln_1"), "attn", past=past, attention_bias=attention_bias,
+                                       hparams=hparams, do_dropout=do_dropout)
         x = x + a
         x = x + mlp(norm(x, "ln_2"), "mlp", hparams=hparams, do_dropout=do_dropout)
-        return x, present
+        return x, present, keys_values
 
 
 def causal_mask(query_length, key_length):
@@ -140,7 +141,7 @@ def plain_inputs(X, past):
     """Every token real: X [b, t] after a cache of p positions -> tokens [b, t], position ids [1, t] and the
     causal attention bias [1, 1, t, p + t]."""
     length = shape_list(X)[1]
-    past_length = 0 if past is None else tf.shape(past)[-2]
+    past_length = 0 if past is None else tf.shape(past if not isinstance(past, list) else past[0][0])[-2]
     positions = past_length + tf.range(length)[None, :]
     return X, positions, tf.where_v2(causal_mask(length, past_length + length), 0.0, MASKED_LOGIT)[None, None]
 
@@ -206,22 +207,32 @@ class Model:
                  do_dropout=False, logits_for_last: Optional[int] = None):
         """Run the transformer on tokens X [b, t] that follow `past` (the cache of earlier tokens).
 
-        past: [b, n_layer, 2, n_head, p, head_size], the concatenated `present`s of earlier calls.
+        past: [b, n_layer, 2, n_head, p, head_size], the concatenated `present`s of earlier calls; or the
+            same as a list of n_layer pairs (keys, values) of [b, n_head, p, head_size], the `cache` output of
+            the previous call, which saves splitting the cache apart again each call (a sampling step then
+            copies the cache once, to append its keys, instead of four times).
         past_tokens: [b, p], the tokens those calls were given; needed with `padding_token` and `past`.
         padding_token: tokens equal to it get the padding semantics; None: every token is real.
         logits_for_last: compute `lm_logits` for the last N positions only (a response's log-probs never
             need the context's logits, and the output layer is the largest matmul).
 
         Returns a dict: `lm_logits` [b, t or N, n_vocab], `hidden` [b, t, n_embd] (after ln_f),
-        `present` [b, n_layer, 2, n_head, t, head_size], and one [b, t] tensor per scalar head; all float32
-        except `present`, which is in the compute dtype (feed it back as `past`).
+        `present` [b, n_layer, 2, n_head, t, head_size], `cache` (the list of n_layer pairs (keys, values) of
+        every position, past and new, each [b, n_head, p + t, head_size]), and one [b, t] tensor per scalar
+        head; all float32 except `present` and `cache`, which are in the compute dtype (feed them back as
+        `past`).
         """
         hp = self.hparams
         if padding_token is not None and past is not None and past_tokens is None:
             raise ValueError("Model: past_tokens (the tokens behind `past`) are required when both `past` and "
                              "`padding_token` are given")
         X = tf.convert_to_tensor(X, dtype=tf.int32)
-        if past is not None:
+        if isinstance(past, (list, tuple)):
+            if len(past) != hp.n_layer:
+                raise ValueError(f"Model: past as a list holds one (keys, values) pair per layer ({hp.n_layer}), "
+                                 f"got {len(past)}")
+            past = [tuple(tf.cast(part, self.compute_dtype) for part in pair) for pair in past]
+        elif past is not None:
             past = tf.cast(past, self.compute_dtype)
         with tf.variable_scope(self.scope, reuse=tf.AUTO_REUSE):
             wte = tf.get_variable("wte", [hp.n_vocab, hp.n_embd], initializer=tf.random_normal_initializer(stddev=0.02))
@@ -236,16 +247,20 @@ class Model:
                 tokens, positions, attention_bias = padding_inputs(X, past_tokens, padding_token)
             h = tf.cast(tf.gather(wte, tokens) + tf.gather(wpe, positions), self.compute_dtype)  # [b, t, e]
             h = dropout(h, hp.embd_pdrop, do_dropout)
-            pasts = tf.unstack(past, num=hp.n_layer, axis=1) if past is not None else [None] * hp.n_layer
-            presents = []
+            if isinstance(past, list):
+                pasts = past
+            else:
+                pasts = tf.unstack(past, num=hp.n_layer, axis=1) if past is not None else [None] * hp.n_layer
+            presents, cache = [], []
             for layer, layer_past in enumerate(pasts):
-                h, present = block(h, f"h{layer}", past=layer_past, attention_bias=attention_bias, hparams=hp,
-                                   do_dropout=do_dropout)
+                h, present, keys_values = block(h, f"h{layer}", past=layer_past, attention_bias=attention_bias,
+                                                hparams=hp, do_dropout=do_dropout)
                 presents.append(present)
+                cache.append(keys_values)
             hidden = norm(tf.cast(h, tf.float32), "ln_f")  # [b, t, e], float32 for the heads
             h = tf.cast(hidden, self.compute_dtype)
 
-            results = {"hidden": hidden, "present": tf.stack(presents, axis=1)}
+            results = {"hidden": hidden, "present": tf.stack(presents, axis=1), "cache": cache}
             logits_h = h if logits_for_last is None else h[:, -logits_for_last:]
             logits_batch, logits_length = shape_list(logits_h)[:2]
             # tied embeddings; the largest matmul, so in the compute dtype

@@ -109,19 +109,22 @@ def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: in
             tokens, logprobs = choose(logits, i)
             token_array, logprob_array = token_array.write(i, tokens), logprob_array.write(i, logprobs)
             extra_arrays = {key: extra_arrays[key].write(i, extras[key]) for key in extra_outputs}
-            output = model(tokens[:, None], past=past, past_tokens=past_tokens, padding_token=padding_token,
+            output = model(tokens[:, None], past=list(past), past_tokens=past_tokens, padding_token=padding_token,
                            logits_for_last=1)
             logits, extras = step_outputs(output)
-            return (i + 1, tf.concat([past, output["present"]], axis=-2),
+            return (i + 1, tuple(output["cache"]),
                     tf.concat([past_tokens, tokens[:, None]], axis=1), logits, extras,
                     token_array, logprob_array, extra_arrays)
 
         def new_array(dtype):
             return tf.TensorArray(dtype, size=length, element_shape=[batch_size])
 
-        loop_vars = (tf.constant(0), first["present"], context, logits, extras, new_array(tf.int32),
+        # The cache as one (keys, values) pair per layer, each [b, h, p, d]: a step appends to each (one copy of
+        # the cache) where a stacked [b, n_layer, 2, h, p, d] tensor was split apart and joined again (four).
+        loop_vars = (tf.constant(0), tuple(first["cache"]), context, logits, extras, new_array(tf.int32),
                      new_array(tf.float32), {key: new_array(tf.float32) for key in extra_outputs})
-        invariants = (tf.TensorShape([]), tf.TensorShape(past_shape(model.hparams, batch_size)),
+        layer_shape = tf.TensorShape(past_shape(model.hparams, batch_size)[:1] + past_shape(model.hparams)[3:])
+        invariants = (tf.TensorShape([]), tuple((layer_shape, layer_shape) for _ in range(model.hparams.n_layer)),
                       tf.TensorShape([batch_size, None]), logits.shape, {k: v.shape for k, v in extras.items()},
                       tf.TensorShape(None), tf.TensorShape(None), {k: tf.TensorShape(None) for k in extra_outputs})
         # The last token needs no model step after it: the loop takes length - 1 steps, the last sample follows.
