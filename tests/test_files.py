@@ -441,6 +441,9 @@ def test_a_server_that_hangs_up_or_goes_silent_is_retried(server, cache, monkeyp
         message = str(info.value)
         assert message.startswith(f"could not fetch {url} after 3 attempts, last error: {expected}"), message
         assert message.endswith(f"; cache path {files.cache_path(url)}")
+        assert (info.value.url, info.value.cache_path) == (url, files.cache_path(url))
+        if path == "/stall":  # the reason is urllib3's message, not its connection pool's name
+            assert message.endswith(f"Read timed out.; cache path {files.cache_path(url)}"), message
         assert server.gets(path) == 3
         assert not os.path.exists(files.cache_path(url)) and leftovers(cache) == []
 
@@ -1303,7 +1306,8 @@ def test_a_sync_record_that_is_unreadable_or_of_another_run_uploads_everything(g
     tiny_run.save(1)
     everything = set(files.sync_up(tiny_run.directory, url).uploaded)
     record = os.path.join(tiny_run.directory, files.SYNC_RECORD_NAME)
-    for content in ["not json", "[1, 2]", json.dumps({"save_dir": f"{gcs_bucket}/other", "files": {"x": {}}})]:
+    for content in ["not json", "[1, 2]", json.dumps({"save_dir": f"{gcs_bucket}/other", "files": {"x": {}}}),
+                    json.dumps({"save_dir": url})]:
         with open(record, "w") as f:
             f.write(content)
         assert set(files.sync_up(tiny_run.directory, url).uploaded) == everything
@@ -1441,3 +1445,24 @@ def test_a_cloud_storage_that_never_answers_times_out_each_call_and_is_retried(s
             attempt()
         assert " after 2 attempts, last error: " in str(info.value) and "Timeout" in str(info.value), (name, info.value)
     assert time.monotonic() - start < 20  # each attempt gave up after the read timeout, not the server's 3 s
+
+
+def test_a_deletion_that_keeps_failing_names_the_object_after_the_new_state_is_up(gcs_bucket, tiny_run, cache,
+                                                                                 monkeypatch):
+    from google.api_core import exceptions as api_exceptions
+    Clock(monkeypatch)
+    url = f"{gcs_bucket}/run"
+    tiny_run.save(1)
+    tiny_run.save(2)
+    files.sync_up(tiny_run.directory, url)
+    tiny_run.save(3)  # checkpoint 1 is dropped: its objects are to be deleted
+    failing_first(monkeypatch, storage.Blob, "delete", [api_exceptions.ServiceUnavailable("busy")] * 3)
+    with pytest.raises(files.FileFetchError) as info:
+        files.sync_up(tiny_run.directory, url)
+    first = sorted(ckpt(1))[0]
+    assert str(info.value) == (f"could not delete {url}/{first} after 3 attempts, last error: ServiceUnavailable: "
+                               f"503 busy")  # no local path: the file is gone here
+    assert (info.value.url, info.value.cache_path) == (f"{url}/{first}", None)
+    assert latest_named(remote_text(files.join(url, STATE))) == "model.ckpt-3"  # uploads were done first
+    assert sorted(files.sync_up(tiny_run.directory, url).deleted) == sorted(ckpt(1))  # the next sync finishes
+    assert not ckpt(1) & set(remote_objects(url))
