@@ -151,6 +151,8 @@ def test_label_dash_s_is_its_seed(tmp_path):
         output = tmp_path / f"{name}.json"
         result = run("launch.py", "label", "test", str(output), "--count", "8", "--judge", "letter_e", *seed_flags)
         assert result.returncode == 0, result.stderr[-3000:]
+        # sampling runs TensorFlow: still none of its notices (oneDNN's int32 fallback among them)
+        assert not TF_STARTUP_LINE.search(result.stderr), result.stderr
         outputs[name] = output.read_text()
     assert outputs["short"] == outputs["long"] != outputs["other"]
 

@@ -135,4 +135,12 @@ def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: in
         results = {"tokens": token_array.write(i, tokens), "logprobs": logprob_array.write(i, logprobs),
                    **{key: extra_arrays[key].write(i, extras[key]) for key in extra_outputs}}
         # [length, b] -> [b, length]; nothing flows back through sampling.
-        return {key: tf.stop_gradient(tf.transpose(array.stack())) for key, array in results.items()}
+        return {key: tf.stop_gradient(_batch_major(array.stack())) for key, array in results.items()}
+
+
+def _batch_major(stacked):
+    """[length, b] -> [b, length]. int32 tokens are moved as float32 bits: CPUs without AVX-512 have no oneDNN int32
+    transpose, and TensorFlow prints an error-level notice the first time it falls back (the values are the same)."""
+    if stacked.dtype != tf.int32:
+        return tf.transpose(stacked)
+    return tf.bitcast(tf.transpose(tf.bitcast(stacked, tf.float32)), tf.int32)
