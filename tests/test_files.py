@@ -1466,3 +1466,41 @@ def test_a_deletion_that_keeps_failing_names_the_object_after_the_new_state_is_u
     assert latest_named(remote_text(files.join(url, STATE))) == "model.ckpt-3"  # uploads were done first
     assert sorted(files.sync_up(tiny_run.directory, url).deleted) == sorted(ckpt(1))  # the next sync finishes
     assert not ckpt(1) & set(remote_objects(url))
+
+
+def test_save_directory_errors_that_are_not_retried_say_what_and_where(gcs_bucket, tiny_run, cache, tmp_path,
+                                                                       monkeypatch):
+    from google.api_core import exceptions as api_exceptions
+    clock = Clock(monkeypatch)
+    url = f"{gcs_bucket}/run"
+    tiny_run.save(1)
+    tiny_run.save(2)
+    files.sync_up(tiny_run.directory, url)
+    tiny_run.save(3)
+    failing_first(monkeypatch, storage.Blob, "delete", [api_exceptions.Forbidden("no access")])
+    with pytest.raises(files.FileFetchError) as info:
+        files.sync_up(tiny_run.directory, url)
+    first = sorted(ckpt(1))[0]
+    # a refusal: no bucket hint (that is for 404), no local path (the file is gone here), not retried
+    assert str(info.value) == f"could not delete {url}/{first}: Forbidden: 403 no access (not retried)"
+    assert (info.value.url, info.value.cache_path, info.value.status) == (f"{url}/{first}", None, 403)
+    assert clock.waits == []
+
+    missing = "gs://no-such-bucket-lmhp/run"
+    staging = os.path.join(str(cache), "staging", "no-such-bucket-lmhp", "run")
+    with pytest.raises(files.FileFetchError) as info:
+        files.staging_dir(missing)
+    assert str(info.value).startswith(f"could not list {missing}: NotFound: 404 ")
+    assert str(info.value).endswith(f" (not retried) (does the bucket gs://no-such-bucket-lmhp exist?); local path "
+                                    f"{staging}")
+    assert (info.value.url, info.value.cache_path, info.value.status) == (missing, staging, 404)
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # real Cloud Storage, and no usable credentials
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
+    staging = os.path.join(str(cache), "staging", "some-bucket", "run")
+    with pytest.raises(files.FileFetchError) as info:
+        files.staging_dir("gs://some-bucket/run")
+    assert str(info.value).startswith("could not list gs://some-bucket/run: no Google Cloud credentials (")
+    assert str(info.value).endswith("; run `gcloud auth application-default login` or set GOOGLE_APPLICATION_"
+                                    f"CREDENTIALS to a service account key file; local path {staging}")
+    assert (info.value.url, info.value.cache_path, info.value.status) == ("gs://some-bucket/run", staging, None)
