@@ -157,6 +157,10 @@ NOT_RUN = {
     "./bench.py --size small": "minutes on 2 CPUs",
     "./bench.py --size 124M --batch 2 --growth_steps 1 --noswitches": "about 4 minutes on 2 CPUs",
     "./bench.py --size 124M --batch 64 --xla --mixed_precision --output gpu.json": "for a GPU",
+    "./bench.py --size 124M --batch 8 --calibrate --output b8.json": "about 10 s, but measures this machine's limits "
+                                                                     "(tests/test_bench.py calibrates the test size)",
+    "./bench.py --size 124M --batch 8 --repeats 3 --growth_steps 0 --noswitches --allreduce_ranks 0 --output b8.json":
+        "minutes on 2 CPUs (the roofline table's run)",
 }
 
 
