@@ -182,4 +182,5 @@ if __name__ == "__main__":
     except ValueError as error:
         if os.environ.get("LMHP_TRACEBACK"):
             raise
-        sys.exit(f"error: {error}\n(set LMHP_TRACEBACK=1 to see where it was raised)")
+        from lm_human_preferences.utils import mpi as mpi_utils  # one line; under MPI, the whole job ends
+        mpi_utils.exit_with_user_error(str(error), "(set LMHP_TRACEBACK=1 to see where it was raised)")
