@@ -66,13 +66,14 @@ def parse_count(value, flag: str, minimum: int) -> int:
 def check_policy_run(save_dir: str, savescope: str):
     """A ValueError saying what a local SAVE_DIR holds unless it is a train_policy run with a policy under
     SAVESCOPE (a remote run is read as it is: its files say so when they are missing)."""
+    from lm_human_preferences.text_inputs import describe_directory
     from lm_human_preferences.utils import files
     if files.is_remote(save_dir):
         return
     expected = (f"--save_dir {save_dir}: expected a train_policy run directory (holding train_policy_hparams.json "
                 f"and policy/)")
     if not os.path.isdir(save_dir):
-        raise ValueError(f"{expected}; there is no such directory")
+        raise ValueError(f"{expected}; {describe_directory(save_dir)}")
     entries = sorted(os.listdir(save_dir))
     if "train_policy_hparams.json" not in entries:
         runs = [name for name in entries
@@ -82,8 +83,7 @@ def check_policy_run(save_dir: str, savescope: str):
         elif "train_reward_hparams.json" in entries:
             found = "it holds a train_reward run, whose reward model scores text but samples nothing"
         else:
-            found = f"it holds {', '.join(entries[:12]) + (', ...' if len(entries) > 12 else '')}" if entries \
-                else "it is empty"
+            found = describe_directory(save_dir)
         raise ValueError(f"{expected}; {found}")
     # the run's policies: scopes saved as models, but not the reward model a run may have trained first
     policies = [name for name in entries if name != "reward_model"

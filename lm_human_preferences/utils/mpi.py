@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import traceback
 import weakref
 from typing import Dict, List, Optional
@@ -113,7 +114,6 @@ def barrier_asleep(poll_seconds: float = 1.0):
     world = comm()
     if world is None:
         return
-    import time
     request = world.Ibarrier()
     while not request.Test():
         time.sleep(poll_seconds)
@@ -282,7 +282,6 @@ def exit_with_user_error(message: str, hint: str = ""):
     world = comm()
     if world is None:
         sys.exit(f"error: {message}" + (f"\n{hint}" if hint else ""))
-    import time
     if not is_root():
         time.sleep(RANK_ERROR_GRACE_SECONDS)
     prefix = "" if is_root() else f"[rank {rank()} of {size()}] "
