@@ -322,7 +322,9 @@ def measure_matmul(m: int, k: int, n: int, dtype: str, settings: Settings) -> di
             a_in, b_in = tf1.Variable(a_in, trainable=False), tf1.Variable(b_in, trainable=False)
         product = tf.matmul(a_in, b_in)
         with devices.new_session() as sess:
-            sess.run(tf1.global_variables_initializer())
+            # a and b first: the cast copies' initial values read them (one run of every initializer together
+            # would race the copies against their sources)
+            sess.run([a.initializer, b.initializer])
             if dtype != "float32":
                 sess.run([a_in.initializer, b_in.initializer])
             runs = time_op(sess, product.op, settings)
