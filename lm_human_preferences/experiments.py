@@ -189,22 +189,21 @@ _reward_common = combine(
 )
 
 
+def _reward(task: Bindings, *rest: Bindings, source, num_train, batch_size, lr, rollout_batch_size) -> Bindings:
+    """A reward experiment: the task, the shared settings, its labels and batch sizes, then `rest`."""
+    return combine(task, _reward_common, bind("labels.source", source), bind("labels.num_train", num_train),
+                   bind("batch_size", batch_size), bind("lr", lr), bind("rollout_batch_size", rollout_batch_size),
+                   *rest)
+
+
 def _book_reward(label_set: str) -> Bindings:
-    return combine(books_task, _reward_common,
-                   bind("labels.source", f"{LABELS_URL}/{label_set}/offline_5k.json"),
-                   bind("labels.num_train", 4_992),
-                   bind("batch_size", 32),
-                   bind("lr", 5e-5),
-                   bind("rollout_batch_size", 512))
+    return _reward(books_task, source=f"{LABELS_URL}/{label_set}/offline_5k.json", num_train=4_992, batch_size=32,
+                   lr=5e-5, rollout_batch_size=512)
 
 
 def _summary_reward(task: Bindings, label_set: str) -> Bindings:
-    return combine(task, _reward_common,
-                   bind("labels.source", f"{LABELS_URL}/{label_set}/online_45k.json"),
-                   bind("labels.num_train", 46_000),
-                   bind("batch_size", 16),
-                   bind("lr", 2.5e-5),
-                   bind("rollout_batch_size", 128))
+    return _reward(task, source=f"{LABELS_URL}/{label_set}/online_45k.json", num_train=46_000, batch_size=16,
+                   lr=2.5e-5, rollout_batch_size=128)
 
 
 REWARD_EXPERIMENTS: Dict[str, Bindings] = {
@@ -212,36 +211,15 @@ REWARD_EXPERIMENTS: Dict[str, Bindings] = {
     "descriptiveness": _book_reward("descriptiveness"),
     "cnndm": _summary_reward(cnndm_task, "cnndm"),
     "tldr": _summary_reward(tldr_task, "tldr"),
-    "test": combine(
-        test_task,
-        bind("labels.type", "best_of_4"),
-        bind("labels.source", None),  # labels made by the synthetic judge below; or --labels.source FILE
-        bind("labels.judge", "letter_e"),
-        bind("labels.num_train", 16),
-        bind("batch_size", 8),
-        bind("lr", 1e-3),
-        bind("rollout_batch_size", 8),
-        bind("normalize_before", True),
-        bind("normalize_after", True),
-        bind("normalize_samples", 16),
-        bind("run.seed", 1),
-    ),
-    "demo": combine(
-        demo_task,
-        bind("labels.type", "best_of_4"),
-        bind("labels.source", None),  # made by the synthetic labeler: samples of the initial policy, judged
-        bind("labels.judge", "letter_e"),  # prefers responses with many e's
-        bind("labels.judge_temperature", 0.03),  # a little human-like noise in its choices
-        bind("labels.num_train", 2048),
-        bind("labels.num_valid", 512),
-        bind("batch_size", 32),
-        bind("lr", 1e-3),
-        bind("rollout_batch_size", 64),
-        bind("normalize_before", True),
-        bind("normalize_after", True),
-        bind("normalize_samples", 256),
-        bind("run.seed", 1),
-    ),
+    # labels made by the synthetic judge (or --labels.source FILE)
+    "test": _reward(test_task, bind("labels.judge", "letter_e"), bind("normalize_samples", 16),
+                    source=None, num_train=16, batch_size=8, lr=1e-3, rollout_batch_size=8),
+    # labels made by the synthetic labeler: samples of the initial policy, judged
+    "demo": _reward(demo_task,
+                    bind("labels.judge", "letter_e"),  # prefers responses with many e's
+                    bind("labels.judge_temperature", 0.03),  # a little human-like noise in its choices
+                    bind("labels.num_valid", 512),
+                    source=None, num_train=2048, batch_size=32, lr=1e-3, rollout_batch_size=64),
 }
 # Two seeds of `test`: a sweep small enough to run in seconds (tests, and a first try of sweeps).
 REWARD_EXPERIMENTS["test_seeds"] = combine(REWARD_EXPERIMENTS["test"], sweep("run.seed", [1, 2]))
