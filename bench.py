@@ -529,7 +529,7 @@ def measure_reward_model(trained_model: TrainedModel, shape: Shape, settings: Se
     with tf.Graph().as_default():
         tf1.set_random_seed(1)
         compute_dtype = tf.bfloat16 if settings.mixed_precision else tf.float32
-        reward_model = rewards.RewardModelTrainer(trained_model, scope="reward_model", compute_dtype=compute_dtype)
+        reward_model = rewards.RewardModel(trained_model, scope="reward_model", compute_dtype=compute_dtype)
         placeholders = {name: tf1.placeholder(dtype, [None, *field_shape], name=name) for name, (dtype, field_shape)
                         in label_type.label_schemas(shape.query_length, shape.response_length).items()}
         forward_op = reward_model.get_rewards_op(placeholders["query"], placeholders["sample0"])  # [b]

@@ -52,7 +52,7 @@ def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int
         embed = lm_tasks.query_formatter(task, encoder)
         initial = Policy(initial_model, scope="ref_policy", temperature=task.policy.temperature, embed_queries=embed)
         trained = Policy(trained_model, scope="policy", temperature=task.policy.temperature, embed_queries=embed)
-        reward_model = rewards.RewardModelTrainer(reward_model_files, scope="reward_model")
+        reward_model = rewards.RewardModel(reward_model_files, scope="reward_model")
         queries_ph = tf.placeholder(tf.int32, [None, task.query_length])
         responses_ph = tf.placeholder(tf.int32, [None, task.response_length])
         initial_op = initial.respond_op(queries_ph, task.response_length)

@@ -90,7 +90,7 @@ def analyze_responses_flops(hparams: "HParams", *, batch: int, context_length: i
 
 
 def reward_flops(hparams: "HParams", *, batch: int, query_length: int, response_length: int) -> int:
-    """RewardModelTrainer.get_rewards_op: query + response in one call, the reward head only (no logits)."""
+    """RewardModel.get_rewards_op: query + response in one call, the reward head only (no logits)."""
     return forward_flops(hparams, batch=batch, tokens=query_length + response_length, scalar_heads=1)
 
 

@@ -16,7 +16,7 @@ from lm_human_preferences.language import model as lm_model
 from lm_human_preferences.utils import mpi
 
 
-class RewardModelTrainer:
+class RewardModel:
     """Owns the reward model's variables; builds reward ops and the normalisation assignments."""
 
     def __init__(self, trained_model, *, scope="reward_model", compute_dtype=tf.float32):

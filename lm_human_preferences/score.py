@@ -8,7 +8,7 @@ REWARD_MODEL_DIR (the layout is in docs/saved_runs.md) is one of
   `train_policy_hparams.json`; with the run's task (that of `train_reward_hparams.json` when the run holds one);
 * a run's `reward_model/` directory: with the task of the run directory it sits in.
 
-The reward model is loaded as the trainers load it (`rewards.RewardModelTrainer` on
+The reward model is loaded as the trainers load it (`rewards.RewardModel` on
 `TrainedModel("reward_model", savedir=..., scope="reward_model")`), and a reward is the score PPO would give the
 response: the query and response texts become tokens as text_inputs.py says, the task's truncate_token rule
 cuts the response, the reward model (normalisation included) scores the bare query followed by the response, and
@@ -141,7 +141,7 @@ class RewardScorer:
     def _build(self):
         self.graph = tf.Graph()
         with self.graph.as_default():
-            reward_model = rewards.RewardModelTrainer(self.trained_model, scope="reward_model")
+            reward_model = rewards.RewardModel(self.trained_model, scope="reward_model")
             self._queries = tf.placeholder(tf.int32, [None, self.task.query_length], name="queries")
             self._responses = tf.placeholder(tf.int32, [None, self.task.response_length], name="responses")
             self._rewards = reward_model.get_rewards_op(self._queries, self._responses)  # [n]

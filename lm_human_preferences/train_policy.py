@@ -51,8 +51,7 @@ class PPOTrainer:
                              embed_queries=embed_queries, compute_dtype=compute_dtype)
         self.ref_policy = Policy(policy_model, scope="ref_policy", temperature=task.policy.temperature,
                                  embed_queries=embed_queries, compute_dtype=compute_dtype)
-        self.reward_model = rewards.RewardModelTrainer(reward_model, scope="reward_model",
-                                                       compute_dtype=compute_dtype)
+        self.reward_model = rewards.RewardModel(reward_model, scope="reward_model", compute_dtype=compute_dtype)
         R = task.response_length
 
         # Rollout, reference log-probs and scores: [b, query_length] / [b, R] in, per-episode arrays out.

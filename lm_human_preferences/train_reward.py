@@ -46,7 +46,7 @@ class RewardTraining:
     LABELS, NORMALIZE_BEFORE, DEBUG_BEFORE, NORMALIZE_AFTER, DEBUG_AFTER = 1, 2, 3, 4, 5
 
     def __init__(self, hparams: HParams, trained_model, encoder, label_type, seed: Optional[int] = None, *,
-                 reward_model: Optional[rewards.RewardModelTrainer] = None, policy: Optional[Policy] = None,
+                 reward_model: Optional[rewards.RewardModel] = None, policy: Optional[Policy] = None,
                  new_session: bool = True):
         """seed: the run's seed (run_utils.run_seed); by default run.seed, or one drawn when that is None.
 
@@ -64,8 +64,8 @@ class RewardTraining:
         tf.set_random_seed(mpi.rank_seed(self.seed))  # initialisers (rank 0's weights are shared)
         embed_queries = lm_tasks.query_formatter(task, encoder)
         compute_dtype = tf.bfloat16 if hparams.run.mixed_precision else tf.float32
-        self.reward_model = reward_model or rewards.RewardModelTrainer(trained_model, scope="reward_model",
-                                                                       compute_dtype=compute_dtype)
+        self.reward_model = reward_model or rewards.RewardModel(trained_model, scope="reward_model",
+                                                                compute_dtype=compute_dtype)
         # The initial policy: what the labelers were shown, and what the normalisation is measured on.
         self.policy = policy or Policy(trained_model, scope="ref_policy", temperature=task.policy.temperature,
                                        embed_queries=embed_queries, compute_dtype=compute_dtype)

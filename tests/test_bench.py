@@ -17,7 +17,7 @@ from lm_human_preferences import flops
 from lm_human_preferences.language import model as lm_model
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.rewards import RewardModelTrainer
+from lm_human_preferences.rewards import RewardModel
 from lm_human_preferences.utils import devices
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -301,8 +301,8 @@ def test_bfloat16_policy_and_reward_model_are_close_to_float32_and_train():
     responses = np.array([[6, 7, 8, 9], [10, 11, 12, 13]], np.int32)
     full = Policy(trained_model, scope="policy")
     mixed = Policy(trained_model, scope="mixed_policy", compute_dtype=tf.bfloat16)
-    full_reward = RewardModelTrainer(trained_model, scope="reward_model")
-    mixed_reward = RewardModelTrainer(trained_model, scope="mixed_reward_model", compute_dtype=tf.bfloat16)
+    full_reward = RewardModel(trained_model, scope="reward_model")
+    mixed_reward = RewardModel(trained_model, scope="mixed_reward_model", compute_dtype=tf.bfloat16)
     rewards = [model.get_rewards_op(queries, responses) for model in (full_reward, mixed_reward)]
     mixed_outputs = mixed.analyze_responses_op(queries, responses)
     gradients = tf.gradients(tf.reduce_sum(mixed_outputs["logprobs"]) + tf.reduce_sum(mixed_outputs["values"]),

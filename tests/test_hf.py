@@ -17,7 +17,7 @@ from lm_human_preferences.language import encodings, hf
 from lm_human_preferences.language import model as lm_model
 from lm_human_preferences.language.trained_models import TrainedModel, save_model
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.rewards import RewardModelTrainer
+from lm_human_preferences.rewards import RewardModel
 from lm_human_preferences.utils import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def saved_run(tmp_path_factory):
             save_model(sess, tf.train.Saver(policy.get_params(), save_relative_paths=True), str(run / "policy"), HP,
                        "test", step=5)
     with tf.Graph().as_default():
-        reward_model = RewardModelTrainer(TrainedModel.random("tiny", HP, "test"), scope="reward_model")
+        reward_model = RewardModel(TrainedModel.random("tiny", HP, "test"), scope="reward_model")
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
             values.update(randomize(reward_model.get_params(), sess, seed=2))
@@ -174,8 +174,8 @@ def test_exported_reward_model_reproduces_the_reward(saved_run, exported):
     queries = np.array([[1, 2, 3], [4, PAD, PAD], [5, 6, 7]], np.int32)  # right-padded queries
     responses = np.array([[8, 9, 10, 11], [12, 13, PAD, PAD], [14, 15, 16, 0]], np.int32)  # truncated responses
 
-    reward_model = RewardModelTrainer(TrainedModel("reward_model", savedir=str(run / "reward_model"),
-                                                   scope="reward_model"))
+    reward_model = RewardModel(TrainedModel("reward_model", savedir=str(run / "reward_model"),
+                                            scope="reward_model"))
     rewards_op = reward_model.get_rewards_op(tf.constant(queries), tf.constant(responses))
     with tf.Session() as sess:
         sess.run(tf.global_variables_initializer())
@@ -258,7 +258,7 @@ def test_an_exported_reward_model_is_a_reward_model_again(saved_run, exported):
     rewards = []
     for source in (str(run / "reward_model"), exported[1]):
         with tf.Graph().as_default():
-            reward_model = RewardModelTrainer(TrainedModel("reward_model", savedir=source, scope="reward_model"))
+            reward_model = RewardModel(TrainedModel("reward_model", savedir=source, scope="reward_model"))
             op = reward_model.get_rewards_op(tf.constant(queries), tf.constant(responses))
             with tf.Session() as sess:
                 sess.run(tf.global_variables_initializer())

@@ -21,7 +21,7 @@ from lm_human_preferences import labeler, label_types, launcher, lm_tasks, onlin
 from lm_human_preferences import trainer as run_utils
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.rewards import RewardModelTrainer
+from lm_human_preferences.rewards import RewardModel
 from lm_human_preferences.utils import stats
 from lm_human_preferences.utils.hyperparams import HParamError
 
@@ -335,7 +335,7 @@ def test_a_human_judged_run_without_the_web_app_stops_before_anything_is_written
 def test_each_retraining_restarts_the_reward_model_from_the_initial_model_with_a_fresh_head():
     model = TrainedModel("test")
     ref_policy = Policy(model, scope="ref_policy")
-    reward_model = RewardModelTrainer(model, scope="reward_model")
+    reward_model = RewardModel(model, scope="reward_model")
     seed = tf.placeholder(tf.int64, [2])
     restart = online_labels.restart_from_initial_model(reward_model, ref_policy, seed)
     params = {v.op.name: v for v in tf.global_variables()}

@@ -197,8 +197,8 @@ def test_too_few_labels_is_a_clear_error(tmp_path):
 def saved_rewards(model_dir, queries, responses):
     """Rewards of a saved reward model, reloaded into a fresh graph."""
     with tf.Graph().as_default():
-        reward_model = rewards.RewardModelTrainer(TrainedModel("reward_model", savedir=model_dir,
-                                                               scope="reward_model"))
+        reward_model = rewards.RewardModel(TrainedModel("reward_model", savedir=model_dir,
+                                                        scope="reward_model"))
         op = reward_model.get_rewards_op(tf.constant(queries), tf.constant(responses))
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
