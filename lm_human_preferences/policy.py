@@ -38,7 +38,9 @@ class Policy:
         self.graph = tf.get_default_graph()
         with tf.variable_scope(scope) as variable_scope:
             self.scope = variable_scope.name
-            self.model = Model(self.model_hparams, scalar_heads=["value"], scope="model", compute_dtype=compute_dtype)
+            # the value head starts at zero, so that early value estimates do not disturb PPO
+            self.model = Model(self.model_hparams, scalar_heads={"value": tf.zeros_initializer()}, scope="model",
+                               compute_dtype=compute_dtype)
         # Build once, outside any loop, so that every variable exists; then route the checkpoint's weights.
         with tf.name_scope(f"{self.scope}_build"):
             self.model(tf.zeros([1, 1], tf.int32), padding_token=self.padding_token)

@@ -97,7 +97,7 @@ def test_variable_names_and_shapes_match_the_2019_checkpoints():
 
 def test_initialisation():
     hp = lm_model.HParams(n_vocab=500, n_ctx=300, n_embd=64, n_head=4, n_layer=1)
-    model = lm_model.Model(hp, scalar_heads=["value", "reward"])
+    model = lm_model.Model(hp, scalar_heads={"value": tf.zeros_initializer(), "reward": None})  # the policy's, 2019's
     model(tf.zeros([1, 2], tf.int32))
     with tf.Session() as sess:
         sess.run(tf.global_variables_initializer())

@@ -19,7 +19,7 @@ scalar heads that read it, the output logits and everything computed from them (
 entropies) are float32. The key/value cache (`present`) is in the compute dtype.
 """
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow.compat.v1 as tf
@@ -194,11 +194,13 @@ class Model:
     """GPT-2 with optional scalar heads. Variables live under the variable scope current at construction
     plus `scope` (e.g. `policy/model`); every call reuses them."""
 
-    def __init__(self, hparams: HParams, scalar_heads: Sequence[str] = (), scope: Optional[str] = "model", *,
-                 compute_dtype=tf.float32):
-        """compute_dtype: tf.float32 (default) or tf.bfloat16 for mixed precision (see the module docstring)."""
+    def __init__(self, hparams: HParams, scalar_heads: Union[Sequence[str], Mapping[str, object]] = (),
+                 scope: Optional[str] = "model", *, compute_dtype=tf.float32):
+        """scalar_heads: head names, or {name: initializer of its weight w} (None: the default, a normal with std
+        1/sqrt(n_embd + 1), as in 2019; the policy's value head starts at zero). compute_dtype: tf.float32
+        (default) or tf.bfloat16 for mixed precision (see the module docstring)."""
         self.hparams = hparams
-        self.scalar_heads = list(scalar_heads)
+        self.scalar_heads = dict(scalar_heads) if isinstance(scalar_heads, Mapping) else dict.fromkeys(scalar_heads)
         self.compute_dtype = checked_compute_dtype(compute_dtype)
         with tf.variable_scope(scope, default_name="model") as variable_scope:
             self.scope = variable_scope
@@ -267,16 +269,15 @@ class Model:
             logits = tied_logits(tf.reshape(logits_h, [-1, hp.n_embd]), tf.cast(wte, self.compute_dtype),
                                  one_position=logits_for_last == 1)
             results["lm_logits"] = tf.reshape(tf.cast(logits, tf.float32), [logits_batch, logits_length, hp.n_vocab])
-            for name in self.scalar_heads:
-                results[name] = self._scalar_head(name, dropout(hidden, hp.head_pdrop, do_dropout))  # [b, t]
+            for name, initializer in self.scalar_heads.items():
+                results[name] = self._scalar_head(name, initializer, dropout(hidden, hp.head_pdrop, do_dropout))
             return results
 
-    def _scalar_head(self, name, h):
-        """A linear readout of the final hidden state: w [n_embd], b []. The value head starts at zero (so
-        initial value estimates don't disturb PPO); others get std 1/sqrt(n_embd + 1), as in 2019."""
+    def _scalar_head(self, name, initializer, h):
+        """A linear readout of the final hidden state: w [n_embd] (from `initializer`, by default a normal with
+        std 1/sqrt(n_embd + 1)), b [] (zero) -> [b, t]."""
         n_embd = self.hparams.n_embd
-        initializer = tf.zeros_initializer() if name == "value" else \
-            tf.random_normal_initializer(stddev=1 / np.sqrt(n_embd + 1))
+        initializer = initializer or tf.random_normal_initializer(stddev=1 / np.sqrt(n_embd + 1))
         with tf.variable_scope(f"heads/{name}"):
             w = tf.get_variable("w", [n_embd], initializer=initializer)
             b = tf.get_variable("b", [], initializer=tf.zeros_initializer())
