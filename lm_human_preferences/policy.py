@@ -26,9 +26,8 @@ class Policy:
                  compute_dtype=tf.float32):
         """trained_model: a TrainedModel; embed_queries maps queries [b, query_length] to the model's context
         [b, context_length] (the task adds its prefix and suffix tokens there); compute_dtype: tf.bfloat16
-        for mixed precision (float32 variables, log-probs and values; see language/model.py)."""
-        if not temperature > 0:
-            raise ValueError(f"Policy: temperature must be > 0 (task.policy.temperature), got {temperature}")
+        for mixed precision (float32 variables, log-probs and values; see language/model.py). temperature > 0:
+        checked where it enters, as task.policy.temperature (lm_tasks.py) or sample.py's --temperature."""
         self.trained_model = trained_model
         self.model_hparams = trained_model.hparams()
         self.encoding = trained_model.encoding

@@ -57,6 +57,8 @@ def test_task_hparams_names_and_2019_defaults():
     (dict(response_length=-1), r"task.response_length must be positive"),
     (dict(query_dataset="wiki"), r"task.query_dataset: unknown dataset 'wiki'; known datasets: books, tldr"),
     (dict(truncate_after=-2), r"task.truncate_after must be >= 0"),
+    # the one check of the sampling temperature (the policy and the sampler take it as given)
+    (dict(policy=lm_tasks.PolicyHParams(temperature=0, initial_model="test")), "temperature must be > 0"),
 ])
 def test_task_hparams_are_checked(overrides, message):
     with pytest.raises(HParamError, match=message):

@@ -102,8 +102,6 @@ def test_numpy_calls_build_their_graph_once_per_shape():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        Policy(TrainedModel("test"), scope="policy", temperature=0)
     policy = Policy(TrainedModel("test"), scope="policy2")
     with pytest.raises(ValueError, match="default session"):
         policy.respond(QUERIES, 2)

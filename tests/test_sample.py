@@ -167,7 +167,6 @@ def test_length_can_be_a_tensor():
 
 @pytest.mark.parametrize("options, message", [
     (dict(length=0), "length must be at least 1"),
-    (dict(temperature=0.0), "temperature must be > 0"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
 ])

@@ -45,11 +45,9 @@ def take_top_p(logits, p: float):
     return tf.where_v2(logits < threshold, EXCLUDED_LOGIT, logits)
 
 
-def _check_options(length, temperature, top_k, top_p):
+def _check_options(length, top_k, top_p):
     if isinstance(length, int) and length < 1:
         raise ValueError(f"sample_sequence: length must be at least 1 token, got {length}")
-    if isinstance(temperature, (int, float)) and not temperature > 0:
-        raise ValueError(f"sample_sequence: temperature must be > 0 (use e.g. 1e-4 for near-greedy), got {temperature}")
     if not (isinstance(top_k, int) and top_k >= 0):
         raise ValueError(f"sample_sequence: top_k must be an integer >= 0 (0: off), got {top_k!r}")
     if not 0 < top_p <= 1:
@@ -59,7 +57,8 @@ def _check_options(length, temperature, top_k, top_p):
 def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
                     padding_token: Optional[int] = None, extra_outputs: Optional[Dict[str, str]] = None,
                     seed: Optional[int] = None):
-    """Sample `length` tokens after `context` [b, c] (which may hold padding tokens).
+    """Sample `length` tokens after `context` [b, c] (which may hold padding tokens) at `temperature` (> 0, checked
+    where it enters: task.policy.temperature or sample.py's --temperature; e.g. 1e-4 is near-greedy).
 
     extra_outputs: {result key: model output}, e.g. {"values": "value"}: the model output at the position
         whose logits produced each sampled token.
@@ -71,7 +70,7 @@ def sample_sequence(model: Model, *, length, context, temperature=1.0, top_k: in
 
     Returns a dict: `tokens` [b, length], `logprobs` [b, length] and one [b, length] tensor per extra output.
     """
-    _check_options(length, temperature, top_k, top_p)
+    _check_options(length, top_k, top_p)
     if top_k > model.hparams.n_vocab:
         raise ValueError(f"sample_sequence: top_k={top_k} exceeds the vocabulary ({model.hparams.n_vocab} tokens)")
     extra_outputs = dict(extra_outputs or {})
