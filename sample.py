@@ -128,7 +128,7 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
     tf = devices.import_tensorflow()  # before anything else imports it: without its start-up notices
     from lm_human_preferences import lm_tasks, train_policy
     from lm_human_preferences.language.trained_models import TrainedModel, missing_files
-    from lm_human_preferences.policy import Policy
+    from lm_human_preferences.policy import sampler
     from lm_human_preferences.utils import files
 
     tf.compat.v1.disable_eager_execution()
@@ -142,7 +142,9 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
     if query_source is not None:
         task.query_source = query_source
     source = "the run's task.policy.temperature" if temperature is None else "--temperature"
-    temperature = task.policy.temperature if temperature is None else temperature
+    if temperature is not None:
+        task.policy.temperature = temperature
+    temperature = task.validate(f"{run_hparams}: task.").policy.temperature  # checked as when the run started
     if mpi_utils.is_root():
         amount = f"{nsamples} samples" if nsamples else "samples until interrupted"
         print(f"sampling {savescope} of {save_dir} at temperature {temperature:g} ({source}), {amount}",
@@ -156,17 +158,14 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
     with tf.Graph().as_default():
         if seed is not None:
             tf.compat.v1.set_random_seed(seed)
-        policy = Policy(trained_model, scope="policy", temperature=temperature,
-                        embed_queries=lm_tasks.query_formatter(task, encoder))
-        queries_ph = tf.compat.v1.placeholder(tf.int32, [None, task.query_length])
-        responses_op = policy.respond_op(queries_ph, task.response_length)["responses"]
+        _, queries_ph, _, sampled = sampler(trained_model, task, encoder, scope="policy")
         query_batches = lm_tasks.query_batches(task, encoder, batch_size, mode="test", seed=shared_seed or 0)
         with devices.new_session() as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
             printed = 0
             while not per_rank or printed < per_rank:
                 queries = next(query_batches)
-                responses = sess.run(responses_op, {queries_ph: queries})
+                responses = sess.run(sampled["responses"], {queries_ph: queries})
                 for query, response in zip(queries, np.asarray(responses)):
                     if per_rank and printed >= per_rank:
                         break

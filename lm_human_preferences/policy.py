@@ -5,7 +5,8 @@ policy is built and take the trained model's weights from the global variables i
 absent from GPT-2 checkpoints, starts at zero).
 
 Trainers use the graph builders `respond_op` / `analyze_responses_op`; tools and tests use the numpy
-conveniences `respond` / `analyze_responses`, which run in the default session.
+conveniences `respond` / `analyze_responses`, which run in the default session. `sampler` is the set-up of
+everything that samples a task's responses: the trainers, the labeler, the demo and sample.py.
 """
 
 from typing import Callable, Dict
@@ -13,6 +14,7 @@ from typing import Callable, Dict
 import numpy as np
 import tensorflow.compat.v1 as tf
 
+from lm_human_preferences import lm_tasks
 from lm_human_preferences.language import sample
 from lm_human_preferences.language.model import Model, shape_list
 
@@ -102,6 +104,23 @@ class Policy:
             raise ValueError(f"analyze_responses: {len(queries)} queries but {len(responses)} responses")
         return self._run(("analyze", queries.shape[1], responses.shape[1]), self.analyze_responses_op,
                          [queries, responses])
+
+
+def sampler(model, task: lm_tasks.TaskHParams, encoder=None, *, scope: str = None,
+            seeded: bool = False, compute_dtype=tf.float32):
+    """Sampling the task's responses: returns the policy, a queries placeholder [b, task.query_length], the seed
+    placeholder [2] of a stateless sample (with `seeded`, as the trainers draw; else None: TensorFlow's stateful
+    random numbers) and `respond_op`'s outputs for task.response_length tokens.
+
+    model: a TrainedModel, built here as a Policy under `scope` at task.policy.temperature, its queries
+    formatted by the task (with `encoder`); or a Policy built already (the reference policy that a PPO run's
+    reward training shares, or the demo's, whose random ops keep their order)."""
+    policy = model if isinstance(model, Policy) else Policy(
+        model, scope=scope, temperature=task.policy.temperature,
+        embed_queries=lm_tasks.query_formatter(task, encoder), compute_dtype=compute_dtype)
+    queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
+    seed = tf.placeholder(tf.int64, [2], name="seed") if seeded else None
+    return policy, queries, seed, policy.respond_op(queries, task.response_length, seed=seed)
 
 
 def _int_matrix(array, what):

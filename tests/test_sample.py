@@ -2,7 +2,10 @@
 filtering, seeds. And the `./sample.py sample` command: its 2019 defaults, `--temperature task`, --mpi."""
 
 import inspect
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -229,6 +232,20 @@ def test_temperature_task_is_the_runs_task_temperature(saved_run, capsys, monkey
     captured = capsys.readouterr()
     assert captured.out.count(SAMPLE_SEPARATOR) == 3
     assert "at temperature 0.7 (the run's task.policy.temperature), 3 samples" in captured.err
+
+
+def test_a_run_whose_task_temperature_is_not_positive_is_refused_before_sampling(saved_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--temperature task samples at the run's task.policy.temperature: checked as when the run started."""
+    run = shutil.copytree(saved_run, tmp_path / "run")
+    path = run / "train_policy_hparams.json"
+    hparams = json.loads(path.read_text())
+    hparams["task"]["policy"]["temperature"] = 0
+    path.write_text(json.dumps(hparams))
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: [])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: task.policy.temperature must be > 0, got 0.0")):
+        sample_cli.sample(str(run), temperature="task", nsamples=1)
+    assert capsys.readouterr().out == ""
 
 
 def test_two_ranks_share_the_samples(saved_run):
