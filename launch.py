@@ -38,12 +38,8 @@ by an outer launcher (`mpirun -np 8 ./launch.py ...`, srun), launch.py starts no
 process runs its rank of the job.
 """
 
-import collections
-import inspect
 import os
-import re
 import sys
-from typing import Dict, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,102 +50,20 @@ if __name__ == "__main__":  # started by a Python without the dependencies: re-r
 import fire  # noqa: E402
 
 from lm_human_preferences import experiments, launcher  # noqa: E402
+from lm_human_preferences.command_line import mpi_ranks, prepare_argv, true_or_false  # noqa: E402
 from lm_human_preferences.utils import mpi  # noqa: E402
 
-# ----- how fire turns the command line into arguments ----------------------------------------------------------
-# fire evaluates every value as a Python literal: `--task.query_suffix '"x"'` would lose its quotes, `1,2`
-# become a tuple, a run NAME `7` an int, and a string field given `1e5` read "100000.0". The hyperparameters
-# parse strings by their declared types themselves, so `prepare_argv` hands fire each value as a quoted
-# Python string literal, which fire evaluates back to exactly the text typed. (fire's own way, its
-# SetParseFn decorators, lists a bogus FIRE_METADATA group in every --help.)
-
-_OWN_FLAGS = {"mpi", "save_dir", "dry_run", "nodry_run", "trials_in_parallel", "notrials_in_parallel", "resume",
-              "noresume", "count",
-              "judge", "temperature", "label_type", "seed", "policy", "host", "port", "token", "overlap",
-              "instructions", "query", "response", "input", "output", "truncate", "notruncate"}
-
-
-def short_flags(command: str) -> Dict[str, str]:
-    """`-x` -> `--name` for each flag of `command` whose first letter no other flag of it shares: the short forms its
-    --help lists (`-s` is --save_dir for train_policy, --seed for label, --scope for export). fire's parser cannot
-    apply them itself: with **overrides in a signature it takes `-s` for a hyperparameter named s, and without it
-    also counts the positional arguments (export's SAVE_DIR), so prepare_argv spells them out. `-h` is --help."""
-    function = COMMANDS.get(command)
-    if function is None:
-        return {}
-    flags = [parameter.name for parameter in inspect.signature(function).parameters.values()
-             if parameter.default is not inspect.Parameter.empty]  # fire's help: the arguments with defaults
-    letters = collections.Counter(name[0] for name in flags)
-    return {f"-{name[0]}": f"--{name}" for name in flags if letters[name[0]] == 1 and name[0] != "h"}
-
-
-def _is_flag(arg: str) -> bool:
-    """fire's rule: `--name...` or `-x...`, but not a negative number."""
-    return arg.startswith("--") or re.match(r"^-[a-zA-Z]", arg) is not None
-
-
-def prepare_argv(argv: List[str]) -> List[str]:
-    """The command line as fire should see it: every value quoted (see above), and
-
-    * a bare hyperparameter flag (followed by another flag or nothing) means true: `--normalize_before`
-      (fire reads a bare `--noX` as X=False, so it made that `rmalize_before=False`);
-    * `--help` or `-h` anywhere before fire's `--` separator shows the command's help and runs nothing
-      (fire took it for a hyperparameter named help).
-    """
-    argv = list(argv)
-    separator = argv.index("--") if "--" in argv else len(argv)
-    ours, fire_flags = argv[:separator], argv[separator:]
-    if any(arg in ("--help", "-h") for arg in ours):
-        return [arg for arg in ours[:1] if arg in COMMANDS] + ["--", "--help"]
-    prepared = ours[:1]  # the command's name
-    short = short_flags(ours[0]) if ours else {}
-    for index in range(1, len(ours)):
-        arg = ours[index]
-        if not _is_flag(arg):
-            prepared.append(repr(arg))
-            continue
-        name, equals, value = arg.partition("=")
-        name = short.get(name, name)
-        bare = not equals and (index + 1 == len(ours) or _is_flag(ours[index + 1]))
-        if equals:
-            prepared.append(f"{name}={value!r}")
-        elif bare and name.lstrip("-").replace("-", "_") not in _OWN_FLAGS:
-            prepared.append(f"{name}={'true'!r}")
-        else:
-            prepared.append(name)  # its value is the next argument
-    return prepared + fire_flags
-
-
-def _positive_int(value):
-    """--mpi's value: a positive int, or None when not given."""
-    if value is None:
-        return None
-    try:
-        number = int(value) if not isinstance(value, bool) else 0
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"--mpi: got {value!r}, expected a positive number of processes")
-    return number
-
-
-def _flag(value, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "on", "yes", "1"):
-        return True
-    if lowered in ("false", "off", "no", "0"):
-        return False
-    raise ValueError(f"--{what}: got {value!r}, expected true or false")
+# Each command below is a function whose signature is its command line: fire maps positional arguments and flags
+# to its parameters (command_line.prepare_argv hands fire the quoted values), **overrides takes the
+# hyperparameters, and the docstring is its --help.
 
 
 def _launch_training(command, experiment, name, mpi, save_dir, dry_run, trials_in_parallel, resume, overrides):
     """What train_reward and train_policy share: their flags checked, then the launcher (each keeps its own
     signature and docstring, which fire shows as its --help)."""
-    launcher.launch(command, experiment, name, mpi=_positive_int(mpi), save_dir=save_dir,
-                    dry_run=_flag(dry_run, "dry_run"), resume=_flag(resume, "resume"),
-                    trials_in_parallel=_flag(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
+    launcher.launch(command, experiment, name, mpi=mpi_ranks(mpi), save_dir=save_dir,
+                    dry_run=true_or_false(dry_run, "dry_run"), resume=true_or_false(resume, "resume"),
+                    trials_in_parallel=true_or_false(trials_in_parallel, "trials_in_parallel"), overrides=overrides)
 
 
 # ----- commands --------------------------------------------------------------------------------------------------
@@ -187,7 +101,7 @@ def demo(name="demo", save_dir="/tmp/save/demo", online=False, **overrides):
     from lm_human_preferences.utils import devices
     tf = devices.import_tensorflow()  # before anything else imports it: without its start-up notices
     from lm_human_preferences import demo as demo_module
-    experiment = "demo_online" if _flag(online, "online") else "demo"
+    experiment = "demo_online" if true_or_false(online, "online") else "demo"
     tf.compat.v1.disable_eager_execution()
     demo_module.run_demo(name, save_dir, overrides=overrides, experiment=experiment)
 
@@ -223,7 +137,7 @@ def score(reward_model_dir, query: str = None, response: str = None, input: str 
     devices.import_tensorflow()  # before anything else imports it: without its start-up notices
     from lm_human_preferences import score as score_module
     score_module.score_command(reward_model_dir, query=query, response=response, input=input, output=output,
-                               truncate=_flag(truncate, "truncate"))
+                               truncate=true_or_false(truncate, "truncate"))
 
 
 def labels_from_text(source, input, output, label_type: str = None, truncate=False, **overrides):
@@ -235,8 +149,8 @@ def labels_from_text(source, input, output, label_type: str = None, truncate=Fal
     longer than the task's lengths instead of refusing them.
     """
     from lm_human_preferences import text_labels  # no TensorFlow: settings, encodings and the label validator
-    text_labels.labels_from_text(source, input, output, label_type=label_type, truncate=_flag(truncate, "truncate"),
-                                 **overrides)
+    text_labels.labels_from_text(source, input, output, label_type=label_type,
+                                 truncate=true_or_false(truncate, "truncate"), **overrides)
 
 
 def list_experiments():
@@ -268,7 +182,7 @@ def plot(*run_dirs, output: str = None, force=False, band: str = "std"):
     from lm_human_preferences import plots
     if not isinstance(force, bool) and os.path.exists(str(force)):  # `--force RUN_DIR`: fire took RUN_DIR as its value
         raise ValueError(f"--force took {force!r} as its value; put --force after the RUN_DIRs (or write --force=true)")
-    print(plots.plot_command(run_dirs, output=output, force=_flag(force, "force"), band=band).summary())
+    print(plots.plot_command(run_dirs, output=output, force=true_or_false(force, "force"), band=band).summary())
 
 
 COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": demo, "label": label,
@@ -279,7 +193,7 @@ COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        fire.Fire(COMMANDS, command=prepare_argv(argv), name="launch.py")
+        fire.Fire(COMMANDS, command=prepare_argv(COMMANDS, argv), name="launch.py")
     except BrokenPipeError:  # `./launch.py ... --dry_run | head`: the reader has what it wanted; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit-time flush would fail again
         sys.exit(141)  # what a shell reports for a process ended by SIGPIPE

@@ -52,17 +52,6 @@ def parse_temperature(temperature):
     return value
 
 
-def parse_count(value, flag: str, minimum: int) -> int:
-    try:
-        number = None if isinstance(value, bool) else int(str(value))  # fire hands over ints or text
-    except ValueError:
-        number = None
-    if number is None or number < minimum:
-        accepted = "0 (forever) or a positive integer" if minimum == 0 else "a positive integer"
-        raise ValueError(f"--{flag}: got {value!r}, expected {accepted}")
-    return number
-
-
 def check_policy_run(save_dir: str, savescope: str):
     """A ValueError saying what a local SAVE_DIR holds unless it is a train_policy run with a policy under
     SAVESCOPE (a remote run is read as it is: its files say so when they are missing)."""
@@ -104,12 +93,14 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
     task's dataset is read from, replacing the run's task.query_source.
     """
     from lm_human_preferences import launcher
+    from lm_human_preferences.command_line import number
     from lm_human_preferences.utils import mpi as mpi_utils
 
     temperature = parse_temperature(temperature)
-    nsamples = parse_count(nsamples, "nsamples", 0)
-    batch_size = parse_count(batch_size, "batch_size", 1)
-    plan = launcher.plan_ranks(None if mpi is None else parse_count(mpi, "mpi", 1), script="sample.py")
+    nsamples = number(nsamples, int, "--nsamples", "0 (forever) or a positive integer", 0)
+    batch_size = number(batch_size, int, "--batch_size", "a positive integer", 1)
+    plan = launcher.plan_ranks(None if mpi is None else number(mpi, int, "--mpi", "a positive integer", 1),
+                               script="sample.py")
     if plan.note and (not plan.in_outer_job or mpi_utils.is_root()):
         print(plan.note, file=sys.stderr, flush=True)  # stdout holds only the samples
     check_policy_run(str(save_dir), str(savescope))  # before any rank starts

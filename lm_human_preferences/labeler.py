@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from lm_human_preferences.command_line import number
 from lm_human_preferences.utils import files
 
 Judge = Callable[[str, str], float]  # (query text, response text) -> score
@@ -177,17 +178,6 @@ def _sampled_records(sample, query_batches, label_type, count: int, make) -> Lis
     return records[:count]
 
 
-def _parse_number(value, kind, flag: str, accepted: str, minimum):
-    """A command-line number of `kind` (int or float), at least `minimum`: the CLI hands values over as text."""
-    try:
-        number = None if isinstance(value, bool) else kind(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < minimum or (kind is int and number != float(value)):  # int(2.5) would be 2
-        raise ValueError(f"{flag}: got {value!r}, expected {accepted}")
-    return number
-
-
 HUMAN = "human"  # the judge that is people, labelling in the web app (label_app.py)
 _SERVING_FLAGS = ("host", "port", "token", "overlap", "instructions")  # --judge human only
 
@@ -211,8 +201,8 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
     are kept next to `output`, so the same command again resumes where it stopped, without sampling again."""
     from lm_human_preferences import label_types, launcher
 
-    count = _parse_number(count, int, "--count", "a positive number of labels", 1)
-    seed = _parse_number(seed, int, "--seed", "an integer >= 0", 0)
+    count = number(count, int, "--count", "a positive number of labels", 1)
+    seed = number(seed, int, "--seed", "an integer >= 0", 0)
     if not output or files.is_remote(str(output)):
         raise ValueError(f"label output {output!r}: expected a local file path (write locally, then upload)")
     serving = {"host": host, "port": port, "token": token, "overlap": overlap, "instructions": instructions}
@@ -226,7 +216,7 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
             raise ValueError(f"--{flag} applies only to --judge human (people labelling in the web app)")
     if os.path.lexists(os.path.expanduser(output)):
         raise ValueError(_exists_message(output))
-    temperature = _parse_number(0.0 if temperature is None else temperature, float, "--temperature",
+    temperature = number(0.0 if temperature is None else temperature, float, "--temperature",
                                 "a judge noise >= 0 (0 = exact)", 0.0)
     try:
         judge_fn = get_judge(judge)  # fail before any model is built
@@ -324,7 +314,7 @@ def sample_policy_records(hparams, label_type, count: int, seed: int, policy: Op
 
     from lm_human_preferences import lm_tasks
     from lm_human_preferences.language.trained_models import TrainedModel
-    from lm_human_preferences.policy import Policy
+    from lm_human_preferences.policy import sampler
 
     task = hparams.task
     trained_model = TrainedModel(task.policy.initial_model)
@@ -342,16 +332,12 @@ def sample_policy_records(hparams, label_type, count: int, seed: int, policy: Op
         tf.set_random_seed(seed)
         # The labelers saw samples of the initial policy, the reference policy of a later PPO run (or, online, of
         # the policy being trained).
-        policy_model = Policy(trained_model, scope="policy" if policy else "ref_policy",
-                              temperature=task.policy.temperature,
-                              embed_queries=lm_tasks.query_formatter(task, encoder))
-        queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
-        responses = policy_model.respond_op(queries, task.response_length)["responses"]  # [b, response_length]
+        _, queries, _, sampled = sampler(trained_model, task, encoder, scope="policy" if policy else "ref_policy")
         with devices.new_session() as sess:
             sess.run(tf.global_variables_initializer())
 
             def sample(query_batch):  # [b, query_length] -> [b, response_length]
-                raw = sess.run(responses, {queries: query_batch})
+                raw = sess.run(sampled["responses"], {queries: query_batch})  # [b, response_length]
                 return lm_tasks.postprocess_responses(raw, task, encoding.padding_token)
 
             query_batches = lm_tasks.query_batches(task, encoder, batch_size, mode="train", seed=seed, rank=0,

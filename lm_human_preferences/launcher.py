@@ -31,6 +31,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from lm_human_preferences import experiments, preflight
+from lm_human_preferences.command_line import mpi_ranks
 from lm_human_preferences.hparams import TrainPolicyHParams, TrainRewardHParams
 from lm_human_preferences.utils import devices, files
 from lm_human_preferences.utils import mpi as mpi_utils
@@ -118,12 +119,6 @@ def resolve_hparams(command: str, experiment: str, name: str, *, save_dir: str =
 
 # ----- how many ranks --------------------------------------------------------------------------------------------
 
-def check_mpi(mpi) -> int:
-    if not isinstance(mpi, int) or isinstance(mpi, bool) or mpi < 1:
-        raise ValueError(f"--mpi: got {mpi!r}, expected a positive number of processes")
-    return mpi
-
-
 def visible_gpus() -> List[str]:
     """The ids of the GPUs this process may use, found without importing TensorFlow (slow, and it would
     claim GPU memory in the launching process): CUDA_VISIBLE_DEVICES when it is set, else the GPUs that
@@ -174,14 +169,14 @@ def plan_ranks(mpi: Optional[int], *, trials_in_parallel: bool = False, script: 
             raise ValueError(f"--trials_in_parallel starts one process per trial, but this {script} is one of "
                              f"{outer} ranks started by an outer MPI launcher (mpirun/mpiexec/srun); run it "
                              f"without the outer launcher, or drop --trials_in_parallel")
-        if mpi is not None and check_mpi(mpi) != outer:
+        if mpi is not None and mpi_ranks(mpi) != outer:
             raise ValueError(f"--mpi {mpi} disagrees with the outer MPI job of {outer} ranks that started this "
                              f"{script} (it joins that job and starts no ranks of its own); drop --mpi, or "
                              f"start the job with {mpi} ranks")
         note = None if mpi is not None else f"--mpi not given: joining the outer MPI job of {outer} ranks"
         return RankPlan(outer, True, note)
     if mpi is not None:
-        check_mpi(mpi)
+        mpi = mpi_ranks(mpi)
         if trials_in_parallel and mpi > 1:
             raise ValueError(f"--trials_in_parallel runs each trial as a single process (one GPU each) and cannot "
                              f"be combined with --mpi {mpi}; drop one of them (trials then run one after "
@@ -262,7 +257,7 @@ def rank_argv(command: str, hparams: HParams, resume: bool = False) -> List[str]
 
 def rank_command(command: str, hparams: HParams, mpi: int, resume: bool = False) -> Tuple[List[str], Dict[str, str]]:
     """argv and environment that start `mpi` ranks of this module, each running `command` with `hparams`."""
-    return mpi_utils.mpiexec_command(check_mpi(mpi)) + rank_argv(command, hparams, resume), rank_environment()
+    return mpi_utils.mpiexec_command(mpi_ranks(mpi)) + rank_argv(command, hparams, resume), rank_environment()
 
 
 def call_forwarding_stop_signals(argv: List[str], env: Dict[str, str]) -> int:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from lm_human_preferences import launcher
+from lm_human_preferences.command_line import prepare_argv
 from lm_human_preferences.utils import mpi
 
 from mpi_programs import run as run_mpi
@@ -184,7 +185,7 @@ def test_unknown_experiment_message_in_process(capsys):
 
 def test_help_shows_the_command_and_runs_nothing(monkeypatch, capsys):
     monkeypatch.setattr(launcher, "launch", lambda *args, **kwargs: pytest.fail("--help ran the command"))
-    assert cli.prepare_argv(["train_policy", "test", "x", "--ppo.lr", "1", "--help"]) == \
+    assert prepare_argv(cli.COMMANDS, ["train_policy", "test", "x", "--ppo.lr", "1", "--help"]) == \
         ["train_policy", "--", "--help"]
     with pytest.raises(SystemExit) as info:
         cli.main(["train_policy", "test", "x", "--help"])
@@ -195,7 +196,7 @@ def test_help_shows_the_command_and_runs_nothing(monkeypatch, capsys):
 
 
 def test_fire_flags_after_the_separator_are_left_alone():
-    assert cli.prepare_argv(["train_reward", "test", "x", "--", "--trace"]) == \
+    assert prepare_argv(cli.COMMANDS, ["train_reward", "test", "x", "--", "--trace"]) == \
         ["train_reward", "'test'", "'x'", "--", "--trace"]
 
 
@@ -368,7 +369,7 @@ def test_trials_in_parallel_errors(capsys, argv, expected):
 
 
 def test_trials_in_parallel_is_a_bare_flag_with_a_short_form():
-    assert cli.prepare_argv(["train_reward", "test_seeds", "x", "-t", "--lr", "1"]) == \
+    assert prepare_argv(cli.COMMANDS, ["train_reward", "test_seeds", "x", "-t", "--lr", "1"]) == \
         ["train_reward", "'test_seeds'", "'x'", "--trials_in_parallel", "--lr", "'1'"]
 
 

@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+from lm_human_preferences.command_line import prepare_argv, short_flags
 from lm_human_preferences.utils import stats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,25 +116,27 @@ def test_another_reward_model_directory_is_refused_naming_save_dir(tmp_path):
 # ----- short flags: each command's own ---------------------------------------------------------------------------
 
 def test_each_commands_short_flags_are_those_its_help_lists():
-    cli = load_launch_py()
-    assert cli.prepare_argv(["train_policy", "test", "x", "-s", "/runs", "-m", "2", "-d", "-t", "-r"]) == \
+    commands = load_launch_py().COMMANDS
+    assert prepare_argv(commands, ["train_policy", "test", "x", "-s", "/runs", "-m", "2", "-d", "-t", "-r"]) == \
         ["train_policy", "'test'", "'x'", "--save_dir", "'/runs'", "--mpi", "'2'", "--dry_run", "--trials_in_parallel",
          "--resume"]
-    assert cli.prepare_argv(["label", "test", "out.json", "--count", "8", "--judge", "vowels", "-s", "3", "-l",
-                             "best_of_2"]) == \
+    assert prepare_argv(commands, ["label", "test", "out.json", "--count", "8", "--judge", "vowels", "-s", "3",
+                                   "-l", "best_of_2"]) == \
         ["label", "'test'", "'out.json'", "--count", "'8'", "--judge", "'vowels'", "--seed", "'3'", "--label_type",
          "'best_of_2'"]
-    assert cli.prepare_argv(["export", "RUN", "OUT", "-s", "reward_model"]) == \
+    assert prepare_argv(commands, ["export", "RUN", "OUT", "-s", "reward_model"]) == \
         ["export", "'RUN'", "'OUT'", "--scope", "'reward_model'"]
-    assert cli.prepare_argv(["demo", "-n", "mine", "-s", "/runs"]) == ["demo", "--name", "'mine'", "--save_dir", "'/runs'"]
+    assert prepare_argv(commands, ["demo", "-n", "mine", "-s", "/runs"]) == \
+        ["demo", "--name", "'mine'", "--save_dir", "'/runs'"]
     # label's -t could be --temperature or --token, -p --policy or --port: none (as its --help shows), and -h is help
-    assert cli.prepare_argv(["label", "test", "o.json", "-t", "0.1"]) == ["label", "'test'", "'o.json'", "-t", "'0.1'"]
-    assert cli.prepare_argv(["label", "-h"]) == ["label", "--", "--help"]
+    assert prepare_argv(commands, ["label", "test", "o.json", "-t", "0.1"]) == \
+        ["label", "'test'", "'o.json'", "-t", "'0.1'"]
+    assert prepare_argv(commands, ["label", "-h"]) == ["label", "--", "--help"]
     for command in ("train_reward", "train_policy", "demo", "label", "export"):
         shown = run("launch.py", command, "--help")
         help_text = shown.stdout + shown.stderr
         listed = dict(re.findall(r"^ +(-\w), (--\w+)=", help_text, re.M))
-        assert {short: long for short, long in cli.short_flags(command).items()} == \
+        assert {short: long for short, long in short_flags(commands[command]).items()} == \
             {short: long for short, long in listed.items() if short != "-h"}, command
 
 
