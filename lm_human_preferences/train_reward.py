@@ -14,7 +14,7 @@ import tensorflow.compat.v1 as tf
 from lm_human_preferences import label_types, labeler, lm_tasks, plots, rewards, trainer as run_utils
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.policy import Policy, sampler
 from lm_human_preferences.utils import files, mpi, stats, train_ops
 # The hyperparameters are declared in hparams.py, which needs no TensorFlow (a --dry_run loads none).
 from lm_human_preferences.hparams import LabelHParams, RunHParams  # noqa: F401
@@ -62,18 +62,13 @@ class RewardTraining:
         self.batch_per_rank = mpi.exact_div(hparams.batch_size, mpi.size(), "batch_size")
         self.seed = run_utils.run_seed(hparams.run.seed) if seed is None else seed
         tf.set_random_seed(mpi.rank_seed(self.seed))  # initialisers (rank 0's weights are shared)
-        embed_queries = lm_tasks.query_formatter(task, encoder)
         compute_dtype = tf.bfloat16 if hparams.run.mixed_precision else tf.float32
         self.reward_model = reward_model or rewards.RewardModel(trained_model, scope="reward_model",
                                                                 compute_dtype=compute_dtype)
         # The initial policy: what the labelers were shown, and what the normalisation is measured on.
-        self.policy = policy or Policy(trained_model, scope="ref_policy", temperature=task.policy.temperature,
-                                       embed_queries=embed_queries, compute_dtype=compute_dtype)
-
-        self.queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
+        self.policy, self.queries, self.sample_seed, self.sampled = sampler(
+            policy or trained_model, task, encoder, scope="ref_policy", seeded=True, compute_dtype=compute_dtype)
         self.responses = tf.placeholder(tf.int32, [None, task.response_length], name="responses")
-        self.sample_seed = tf.placeholder(tf.int64, [2], name="sample_seed")  # stateless: see trainer.py
-        self.sampled = self.policy.respond_op(self.queries, task.response_length, seed=self.sample_seed)
         self.rewards = self.reward_model.get_rewards_op(self.queries, self.responses)  # [b]
 
         self.label_placeholders = {
