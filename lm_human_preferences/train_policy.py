@@ -16,7 +16,7 @@ from lm_human_preferences import (labeler, lm_tasks, online_labels, plots, ppo, 
                                   trainer as run_utils)
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.policy import Policy, sampler
 from lm_human_preferences.utils import files, mpi, stats, train_ops
 # The hyperparameters and the batch-size rule are declared in hparams.py, which needs no TensorFlow.
 from lm_human_preferences.hparams import (MIN_WHITENED_MINIBATCH, BatchSizes, PpoHParams,  # noqa: F401
@@ -45,20 +45,17 @@ class PPOTrainer:
         self.encoder = encoder
         self.judge = None if hparams.run.judge is None else labeler.get_judge(hparams.run.judge)
 
-        embed_queries = lm_tasks.query_formatter(task, encoder)
         compute_dtype = tf.bfloat16 if hparams.run.mixed_precision else tf.float32
-        self.policy = Policy(policy_model, scope="policy", temperature=task.policy.temperature,
-                             embed_queries=embed_queries, compute_dtype=compute_dtype)
+        # The rollout: [b, query_length] queries in, [b, R] responses, logprobs and values out.
+        self.policy, self.queries, self.rollout_seed, self.rollout_op = sampler(
+            policy_model, task, encoder, scope="policy", seeded=True, compute_dtype=compute_dtype)
         self.ref_policy = Policy(policy_model, scope="ref_policy", temperature=task.policy.temperature,
-                                 embed_queries=embed_queries, compute_dtype=compute_dtype)
+                                 embed_queries=lm_tasks.query_formatter(task, encoder), compute_dtype=compute_dtype)
         self.reward_model = rewards.RewardModel(reward_model, scope="reward_model", compute_dtype=compute_dtype)
         R = task.response_length
 
-        # Rollout, reference log-probs and scores: [b, query_length] / [b, R] in, per-episode arrays out.
-        self.queries = tf.placeholder(tf.int32, [None, task.query_length], name="queries")
+        # Reference log-probs and scores: [b, query_length] / [b, R] in, per-episode arrays out.
         self.responses = tf.placeholder(tf.int32, [None, R], name="responses")
-        self.rollout_seed = tf.placeholder(tf.int64, [2], name="rollout_seed")  # stateless: see trainer.py
-        self.rollout_op = self.policy.respond_op(self.queries, R, seed=self.rollout_seed)
         self.ref_logprobs_op = self.ref_policy.analyze_responses_op(self.queries, self.responses)["logprobs"]
         self.score_op = self.reward_model.get_rewards_op(self.queries, self.responses)  # [b]
 
