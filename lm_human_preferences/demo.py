@@ -18,7 +18,7 @@ import tensorflow.compat.v1 as tf
 
 from lm_human_preferences import labeler, launcher, lm_tasks, plots, rewards, train_policy
 from lm_human_preferences.language.trained_models import TrainedModel
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.policy import Policy, sampler
 from lm_human_preferences.utils import devices, files
 
 
@@ -53,10 +53,10 @@ def evaluate(hparams: train_policy.HParams, *, num_queries: int = 256, seed: int
         initial = Policy(initial_model, scope="ref_policy", temperature=task.policy.temperature, embed_queries=embed)
         trained = Policy(trained_model, scope="policy", temperature=task.policy.temperature, embed_queries=embed)
         reward_model = rewards.RewardModel(reward_model_files, scope="reward_model")
-        queries_ph = tf.placeholder(tf.int32, [None, task.query_length])
-        responses_ph = tf.placeholder(tf.int32, [None, task.response_length])
-        initial_op = initial.respond_op(queries_ph, task.response_length)
+        # Sampling is built after every model, so that the samplers' seeds (drawn in graph order) stay the same.
+        _, queries_ph, _, initial_op = sampler(initial, task)
         trained_op = trained.respond_op(queries_ph, task.response_length)
+        responses_ph = tf.placeholder(tf.int32, [None, task.response_length])
         ref_logprobs_op = initial.analyze_responses_op(queries_ph, responses_ph)["logprobs"]
         rewards_op = reward_model.get_rewards_op(queries_ph, responses_ph)
         with devices.new_session() as sess:
