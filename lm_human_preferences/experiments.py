@@ -22,8 +22,13 @@ character outside letters, digits and `._+-` replaced by `_`, so a descriptor is
 import dataclasses
 import difflib
 import itertools
+import os
 import re
 from typing import Any, Collection, Dict, List, Tuple
+
+from lm_human_preferences.hparams import TrainPolicyHParams, TrainRewardHParams
+from lm_human_preferences.utils import files
+from lm_human_preferences.utils.hyperparams import HParams
 
 Bindings = List[Tuple[str, Any]]
 
@@ -318,3 +323,78 @@ def get(command: str, name: str) -> Dict[str, Any]:
         raise ValueError(f"{command} experiment {name!r} is a sweep of {len(found)} trials (over {swept}); "
                          f"pick one trial by overriding {swept}")
     return found[0].bindings
+
+
+# ----- a command's hyperparameters from an experiment ------------------------------------------------------------
+
+# command -> its hyperparameters, declared in hparams.py without TensorFlow: resolving, checking and printing them
+# (--dry_run) loads none.
+COMMAND_HPARAMS = {"train_reward": TrainRewardHParams, "train_policy": TrainPolicyHParams}
+
+DEFAULT_SAVE_DIRS = {"train_reward": "/tmp/save/train_reward", "train_policy": "/tmp/save/train_policy"}
+
+
+def command_hparams(command: str) -> type:
+    """The HParams class of `command` (no TensorFlow is imported)."""
+    if command not in COMMAND_HPARAMS:
+        raise ValueError(f"unknown command {command!r}; known commands: {', '.join(COMMAND_HPARAMS)}")
+    return COMMAND_HPARAMS[command]
+
+
+def resolve_trials(command: str, experiment: str, name: str, *, save_dir: str = None,
+                   overrides: Dict[str, Any] = None) -> List[Tuple[Trial, HParams]]:
+    """Each trial of `experiment` with its validated hyperparameters, `overrides` applied to every trial.
+
+    A trial saves to SAVE_DIR/NAME/DESCRIPTOR, or SAVE_DIR/NAME when the experiment is a single trial; an
+    explicit `run.save_dir` override replaces SAVE_DIR/NAME. Overriding a swept name collapses its sweep.
+    """
+    command_hparams(command)  # an unknown command fails here, before the registry is read
+    overrides = dict(overrides or {})
+    if save_dir is None and "run.save_dir" not in overrides:
+        save_dir = DEFAULT_SAVE_DIRS[command]
+    resolved = []
+    for trial in trials(lookup(command, experiment), fixed=overrides):
+        hparams = _trial_hparams(command, trial.bindings, overrides)
+        if save_dir is not None:
+            hparams.run.save_dir = os.path.join(os.path.expanduser(save_dir), name)
+        if trial.descriptor:
+            hparams.run.save_dir = os.path.join(hparams.run.save_dir, trial.descriptor)
+        if command == "train_policy":
+            hparams.place_reward_model()  # SAVE_DIR/NAME/reward_model: shown by --dry_run, used by the run
+        resolved.append((trial, hparams.validate()))
+    return resolved
+
+
+def _trial_hparams(command: str, bindings: Dict[str, Any], overrides: Dict[str, Any]) -> HParams:
+    hparams = command_hparams(command)()
+    hparams.override_from_dict(bindings)
+    hparams.override_from_dict(overrides)
+    if command == "train_policy" and hparams.rewards.train_new_model is not None:
+        # The reward model trained first must see the same task as the policy: a `--task.X` override
+        # applies to both, unless the user set `--rewards.train_new_model.task.X` explicitly.
+        nested = {f"rewards.train_new_model.{name}": value for name, value in overrides.items()
+                  if name.startswith("task.") and f"rewards.train_new_model.{name}" not in overrides}
+        hparams.override_from_dict(nested)
+    return hparams
+
+
+def resolve_hparams(command: str, experiment: str, name: str, *, save_dir: str = None,
+                    overrides: Dict[str, Any] = None) -> HParams:
+    """The validated hyperparameters of a single-trial `experiment` with `overrides` applied, saving to
+    SAVE_DIR/NAME. A sweep is an error unless the overrides fix every swept name."""
+    resolved = resolve_trials(command, experiment, name, save_dir=save_dir, overrides=overrides)
+    if len(resolved) > 1:
+        swept = ", ".join(resolved[0][0].swept)
+        raise ValueError(f"{command} experiment {experiment!r} is a sweep of {len(resolved)} trials (over {swept}); "
+                         f"expected a single trial: override {swept} to pick one")
+    return resolved[0][1]
+
+
+def run_exists(save_dir: str) -> bool:
+    """Whether SAVE_DIR/NAME already holds anything (a local directory that is not empty, or gs:// objects)."""
+    if files.is_gcs(save_dir):
+        try:
+            return files.remote_dir_exists(save_dir)
+        except files.FileFetchError as error:
+            raise ValueError(f"run.save_dir {save_dir}: {error}") from None
+    return os.path.isdir(save_dir) and bool(os.listdir(save_dir))

@@ -130,14 +130,14 @@ def test_queries_and_responses_fit_the_models_context(experiment):
 
 def test_unknown_experiment_lists_the_known_ones_and_suggests_the_closest():
     with pytest.raises(ValueError) as info:
-        experiments.get("train_policy", "descriptivness")
+        experiments.lookup("train_policy", "descriptivness")
     message = str(info.value)
     assert "unknown train_policy experiment 'descriptivness'" in message
     assert "did you mean descriptiveness?" in message
     assert ("known experiments: cnndm, demo, demo_online, descriptiveness, descriptiveness_seeds, sentiment, test, "
             "test_seeds, tldr") in message
     with pytest.raises(ValueError, match="unknown command 'train'; known commands: train_reward, train_policy"):
-        experiments.get("train", "test")
+        experiments.lookup("train", "test")
 
 
 def test_bindings_compose_later_ones_winning():
@@ -201,7 +201,7 @@ def test_a_sweep_is_not_a_single_trial():
                                          r"\(over run.seed\); expected a single trial: override run.seed to pick one"):
         launcher.resolve_hparams("train_policy", "descriptiveness_seeds", "x")
     with pytest.raises(ValueError, match=r"is a sweep of 2 trials \(over run.seed\)"):
-        experiments.get("train_reward", "test_seeds")
+        launcher.resolve_hparams("train_reward", "test_seeds", "x")
 
 
 def test_sweeps_cross_in_the_order_first_bound_and_compose_like_bindings():

@@ -202,11 +202,6 @@ class HParams:
         from lm_human_preferences.utils import files
         files.write_text_atomic(path, self.to_json() + "\n")
 
-    @classmethod
-    def load_json(cls, path: str, *, strict: bool = True) -> "HParams":
-        from lm_human_preferences.utils import files
-        return cls.from_nested_dict(files.read_json(path), strict=strict)
-
     # ----- validation ----------------------------------------------------------------------------------------
     def validate(self, prefix: str = "") -> "HParams":
         """Check that required fields are set and every value has its declared type; then `check()` hooks."""
