@@ -96,7 +96,7 @@ tf = devices.import_tensorflow()  # without its start-up notices
 tf.compat.v1.disable_eager_execution()
 tf1 = tf.compat.v1
 
-from lm_human_preferences import flops, label_types, launcher, rewards  # noqa: E402
+from lm_human_preferences import experiments, flops, label_types, rewards  # noqa: E402
 from lm_human_preferences.language import model as lm_model  # noqa: E402
 from lm_human_preferences.language.trained_models import TrainedModel  # noqa: E402
 from lm_human_preferences.train_policy import PPOTrainer  # noqa: E402
@@ -420,7 +420,7 @@ def limits(calibration: Optional[dict], compute_dtype: str) -> dict:
 
 def ppo_hparams(shape: Shape, settings: Settings, *, xla: bool, mixed_precision: bool):
     """The `test` policy experiment reshaped: this batch, query and response length, one update, no saving."""
-    return launcher.resolve_hparams("train_policy", "test", "bench", overrides={
+    return experiments.resolve_hparams("train_policy", "test", "bench", overrides={
         "task.query_length": shape.query_length, "task.response_length": shape.response_length,
         "rewards.train_new_model": "off", "rewards.trained_model": "random weights (bench.py)",
         "ppo.batch_size": shape.batch, "ppo.total_episodes": shape.batch, "ppo.noptepochs": settings.noptepochs,

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import labeler, launcher, lm_tasks, plots, rewards, train_policy
+from lm_human_preferences import experiments, labeler, lm_tasks, plots, rewards, train_policy
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy, sampler
 from lm_human_preferences.utils import devices, files
@@ -124,7 +124,7 @@ def free_name(save_dir: str, name: str) -> str:
     """NAME, or NAME-2, NAME-3, ... : the first that does not hold a run yet (a run is never overwritten, and a
     newcomer's second `make demo` should simply run again)."""
     candidate, number = name, 1
-    while launcher.run_exists(os.path.join(os.path.expanduser(save_dir), candidate)):
+    while experiments.run_exists(os.path.join(os.path.expanduser(save_dir), candidate)):
         number += 1
         candidate = f"{name}-{number}"
     return candidate
@@ -138,7 +138,7 @@ def run_demo(name: str = "demo", save_dir: str = "/tmp/save/demo", overrides=Non
     if free != name:
         print(f"{os.path.join(save_dir, name)} holds an earlier run (never overwritten); this demo saves to "
               f"{os.path.join(save_dir, free)}", flush=True)
-    hparams = launcher.resolve_hparams("train_policy", experiment, free, save_dir=save_dir, overrides=overrides)
+    hparams = experiments.resolve_hparams("train_policy", experiment, free, save_dir=save_dir, overrides=overrides)
     train_policy.train(hparams)
     report = evaluate(hparams)
     print(format_report(report))

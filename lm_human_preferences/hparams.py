@@ -294,8 +294,8 @@ class TrainPolicyHParams(hyperparams.HParams):
 
     def place_reward_model(self) -> "TrainPolicyHParams":
         """Set where the reward model trained first is saved: in this run's own directory, as SAVE_DIR/reward_model,
-        so its `run.save_dir` is this run's (as 2019 recorded it). The launcher calls this once run.save_dir is
-        known, so that --dry_run shows the value the run uses."""
+        so its `run.save_dir` is this run's (as 2019 recorded it). experiments.resolve_trials calls this once
+        run.save_dir is known, so that --dry_run shows the value the run uses."""
         if self.rewards.train_new_model is not None and self.rewards.train_new_model.run.save_dir is None:
             self.rewards.train_new_model.run.save_dir = self.run.save_dir
         return self

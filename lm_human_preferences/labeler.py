@@ -199,7 +199,7 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
     127.0.0.1:8000; another address needs `token`, generated when not given), `overlap` of the items by two of
     them; `instructions` is a text file replacing the experiment's instructions. The samples and every answer
     are kept next to `output`, so the same command again resumes where it stopped, without sampling again."""
-    from lm_human_preferences import label_types, launcher
+    from lm_human_preferences import experiments, label_types
 
     count = number(count, int, "--count", "a positive number of labels", 1)
     seed = number(seed, int, "--seed", "an integer >= 0", 0)
@@ -217,12 +217,12 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
     if os.path.lexists(os.path.expanduser(output)):
         raise ValueError(_exists_message(output))
     temperature = number(0.0 if temperature is None else temperature, float, "--temperature",
-                                "a judge noise >= 0 (0 = exact)", 0.0)
+                         "a judge noise >= 0 (0 = exact)", 0.0)
     try:
         judge_fn = get_judge(judge)  # fail before any model is built
     except ValueError as error:
         raise ValueError(f"{error}; or {HUMAN}: people label in a web page") from None
-    hparams = launcher.resolve_hparams("train_reward", experiment, "label", overrides=overrides)
+    hparams = experiments.resolve_hparams("train_reward", experiment, "label", overrides=overrides)
     label_type = label_types.get(label_type or hparams.labels.type)
 
     rng = np.random.RandomState(seed)  # one stream for ties, choices and noise, batch after batch
@@ -249,7 +249,7 @@ def _label_by_people(experiment, output, *, count, label_type, seed, policy, ove
                      instructions):
     """`label_command` with `--judge human`: sample the items (unless a stopped run of this very command left
     them next to OUTPUT), then serve them in the web app until they are all labelled."""
-    from lm_human_preferences import label_app, label_types, launcher
+    from lm_human_preferences import experiments, label_app, label_types
 
     options = label_app.serving_options(host="127.0.0.1" if host is None else host,
                                         port=8000 if port is None else port, token=token,
@@ -272,7 +272,7 @@ def _label_by_people(experiment, output, *, count, label_type, seed, policy, ove
     label_app.check_can_bind(options)
     if label_set is None:  # a new job: sample the items (the only part that needs TensorFlow)
         label_app.check_new_job(paths)
-        hparams = launcher.resolve_hparams("train_reward", experiment, "label", overrides=overrides)
+        hparams = experiments.resolve_hparams("train_reward", experiment, "label", overrides=overrides)
         resolved_type = label_types.get(label_type or hparams.labels.type)
         items, encoder = sample_policy_records(hparams, resolved_type, count, seed, policy,
                                                lambda queries, samples, _: unlabelled_records(resolved_type, queries,

@@ -1,8 +1,8 @@
 """From `./launch.py COMMAND EXPERIMENT NAME [flags]` to running jobs.
 
-`launch` expands the experiment into its trials (one, or one per combination of a sweep's values, see
-experiments.py), resolves each trial's bindings and the command-line overrides into the command's typed
-HParams and validates them all before anything runs. Then it prints them (`--dry_run`) or runs the trials:
+`launch` has experiments.resolve_trials expand the experiment into its trials (one, or one per combination of a
+sweep's values) and resolve each trial's bindings and the command-line overrides into the command's typed
+HParams, all validated before anything runs. Then it prints them (`--dry_run`) or runs the trials:
 
 * one after another, each in this process (one rank) or under `mpiexec -n N` (`--mpi N`);
 * side by side (`--trials_in_parallel`): one single-rank subprocess per trial, each given one GPU
@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from lm_human_preferences import experiments, preflight
 from lm_human_preferences.command_line import mpi_ranks
-from lm_human_preferences.hparams import TrainPolicyHParams, TrainRewardHParams
+from lm_human_preferences.experiments import command_hparams, resolve_trials, run_exists
 from lm_human_preferences.utils import devices, files
 from lm_human_preferences.utils import mpi as mpi_utils
 from lm_human_preferences.utils.hyperparams import HParams, flatten
@@ -42,21 +42,8 @@ COMMANDS = {
     "train_reward": "lm_human_preferences.train_reward",
     "train_policy": "lm_human_preferences.train_policy",
 }
-# command -> its hyperparameters (the module's `HParams`), declared in hparams.py without TensorFlow: resolving,
-# checking and printing them (--dry_run) loads none.
-COMMAND_HPARAMS = {"train_reward": TrainRewardHParams, "train_policy": TrainPolicyHParams}
-
-DEFAULT_SAVE_DIRS = {"train_reward": "/tmp/save/train_reward", "train_policy": "/tmp/save/train_policy"}
-
 # The directory holding the `lm_human_preferences` package: the ranks import it from there.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def command_hparams(command: str) -> type:
-    """The HParams class of `command` (no TensorFlow is imported)."""
-    if command not in COMMAND_HPARAMS:
-        raise ValueError(f"unknown command {command!r}; known commands: {', '.join(COMMANDS)}")
-    return COMMAND_HPARAMS[command]
 
 
 def command_module(command: str):
@@ -64,57 +51,6 @@ def command_module(command: str):
     command_hparams(command)  # an unknown command fails here
     devices.import_tensorflow()  # the command modules build graphs: TensorFlow loads here, without its notices
     return importlib.import_module(COMMANDS[command])
-
-
-# ----- hyperparameters of each trial ------------------------------------------------------------------------------
-
-def resolve_trials(command: str, experiment: str, name: str, *, save_dir: str = None,
-                   overrides: Dict[str, Any] = None) -> List[Tuple[experiments.Trial, HParams]]:
-    """Each trial of `experiment` with its validated hyperparameters, `overrides` applied to every trial.
-
-    A trial saves to SAVE_DIR/NAME/DESCRIPTOR, or SAVE_DIR/NAME when the experiment is a single trial; an
-    explicit `run.save_dir` override replaces SAVE_DIR/NAME. Overriding a swept name collapses its sweep.
-    """
-    command_hparams(command)  # an unknown command fails here, before the registry is read
-    overrides = dict(overrides or {})
-    if save_dir is None and "run.save_dir" not in overrides:
-        save_dir = DEFAULT_SAVE_DIRS[command]
-    resolved = []
-    for trial in experiments.trials(experiments.lookup(command, experiment), fixed=overrides):
-        hparams = _trial_hparams(command, trial.bindings, overrides)
-        if save_dir is not None:
-            hparams.run.save_dir = os.path.join(os.path.expanduser(save_dir), name)
-        if trial.descriptor:
-            hparams.run.save_dir = os.path.join(hparams.run.save_dir, trial.descriptor)
-        if command == "train_policy":
-            hparams.place_reward_model()  # SAVE_DIR/NAME/reward_model: shown by --dry_run, used by the run
-        resolved.append((trial, hparams.validate()))
-    return resolved
-
-
-def _trial_hparams(command: str, bindings: Dict[str, Any], overrides: Dict[str, Any]) -> HParams:
-    hparams = command_hparams(command)()
-    hparams.override_from_dict(bindings)
-    hparams.override_from_dict(overrides)
-    if command == "train_policy" and hparams.rewards.train_new_model is not None:
-        # The reward model trained first must see the same task as the policy: a `--task.X` override
-        # applies to both, unless the user set `--rewards.train_new_model.task.X` explicitly.
-        nested = {f"rewards.train_new_model.{name}": value for name, value in overrides.items()
-                  if name.startswith("task.") and f"rewards.train_new_model.{name}" not in overrides}
-        hparams.override_from_dict(nested)
-    return hparams
-
-
-def resolve_hparams(command: str, experiment: str, name: str, *, save_dir: str = None,
-                    overrides: Dict[str, Any] = None) -> HParams:
-    """The validated hyperparameters of a single-trial `experiment` with `overrides` applied, saving to
-    SAVE_DIR/NAME. A sweep is an error unless the overrides fix every swept name."""
-    trials = resolve_trials(command, experiment, name, save_dir=save_dir, overrides=overrides)
-    if len(trials) > 1:
-        swept = ", ".join(trials[0][0].swept)
-        raise ValueError(f"{command} experiment {experiment!r} is a sweep of {len(trials)} trials (over {swept}); "
-                         f"expected a single trial: override {swept} to pick one")
-    return trials[0][1]
 
 
 # ----- how many ranks --------------------------------------------------------------------------------------------
@@ -372,16 +308,6 @@ def _on_rank_0(plan: "RankPlan", check):
     message = mpi_utils.broadcast(message)
     if message is not None:
         raise ValueError(message)
-
-
-def run_exists(save_dir: str) -> bool:
-    """Whether SAVE_DIR/NAME already holds anything (a local directory that is not empty, or gs:// objects)."""
-    if files.is_gcs(save_dir):
-        try:
-            return files.remote_dir_exists(save_dir)
-        except files.FileFetchError as error:
-            raise ValueError(f"run.save_dir {save_dir}: {error}") from None
-    return os.path.isdir(save_dir) and bool(os.listdir(save_dir))
 
 
 def check_run_directory(command: str, hparams: HParams, resume: bool):

@@ -43,12 +43,12 @@ class SavedRun:
 
 def saved_run(directory: str) -> Optional[SavedRun]:
     """The run saved in `directory` (local, https:// or gs://), or None when it holds no run hyperparameters."""
-    from lm_human_preferences import launcher
+    from lm_human_preferences import experiments
     for command, name in RUN_HPARAMS_FILES.items():
         path = files.join(directory, name)
         if files.exists(path):
-            hparams = launcher.command_hparams(command).from_nested_dict(files.read_json(path), strict=False,
-                                                                         where=f"{path}: ")
+            hparams = experiments.command_hparams(command).from_nested_dict(files.read_json(path), strict=False,
+                                                                            where=f"{path}: ")
             return SavedRun(directory, command, hparams)
     return None
 

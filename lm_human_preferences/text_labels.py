@@ -38,7 +38,7 @@ _SAMPLE_FIELD = re.compile(r"sample\d*|samples")
 def resolve_source(source: str, overrides: dict) -> Tuple[str, object, Optional[str]]:
     """(a description, the task hyperparameters, the label type name or None) of SOURCE: a run directory or a
     train_reward experiment (module docstring)."""
-    from lm_human_preferences import experiments, launcher
+    from lm_human_preferences import experiments
 
     source = str(source)
     is_path = files.is_remote(source) or os.path.exists(os.path.expanduser(source))
@@ -53,7 +53,7 @@ def resolve_source(source: str, overrides: dict) -> Tuple[str, object, Optional[
             raise ValueError(f"{names}: a saved run's settings are its own; overrides apply to an experiment")
         return f"{run.command} run {source}", run.task, _run_label_type(run)
     try:
-        hparams = launcher.resolve_hparams("train_reward", source, "labels_from_text", overrides=overrides)
+        hparams = experiments.resolve_hparams("train_reward", source, "labels_from_text", overrides=overrides)
     except ValueError as error:
         if not str(error).startswith("unknown train_reward experiment"):
             raise

@@ -49,7 +49,7 @@ PPO_DEFAULTS = dict(nminibatches=1, noptepochs=4, vf_coef=0.1, cliprange=0.2, cl
 
 
 def resolve(command, experiment):
-    return launcher.resolve_hparams(command, experiment, "x")
+    return experiments.resolve_hparams(command, experiment, "x")
 
 
 def test_every_experiment_resolves_and_validates_for_both_commands():
@@ -155,7 +155,7 @@ def test_every_binding_names_a_declared_hyperparameter():
             unknown = [name for name, _ in bindings if name not in known]
             assert not unknown, (command, experiment, unknown)
             # and the dotted values survive a JSON round trip unchanged (what the MPI ranks receive)
-            for _, hparams in launcher.resolve_trials(command, experiment, "x"):
+            for _, hparams in experiments.resolve_trials(command, experiment, "x"):
                 assert type(hparams).from_nested_dict(json.loads(hparams.to_json())) == hparams
 
 
@@ -164,42 +164,42 @@ def test_every_binding_names_a_declared_hyperparameter():
 def test_registered_sweeps_expand_to_their_trials():
     for command, sweeps in SWEEPS.items():
         for experiment, count in sweeps.items():
-            trials = launcher.resolve_trials(command, experiment, "x")
+            trials = experiments.resolve_trials(command, experiment, "x")
             assert len(trials) == count, (command, experiment)
             assert len({hparams.run.save_dir for _, hparams in trials}) == count
 
 
 def test_descriptiveness_seeds_is_descriptiveness_over_seeds_1_2_3(tmp_path):
-    trials = launcher.resolve_trials("train_policy", "descriptiveness_seeds", "seeds", save_dir=str(tmp_path))
+    trials = experiments.resolve_trials("train_policy", "descriptiveness_seeds", "seeds", save_dir=str(tmp_path))
     assert [trial.descriptor for trial, _ in trials] == ["seed1", "seed2", "seed3"]
     assert [trial.swept for trial, _ in trials] == [{"run.seed": 1}, {"run.seed": 2}, {"run.seed": 3}]
     for seed, (trial, hparams) in zip([1, 2, 3], trials):
         assert hparams.run.save_dir == str(tmp_path / "seeds" / f"seed{seed}")
-        single = launcher.resolve_hparams("train_policy", "descriptiveness", "seeds", save_dir=str(tmp_path),
-                                          overrides={"run.seed": seed})
+        single = experiments.resolve_hparams("train_policy", "descriptiveness", "seeds", save_dir=str(tmp_path),
+                                             overrides={"run.seed": seed})
         single.run.save_dir = single.rewards.train_new_model.run.save_dir = hparams.run.save_dir
         assert hparams == single  # the paper's experiment, only the seed (and directory) differ
     assert trials[2][1].rewards.train_new_model.run.seed == 1  # the nested reward experiment keeps its seed
 
 
 def test_overrides_apply_to_every_trial_and_overriding_a_swept_name_collapses_the_sweep(tmp_path):
-    trials = launcher.resolve_trials("train_policy", "descriptiveness_seeds", "x", overrides={"ppo.lr": "3e-6"})
+    trials = experiments.resolve_trials("train_policy", "descriptiveness_seeds", "x", overrides={"ppo.lr": "3e-6"})
     assert [hparams.ppo.lr for _, hparams in trials] == [3e-6] * 3
-    [(trial, hparams)] = launcher.resolve_trials("train_policy", "descriptiveness_seeds", "x", save_dir=str(tmp_path),
-                                                 overrides={"run.seed": "7"})
+    [(trial, hparams)] = experiments.resolve_trials("train_policy", "descriptiveness_seeds", "x",
+                                                    save_dir=str(tmp_path), overrides={"run.seed": "7"})
     assert (trial.descriptor, hparams.run.seed, hparams.run.save_dir) == ("", 7, str(tmp_path / "x"))
     # a single trial, so the single-trial API takes it
-    assert launcher.resolve_hparams("train_policy", "descriptiveness_seeds", "x", overrides={"run.seed": "7"}) == \
-        launcher.resolve_hparams("train_policy", "descriptiveness", "x", overrides={"run.seed": "7"})
+    assert experiments.resolve_hparams("train_policy", "descriptiveness_seeds", "x", overrides={"run.seed": "7"}) == \
+        experiments.resolve_hparams("train_policy", "descriptiveness", "x", overrides={"run.seed": "7"})
     # an explicit run.save_dir is the base of the trials' directories
-    trials = launcher.resolve_trials("train_reward", "test_seeds", "x", overrides={"run.save_dir": "/exact"})
+    trials = experiments.resolve_trials("train_reward", "test_seeds", "x", overrides={"run.save_dir": "/exact"})
     assert [hparams.run.save_dir for _, hparams in trials] == ["/exact/seed1", "/exact/seed2"]
 
 
 def test_a_sweep_is_not_a_single_trial():
     with pytest.raises(ValueError, match=r"train_policy experiment 'descriptiveness_seeds' is a sweep of 3 trials "
                                          r"\(over run.seed\); expected a single trial: override run.seed to pick one"):
-        launcher.resolve_hparams("train_policy", "descriptiveness_seeds", "x")
+        experiments.resolve_hparams("train_policy", "descriptiveness_seeds", "x")
     with pytest.raises(ValueError, match=r"is a sweep of 2 trials \(over run.seed\)"):
         launcher.resolve_hparams("train_reward", "test_seeds", "x")
 

@@ -21,7 +21,7 @@ import requests
 import tensorflow.compat.v1 as tf
 from test_launch import REPO_ROOT, cli_error
 
-from lm_human_preferences import label_app, label_types, labeler, launcher, train_reward
+from lm_human_preferences import experiments, label_app, label_types, labeler, train_reward
 from lm_human_preferences.language import encodings
 from lm_human_preferences.language.trained_models import TrainedModel, save_model
 from lm_human_preferences.policy import Policy
@@ -464,8 +464,8 @@ def test_two_labelers_label_best_of_4_in_the_browser_and_the_export_trains_a_rew
         assert json.load(f) == []
 
     # the export is a label file that reward training takes as it is
-    hparams = launcher.resolve_hparams("train_reward", "test", "from_people", save_dir=str(tmp_path / "runs"),
-                                       overrides={"labels.source": output, "labels.num_train": 8,
+    hparams = experiments.resolve_hparams("train_reward", "test", "from_people", save_dir=str(tmp_path / "runs"),
+                                          overrides={"labels.source": output, "labels.num_train": 8,
                                                   "normalize_before": False, "normalize_after": False})
     with tf.Graph().as_default():
         train_reward.train(hparams)

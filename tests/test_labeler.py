@@ -308,8 +308,8 @@ def test_label_samples_draws_the_label_types_samples_per_batch_and_stops_at_coun
 
 def demo_task(**overrides):
     """The `demo` experiment's task (query_length 8, response_length 12, the `test` encoding)."""
-    from lm_human_preferences import launcher
-    return launcher.resolve_hparams("train_reward", "demo", "label", overrides=overrides).task
+    from lm_human_preferences import experiments
+    return experiments.resolve_hparams("train_reward", "demo", "label", overrides=overrides).task
 
 
 def load(path, label_type, task):

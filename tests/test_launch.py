@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lm_human_preferences import launcher
+from lm_human_preferences import experiments, launcher
 from lm_human_preferences.command_line import prepare_argv
 from lm_human_preferences.utils import mpi
 
@@ -93,7 +93,7 @@ def test_fast_subprocesses_unknown_experiment_and_listing():
 def test_rank_entry_point_rejects_a_bad_value_clearly_from_any_directory(tmp_path):
     """`python -m lm_human_preferences.launcher COMMAND JSON`, with the environment the ranks get, started
     outside the repository; the hyperparameters are checked before anything runs."""
-    hparams = launcher.resolve_hparams("train_reward", "test", "x", save_dir=str(tmp_path))
+    hparams = experiments.resolve_hparams("train_reward", "test", "x", save_dir=str(tmp_path))
     argv, env = launcher.rank_command("train_reward", hparams, 2)
     data = json.loads(argv[-1])
     data["labels"]["num_train"] = "many"
@@ -137,9 +137,9 @@ def test_save_dir_and_its_defaults(capsys, tmp_path):
     assert dry_run(capsys, "train_policy", "test", "p")["run"]["save_dir"] == "/tmp/save/train_policy/p"
     assert dry_run(capsys, "train_policy", "test", "p", "--save_dir", str(tmp_path))["run"]["save_dir"] == \
         os.path.join(str(tmp_path), "p")
-    hparams = launcher.resolve_hparams("train_reward", "test", "r", save_dir="~/runs")
+    hparams = experiments.resolve_hparams("train_reward", "test", "r", save_dir="~/runs")
     assert hparams.run.save_dir == os.path.join(os.path.expanduser("~"), "runs", "r")
-    explicit = launcher.resolve_hparams("train_reward", "test", "r", overrides={"run.save_dir": "/exact"})
+    explicit = experiments.resolve_hparams("train_reward", "test", "r", overrides={"run.save_dir": "/exact"})
     assert explicit.run.save_dir == "/exact"
 
 
@@ -204,8 +204,8 @@ def test_fire_flags_after_the_separator_are_left_alone():
 
 def test_mpi_relaunch_command_round_trips_the_hparams(monkeypatch, tmp_path):
     overrides = {"task.query_suffix": "\n\nTL;DR: 'q' \"x\"", "ppo.lr": "3e-6", "rewards.adaptive_kl": "off"}
-    hparams = launcher.resolve_hparams("train_policy", "descriptiveness", "x", save_dir=str(tmp_path),
-                                       overrides=overrides)
+    hparams = experiments.resolve_hparams("train_policy", "descriptiveness", "x", save_dir=str(tmp_path),
+                                          overrides=overrides)
     argv, env = launcher.rank_command("train_policy", hparams, 2)
     assert argv[:-1] == mpi.mpiexec_command(2) + [sys.executable, "-m", "lm_human_preferences.launcher",
                                                   "train_policy"]
@@ -328,7 +328,7 @@ def test_parallel_trials_all_run_and_failures_are_reported(capsys, monkeypatch):
                "sys.exit(3 if seed == 2 else 0)")
     monkeypatch.setattr(launcher, "rank_argv", lambda command, hparams, resume: [
         sys.executable, "-c", program.format(seed=hparams.run.seed)])
-    trials = launcher.resolve_trials("train_policy", "descriptiveness_seeds", "x")
+    trials = experiments.resolve_trials("train_policy", "descriptiveness_seeds", "x")
     with pytest.raises(SystemExit) as info:
         launcher.run_in_parallel("train_policy", trials)
     assert info.value.code == "error: 1 of 3 trials failed: seed2 (exit code 3)"
@@ -344,7 +344,7 @@ def test_a_stop_signal_reaches_every_parallel_trial(capsys, monkeypatch, no_gpus
                "signal.signal(signal.SIGUSR1, lambda *_: (print('stopping', flush=True), sys.exit(75))); "
                "print('ready', flush=True); time.sleep(60)")
     monkeypatch.setattr(launcher, "rank_argv", lambda command, hparams, resume: [sys.executable, "-c", program])
-    trials = launcher.resolve_trials("train_reward", "test_seeds", "x")
+    trials = experiments.resolve_trials("train_reward", "test_seeds", "x")
     timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:

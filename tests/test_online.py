@@ -17,7 +17,7 @@ import pytest
 import tensorflow.compat.v1 as tf
 
 import lm_human_preferences
-from lm_human_preferences import labeler, label_types, launcher, lm_tasks, online_labels, train_policy
+from lm_human_preferences import experiments, labeler, label_types, lm_tasks, online_labels, train_policy
 from lm_human_preferences import trainer as run_utils
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
@@ -41,8 +41,8 @@ SETTINGS = {
 
 
 def online_hparams(save_dir, name="run", **overrides):
-    return launcher.resolve_hparams("train_policy", "test", name, save_dir=str(save_dir),
-                                    overrides={**SETTINGS, **overrides})
+    return experiments.resolve_hparams("train_policy", "test", name, save_dir=str(save_dir),
+                                       overrides={**SETTINGS, **overrides})
 
 
 def scheduled_labels(settings):
@@ -286,9 +286,9 @@ def test_the_schedule_is_the_papers_l_of_n_with_retrainings_at_evenly_spaced_epi
 
 def test_online_labels_are_off_in_every_registered_experiment_but_demo_online():
     for name in ("sentiment", "descriptiveness", "cnndm", "tldr", "test", "demo"):
-        assert launcher.resolve_hparams("train_policy", name, "x").labels.online is None, name
-    online = launcher.resolve_hparams("train_policy", "demo_online", "x")
-    demo = launcher.resolve_hparams("train_policy", "demo", "x")
+        assert experiments.resolve_hparams("train_policy", name, "x").labels.online is None, name
+    online = experiments.resolve_hparams("train_policy", "demo_online", "x")
+    demo = experiments.resolve_hparams("train_policy", "demo", "x")
     assert online.labels.online.judge == "letter_e" and online.labels.online.initial_labels == 512
     online.labels.online = None
     assert online.to_nested_dict() == demo.to_nested_dict()  # the demo, with online labels switched on
@@ -318,7 +318,7 @@ def test_bad_online_settings_are_refused_with_the_hyperparameter_named(tmp_path,
     if overrides.get("rewards.train_new_model") == "off":  # its fields would switch it on again
         settings = {name: value for name, value in settings.items() if not name.startswith("rewards.train_new_model.")}
     with pytest.raises(HParamError) as info:
-        launcher.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides=settings)
+        experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides=settings)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not os.listdir(tmp_path)
 

@@ -14,7 +14,7 @@ import pytest
 import tensorflow.compat.v1 as tf
 from PIL import Image
 
-from lm_human_preferences import launcher, plots, train_policy, train_reward, trainer
+from lm_human_preferences import experiments, plots, train_policy, train_reward, trainer
 from lm_human_preferences.utils import stats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +115,7 @@ def test_a_repeated_step_keeps_its_last_value_and_a_single_run_has_no_band():
 # ----- every run leaves learning_curves.png -----------------------------------------------------------------------
 
 def tiny(command, save_dir, name, **overrides):
-    return launcher.resolve_hparams(command, "test", name, save_dir=str(save_dir), overrides=overrides)
+    return experiments.resolve_hparams(command, "test", name, save_dir=str(save_dir), overrides=overrides)
 
 
 def test_a_reward_run_leaves_its_learning_curves(tmp_path, capsys):

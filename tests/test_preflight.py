@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lm_human_preferences import launcher, preflight
+from lm_human_preferences import experiments, preflight
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.model import HParams as ModelHParams
 from lm_human_preferences.utils import files
@@ -43,11 +43,11 @@ def refused(result, save_dir) -> str:
 
 
 def policy_hparams(save_dir, **overrides):
-    return launcher.resolve_hparams("train_policy", "test", "x", save_dir=str(save_dir), overrides=overrides)
+    return experiments.resolve_hparams("train_policy", "test", "x", save_dir=str(save_dir), overrides=overrides)
 
 
 def reward_hparams(save_dir, **overrides):
-    return launcher.resolve_hparams("train_reward", "test", "x", save_dir=str(save_dir), overrides=overrides)
+    return experiments.resolve_hparams("train_reward", "test", "x", save_dir=str(save_dir), overrides=overrides)
 
 
 def saved_model(directory, *, checkpoint=True, encoding="test", **shape):
@@ -119,7 +119,7 @@ def test_a_dry_run_checks_sizes_and_context_but_no_paths_and_no_network(tmp_path
     with pytest.raises(ValueError, match=r"= 53 tokens exceed the context of 8 tokens"):
         preflight.check("train_policy", policy_hparams(tmp_path, **{"task.response_length": 50}), 1, dry_run=True)
     # the paper's experiments read GPT-2 124M's shape over the network: not in a dry run
-    paper = launcher.resolve_hparams("train_policy", "descriptiveness", "x", save_dir=str(tmp_path))
+    paper = experiments.resolve_hparams("train_policy", "descriptiveness", "x", save_dir=str(tmp_path))
     preflight.check("train_policy", paper, 1, dry_run=True)
     assert os.listdir(files.cache_dir()) == []
 

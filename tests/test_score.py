@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import launcher, score, train_policy, train_reward
+from lm_human_preferences import experiments, score, train_policy, train_reward
 
 from test_launch import cli_error, run_cli
 from test_model import np_attention, np_gelu, np_layer_norm
@@ -30,11 +30,11 @@ def runs(tmp_path_factory):
     """A real short train_reward run of the `test` experiment, and a real short train_policy run that trained
     against its reward model (rewards.trained_model): {"reward": RUN_DIR, "policy": RUN_DIR}."""
     save_dir = str(tmp_path_factory.mktemp("score_runs"))
-    reward_hparams = launcher.resolve_hparams("train_reward", "test", "rm", save_dir=save_dir, overrides=dict(TASK))
+    reward_hparams = experiments.resolve_hparams("train_reward", "test", "rm", save_dir=save_dir, overrides=dict(TASK))
     with tf.Graph().as_default():
         train_reward.train(reward_hparams)
     reward_model = os.path.join(reward_hparams.run.save_dir, "reward_model")
-    policy_hparams = launcher.resolve_hparams("train_policy", "test", "ppo", save_dir=save_dir, overrides={
+    policy_hparams = experiments.resolve_hparams("train_policy", "test", "ppo", save_dir=save_dir, overrides={
         **TASK, "rewards.train_new_model": "off", "rewards.trained_model": reward_model})
     with tf.Graph().as_default():
         train_policy.train(policy_hparams)

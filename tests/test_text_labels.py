@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import label_types, launcher, train_reward
+from lm_human_preferences import experiments, label_types, train_reward
 from lm_human_preferences.language import encodings
 
 from test_launch import cli, run_cli
@@ -88,8 +88,8 @@ def test_train_reward_trains_on_the_file_and_its_run_directory_makes_the_same_fi
     source = write_lines(tmp_path / "in.jsonl", *(json.dumps(r) for r in given))
     labels = tmp_path / "labels.json"
     cli.main(["labels_from_text", "test", source, str(labels)])  # the experiment's labels.type: best_of_4
-    hparams = launcher.resolve_hparams("train_reward", "test", "from_text", save_dir=str(tmp_path / "runs"),
-                                       overrides={"labels.source": str(labels), "labels.judge": "none"})
+    hparams = experiments.resolve_hparams("train_reward", "test", "from_text", save_dir=str(tmp_path / "runs"),
+                                          overrides={"labels.source": str(labels), "labels.judge": "none"})
     with tf.Graph().as_default():
         train_reward.train(hparams)
     run_dir = hparams.run.save_dir
@@ -165,7 +165,7 @@ def test_bad_sources_and_an_existing_output_are_refused(tmp_path, capsys):
     message = refused(capsys, "labels_from_text", tmp_path / "notarun", source, output)
     assert "expected a train_reward experiment name or a run directory" in message and "it is empty" in message
     run_dir = tmp_path / "run"
-    launcher.resolve_hparams("train_reward", "test", "run", save_dir=str(tmp_path)).save_json(
+    experiments.resolve_hparams("train_reward", "test", "run", save_dir=str(tmp_path)).save_json(
         str(run_dir / "train_reward_hparams.json"))  # what a run writes first
     message = refused(capsys, "labels_from_text", run_dir, source, output, "--task.query_length", "2")
     assert "--task.query_length: a saved run's settings are its own" in message

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import launcher, lm_tasks, train_policy, train_reward
+from lm_human_preferences import experiments, lm_tasks, train_policy, train_reward
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.utils import stats
@@ -39,7 +39,7 @@ def demo_task_overrides(**extra):
 def letter_e_reward_model(tmp_path_factory):
     """A reward model trained on synthetic labels whose judge prefers the letter e (the demo's labeler)."""
     save_dir = tmp_path_factory.mktemp("reward")
-    hparams = launcher.resolve_hparams("train_reward", "test", "rm", save_dir=str(save_dir), overrides={
+    hparams = experiments.resolve_hparams("train_reward", "test", "rm", save_dir=str(save_dir), overrides={
         **demo_task_overrides(), "labels.judge": "letter_e", "labels.num_train": 1024, "labels.num_valid": 0,
         "batch_size": 32, "lr": 2e-3, "normalize_samples": 256, "rollout_batch_size": 64})
     with tf.Graph().as_default():
@@ -52,7 +52,7 @@ def policy_hparams(tmp_path, reward_model, name="run", **overrides):
                 "ppo.total_episodes": 32 * 25, "ppo.batch_size": 32, "ppo.nminibatches": 2, "ppo.lr": 3e-3,
                 "run.log_interval": 1000, "run.save_interval": 1000}
     settings.update(overrides)
-    return launcher.resolve_hparams("train_policy", "test", name, save_dir=str(tmp_path), overrides=settings)
+    return experiments.resolve_hparams("train_policy", "test", name, save_dir=str(tmp_path), overrides=settings)
 
 
 def curve(save_dir, tag):
@@ -236,7 +236,7 @@ def test_horovod_and_mpi4py_train_the_same_policy(tmp_path_factory):
 
 def test_run(tmp_path, name="run", **overrides):
     """A train_policy run of the `test` experiment (it trains its tiny reward model first)."""
-    hparams = launcher.resolve_hparams("train_policy", "test", name, save_dir=str(tmp_path), overrides=overrides)
+    hparams = experiments.resolve_hparams("train_policy", "test", name, save_dir=str(tmp_path), overrides=overrides)
     with tf.Graph().as_default():
         train_policy.train(hparams)
     return hparams.run.save_dir
@@ -311,7 +311,7 @@ def test_a_failure_while_saving_is_not_followed_by_a_second_save(tmp_path, monke
     ({"ppo.batch_size": 16}, 4, r"4 episodes.*ppo.batch_size=16 / 4 ranks"),
 ])
 def test_whitening_a_minibatch_below_8_episodes_is_refused(overrides, ranks, message):
-    hparams = launcher.resolve_hparams("train_policy", "test", "x", overrides=overrides)
+    hparams = experiments.resolve_hparams("train_policy", "test", "x", overrides=overrides)
     with pytest.raises(ValueError, match=message):
         train_policy.batch_sizes(hparams.ppo, ranks)
     hparams.ppo.whiten_rewards = False  # without whitening a small minibatch is fine

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import launcher, lm_tasks, rewards, train_reward
+from lm_human_preferences import experiments, lm_tasks, rewards, train_reward
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.utils import stats
 
@@ -68,8 +68,8 @@ def reward_hparams(tmp_path, labels_path, label_type="best_of_4", **overrides):
         "normalize_before": False, "normalize_after": False, "run.log_interval": 1000,
     }
     settings.update(overrides)
-    return launcher.resolve_hparams("train_reward", "test", "run", save_dir=str(tmp_path / "save"),
-                                    overrides=settings)
+    return experiments.resolve_hparams("train_reward", "test", "run", save_dir=str(tmp_path / "save"),
+                                       overrides=settings)
 
 
 def final_validation(save_dir):
