@@ -315,16 +315,6 @@ def lookup(command: str, name: str) -> Bindings:
     return registry[name]
 
 
-def get(command: str, name: str) -> Dict[str, Any]:
-    """The resolved bindings of experiment `name`, which must be a single trial (not a sweep)."""
-    found = trials(lookup(command, name))
-    if len(found) > 1:
-        swept = ", ".join(found[0].swept)
-        raise ValueError(f"{command} experiment {name!r} is a sweep of {len(found)} trials (over {swept}); "
-                         f"pick one trial by overriding {swept}")
-    return found[0].bindings
-
-
 # ----- a command's hyperparameters from an experiment ------------------------------------------------------------
 
 # command -> its hyperparameters, declared in hparams.py without TensorFlow: resolving, checking and printing them
