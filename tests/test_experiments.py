@@ -201,7 +201,7 @@ def test_a_sweep_is_not_a_single_trial():
                                          r"\(over run.seed\); expected a single trial: override run.seed to pick one"):
         experiments.resolve_hparams("train_policy", "descriptiveness_seeds", "x")
     with pytest.raises(ValueError, match=r"is a sweep of 2 trials \(over run.seed\)"):
-        launcher.resolve_hparams("train_reward", "test_seeds", "x")
+        experiments.resolve_hparams("train_reward", "test_seeds", "x")
 
 
 def test_sweeps_cross_in_the_order_first_bound_and_compose_like_bindings():
