@@ -194,7 +194,7 @@ class OnlineLabels:
         self.training.save(local_dir)  # SAVE_DIR/reward_model: the reward model PPO now trains against
         save_state()
         stats.log(stats.compact_line(f"{round.index} (update {round.update})", result, sorted(result),
-                                     step_name="online round") + f"; reward model retrained and saved")
+                                     step_name="online round") + "; reward model retrained and saved")
         return result
 
     def _collect(self, round: Round, count: int, sample: Callable, local_dir: str, save_dir: str) -> Optional[str]:

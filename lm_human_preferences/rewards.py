@@ -9,11 +9,9 @@ the response: the task's query prefix/suffix are the policy's context only (the 
 were trained that way).
 """
 
-import numpy as np
 import tensorflow.compat.v1 as tf
 
 from lm_human_preferences.language import model as lm_model
-from lm_human_preferences.utils import mpi
 
 
 class RewardModel:
@@ -72,12 +70,3 @@ class RewardModel:
         scale = target_std / measured_std
         sess.run(self._assign_norm, {self._new_gain: gain * scale,
                                      self._new_bias: (bias - measured_mean) * scale + target_mean})
-
-
-def mean_and_std_over_ranks(values: np.ndarray):
-    """Mean and std of a 1-D sample spread over MPI ranks (each rank holds a part)."""
-    values = np.asarray(values, np.float64)
-    count, total, total_sq = mpi.allreduce_mean(np.array([values.size, values.sum(), np.square(values).sum()])) \
-        * mpi.size()
-    mean = total / count
-    return float(mean), float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))

@@ -116,14 +116,14 @@ class RewardTraining:
         `debug_normalize` fresh samples report what was reached."""
         self.reward_model.reset_reward_scale(self.sess)
         samples = self.rewards_on_policy_samples(query_batches, self.hparams.normalize_samples, purposes[0])
-        mean, std = rewards.mean_and_std_over_ranks(samples)
+        mean, std = stats.mean_and_std_over_ranks(samples)
         self.reward_model.set_reward_norm(self.sess, measured_mean=mean, measured_std=std,
                                           target_mean=target_mean, target_std=target_std)
         stats.log(f"rewards {when}: mean {mean:.4f} ± std {std:.4f} on {len(samples) * mpi.size()} policy samples; "
                   f"normalised to mean {target_mean:.4f}, std {target_std:.4f}")
         if self.hparams.debug_normalize:
             fresh = self.rewards_on_policy_samples(query_batches, self.hparams.debug_normalize, purposes[1])
-            mean, std = rewards.mean_and_std_over_ranks(fresh)
+            mean, std = stats.mean_and_std_over_ranks(fresh)
             stats.log(f"after normalising {when}: mean {mean:.4f} ± std {std:.4f} on {len(fresh) * mpi.size()} "
                       f"fresh policy samples")
 
@@ -133,24 +133,21 @@ class RewardTraining:
                 if name in self.label_placeholders}
 
     def train_step(self, labels, ids, lr):
-        fetches = {"loss": self.loss, "metrics": self.metrics, "accumulate": self.optimizer.accumulate_op}
-        results = self.sess.run(fetches, {**self.feed(labels, ids), self.lr: lr})
-        self.sess.run(self.optimizer.apply_op, {self.lr: lr})
-        return {"loss": results["loss"], **results["metrics"]}
+        """One Adam step on the labels `ids`; returns their loss and metrics."""
+        (results,) = self.optimizer.step(self.sess, [self.feed(labels, ids)], {"loss": self.loss, **self.metrics},
+                                         shared_feed={self.lr: lr})
+        return results
 
     def evaluate(self, labels):
-        """Mean loss and metrics over a held-out set, sharded across ranks and averaged."""
+        """Mean loss and metrics over a held-out set, sharded across ranks (collective)."""
         count = len(next(iter(labels.values())))
         mine = np.arange(count)[mpi.rank()::mpi.size()]
-        totals, seen = {}, 0
+        sums = {}
         for start in range(0, len(mine), self.batch_per_rank):
             ids = mine[start:start + self.batch_per_rank]
-            loss, metrics = self.sess.run([self.loss, self.metrics], self.feed(labels, ids))
-            for name, value in {"loss": loss, **metrics}.items():
-                totals[name] = totals.get(name, 0.0) + float(value) * len(ids)
-            seen += len(ids)
-        weighted = mpi.allreduce_mean(np.array([seen] + [totals.get(k, 0.0) for k in sorted(totals)], np.float64))
-        return {name: weighted[i + 1] / max(weighted[0], 1e-12) for i, name in enumerate(sorted(totals))}
+            for name, value in self.sess.run({"loss": self.loss, **self.metrics}, self.feed(labels, ids)).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * len(ids)
+        return stats.mean_over_examples(sums, len(mine))
 
     def save_state(self, local_dir, step, normalized_before):
         """What resuming after `step` training steps needs (rank 0; the run's local directory)."""
@@ -165,37 +162,31 @@ class RewardTraining:
                                       model.model_hparams, model.trained_model.encoding.name, step=None)
 
 
-def load_or_make_labels(hparams: HParams, training: "RewardTraining", label_type, encoding, encoder,
-                        local_dir: str = None):
-    """The label set: read and validated from `labels.source`, or made by the synthetic judge (demo) and
-    written to `local_dir`/labels.json (the run's local directory)."""
+def read_labels(path: str, hparams: HParams, label_type, encoding):
+    """The label file at `path`, validated, as (training labels, held-out labels)."""
     task = hparams.task
-    if hparams.labels.source is not None:
-        return label_types.load_labels(hparams.labels.source, label_type, query_length=task.query_length,
-                                       response_length=task.response_length, encoding=encoding)
+    return split_labels(label_types.load_labels(path, label_type, query_length=task.query_length,
+                                                response_length=task.response_length, encoding=encoding), hparams)
+
+
+def write_synthetic_labels(path: str, training: "RewardTraining", label_type, hparams: HParams, encoder):
+    """The synthetic judge's labels (demo) in the released format at `path`: rank 0 samples the initial policy on
+    the task's queries and has the judge choose; every rank waits for the file."""
     count = hparams.labels.num_train + hparams.labels.num_valid
-    path = os.path.join(local_dir, "labels.json")
     if mpi.is_root():
-        records = make_synthetic_labels(training, label_type, hparams, encoder, count)
+        query_batches = lm_tasks.query_batches(hparams.task, encoder, training.rollout_per_rank, mode="train",
+                                               seed=(hparams.run.seed or 0) + 1, rank=0, size=1)
+        batches = iter(range(10 ** 9))
+
+        def sample(queries):
+            return training.sample(queries, training.LABELS, next(batches))[1]
+
+        records = labeler.label_samples(sample, query_batches, label_type, labeler.get_judge(hparams.labels.judge),
+                                        encoder, count, hparams.labels.judge_temperature,
+                                        np.random.RandomState(hparams.run.seed or 0))
         labeler.write_label_file(path, records)
         stats.log(f"wrote {count} {label_type.name} labels from judge {hparams.labels.judge!r} to {path}")
     mpi.barrier()
-    return label_types.load_labels(path, label_type, query_length=task.query_length,
-                                   response_length=task.response_length, encoding=encoding)
-
-
-def make_synthetic_labels(training: "RewardTraining", label_type, hparams: HParams, encoder, count):
-    """Records of the released format: queries from the task, samples from the initial policy, the judge's choice."""
-    query_batches = lm_tasks.query_batches(hparams.task, encoder, training.rollout_per_rank, mode="train",
-                                           seed=(hparams.run.seed or 0) + 1, rank=0, size=1)
-    batches = iter(range(10 ** 9))
-
-    def sample(queries):
-        return training.sample(queries, training.LABELS, next(batches))[1]
-
-    return labeler.label_samples(sample, query_batches, label_type,
-                                 labeler.get_judge(hparams.labels.judge), encoder, count,
-                                 hparams.labels.judge_temperature, np.random.RandomState(hparams.run.seed or 0))
 
 
 # TensorBoard tags as 2019 wrote them (train_reward/minibatch/...), and our learning rate and held-out metrics.
@@ -224,14 +215,14 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
     trained_model = TrainedModel(task.policy.initial_model)
     encoding = trained_model.encoding
     encoder = encoding.get_encoder()
-    made_labels = os.path.join(local_dir, "labels.json")
-    split = None
-    if hparams.labels.source is not None:  # validate before anything is written or built
-        split = split_labels(load_or_make_labels(hparams, None, label_type, encoding, encoder), hparams)
-    elif resume and os.path.exists(made_labels):  # the synthetic labels of the run being resumed
-        split = split_labels(label_types.load_labels(made_labels, label_type, query_length=task.query_length,
-                                                     response_length=task.response_length, encoding=encoding),
-                             hparams)
+    # The labels come from a file: labels.source, or the synthetic judge's SAVE_DIR/labels.json. A file that exists
+    # is read (and checked) before anything is written or built; the judge's are made first by the initial policy
+    # (a resumed run reads those it made).
+    judged = hparams.labels.source is None
+    labels_file = os.path.join(local_dir, "labels.json") if judged else hparams.labels.source
+    make_labels = judged and not (resume and os.path.exists(labels_file))
+    if not make_labels:
+        train_labels, valid_labels = read_labels(labels_file, hparams, label_type, encoding)
 
     # learning_curves.png is drawn when the body ends, is interrupted or fails (plots.CurvesWhenDone)
     with run_utils.StopSignals() as stop, plots.CurvesWhenDone(local_dir, save_dir), tf.Graph().as_default():
@@ -245,10 +236,9 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
         if mpi.is_root():
             os.makedirs(local_dir, exist_ok=True)
             hparams.save_json(os.path.join(local_dir, "train_reward_hparams.json"))
-        if split is None:
-            split = split_labels(load_or_make_labels(hparams, training, label_type, encoding, encoder, local_dir),
-                                 hparams)
-        train_labels, valid_labels = split
+        if make_labels:
+            write_synthetic_labels(labels_file, training, label_type, hparams, encoder)
+            train_labels, valid_labels = read_labels(labels_file, hparams, label_type, encoding)
         query_batches = lm_tasks.query_batches(task, encoder, training.rollout_per_rank, mode="train",
                                                seed=hparams.run.seed or 0)
         logger = stats.StatsLogger(os.path.join(local_dir, "tb", "reward_model"), restart_at=start)

@@ -111,9 +111,6 @@ class TrainingState:
     def directory(self, local_dir: str) -> str:
         return f"{local_dir}/{RESUME_DIR}/{self.kind}"
 
-    def exists(self, local_dir: str) -> bool:
-        return tf.train.latest_checkpoint(self.directory(local_dir)) is not None
-
     def save(self, sess, local_dir: str, checkpoint_step: int, **counters):
         """Rank 0 writes the state as state.ckpt-CHECKPOINT_STEP (TensorFlow updates its `checkpoint` file last,
         atomically); `counters` gives every counter's value."""

@@ -26,10 +26,8 @@ def adam_reference(lr, epsilon, *, torch_style=False, beta1=0.9, beta2=0.999):
     params = [p.astype(np.float64) for p in initial_values()]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
-    norms = []
     for t in range(1, STEPS + 1):
         grads = regression_gradients(*params, *data(t - 1))
-        norms.append(np.sqrt(sum(np.sum(g ** 2) for g in grads)))
         for i, g in enumerate(grads):
             m[i] = beta1 * m[i] + (1 - beta1) * g
             v[i] = beta2 * v[i] + (1 - beta2) * g * g
@@ -39,38 +37,36 @@ def adam_reference(lr, epsilon, *, torch_style=False, beta1=0.9, beta2=0.999):
             else:
                 lr_t = lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
                 params[i] = params[i] - lr_t * m[i] / (np.sqrt(v[i]) + epsilon)
-    return params, norms[-1]
+    return params
 
 
 def train_in_graph(micro_batches):
-    """Train the regression in a fresh graph on whole batches; returns ([w, b], grad_norm, accumulators)."""
+    """Train the regression in a fresh graph on whole batches; returns ([w, b], accumulators)."""
     with tf.Graph().as_default(), tf.Session() as sess:
         x, y, params, optimizer = build(micro_batches)
         sess.run(tf.global_variables_initializer())
         train(sess, x, y, optimizer, np.arange(BATCH))
         accumulators = [v for v in optimizer.variables if "/accumulators/" in v.name]
-        return sess.run(params), sess.run(optimizer.grad_norm), sess.run(accumulators)
+        return sess.run(params), sess.run(accumulators)
 
 
 def test_adam_matches_tf1_numpy_reference():
-    (w, b), grad_norm, _ = train_in_graph(micro_batches=1)
-    (ref_w, ref_b), ref_norm = adam_reference(LR, EPSILON)
+    (w, b), _ = train_in_graph(micro_batches=1)
+    ref_w, ref_b = adam_reference(LR, EPSILON)
     np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b, ref_b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(grad_norm, ref_norm, rtol=1e-5)
     # The reference is sharp enough to reject PyTorch-style Adam (epsilon inside the bias correction).
-    (torch_w, _), _ = adam_reference(LR, EPSILON, torch_style=True)
+    torch_w, _ = adam_reference(LR, EPSILON, torch_style=True)
     assert np.max(np.abs(torch_w - ref_w)) > 1e-3
 
 
 def test_four_micro_batches_equal_one_full_batch():
-    (w1, b1), norm1, accumulators1 = train_in_graph(micro_batches=1)
-    (w4, b4), norm4, accumulators4 = train_in_graph(micro_batches=4)
+    (w1, b1), accumulators1 = train_in_graph(micro_batches=1)
+    (w4, b4), accumulators4 = train_in_graph(micro_batches=4)
     assert accumulators1 == []  # micro_batches=1 applies directly, without accumulators
     assert len(accumulators4) == 2 and all(not a.any() for a in accumulators4)  # zeroed after each apply
     np.testing.assert_allclose(w4, w1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b4, b1, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(norm4, norm1, rtol=1e-5)
     # Both moved far more than the tolerance (the equality is not that of untouched parameters).
     assert np.max(np.abs(w1 - initial_values()[0])) > 1e-2
 
@@ -87,8 +83,6 @@ def test_optimizer_variables_are_kept_apart_from_the_model():
 def test_bad_arguments():
     w = tf.get_variable("w", [2])
     other = tf.get_variable("other", [2])
-    with pytest.raises(ValueError, match="micro_batches=0"):
-        train_ops.Optimizer(tf.reduce_sum(w), [w], 0.1, micro_batches=0)
     with pytest.raises(ValueError, match="does not depend"):
         train_ops.Optimizer(tf.reduce_sum(w), [other], 0.1)
     optimizer = train_ops.Optimizer(tf.reduce_sum(w), [w], 0.1, micro_batches=2)
@@ -103,9 +97,8 @@ def test_two_ranks_on_half_batches_equal_one_process_on_the_whole(tmp_path, allr
     assert result.stdout.count("gradient all-reduce:") == 1  # said once, by rank 0
     assert f"gradient all-reduce: {allreduce} across 2 ranks" in result.stdout
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    for name in ["w", "b", "grad_norm"]:
+    for name in ["w", "b"]:
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name])  # ranks stay identical
-    (w, b), grad_norm, _ = train_in_graph(micro_batches=1)
+    (w, b), _ = train_in_graph(micro_batches=1)
     np.testing.assert_allclose(ranks[0]["w"], w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ranks[0]["b"], b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ranks[0]["grad_norm"], grad_norm, rtol=1e-5)

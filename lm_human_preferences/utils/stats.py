@@ -1,18 +1,25 @@
 """Statistics logging, in one place: averaging over MPI ranks, TensorBoard event files and a compact console
-line (rank 0), and reading event files back (the demo's plot, tests) without TensorBoard.
+line (rank 0), timing the parts of a step, and reading event files back (the demo's plot, tests) without
+TensorBoard.
 
     logger = StatsLogger(os.path.join(save_dir, "tb"), console_keys=["objective/score", "objective/kl"])
     averaged = logger.record(step, stats)   # collective: every rank calls it; rank 0 writes and prints
     ...
     logger.close()
 
+Both trainers average with `mean_over_ranks` (through `record`, or first, where a trainer needs the means
+itself: PPO's KL controller) and write with `StatsLogger.write`; statistics of examples spread unevenly over
+the ranks are pooled with `mean_over_examples`.
+
 TensorFlow and MPI are imported only when needed: a single process never touches MPI.
 """
 
+import contextlib
 import glob
 import os
 import struct
 import sys
+import time
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +33,25 @@ def mean_over_ranks(stats: Dict[str, float]) -> Dict[str, float]:
     """Each statistic averaged over MPI ranks (collective: every rank passes the same keys). One rank: floats."""
     from lm_human_preferences.utils import mpi
     return mpi.mean_dict(stats)
+
+
+def mean_over_examples(sums: Dict[str, float], count: int) -> Dict[str, float]:
+    """Means over the examples of all ranks, from this rank's `sums` of each statistic over its `count` examples
+    (collective: every rank passes the same keys; the ranks may hold different numbers of examples)."""
+    import numpy as np
+    from lm_human_preferences.utils import mpi
+    keys = sorted(sums)
+    totals = mpi.allreduce_mean(np.array([count] + [sums[key] for key in keys], np.float64))
+    return {key: totals[i + 1] / max(totals[0], 1e-12) for i, key in enumerate(keys)}
+
+
+def mean_and_std_over_ranks(values) -> Tuple[float, float]:
+    """Mean and std of a 1-D sample of which each rank holds a part (collective)."""
+    import numpy as np
+    values = np.asarray(values, np.float64)
+    means = mean_over_examples({"value": values.sum(), "square": np.square(values).sum()}, values.size)
+    mean = means["value"]
+    return float(mean), float(np.sqrt(max(means["square"] - mean ** 2, 0.0)))
 
 
 def compact_line(step, stats: Dict[str, float], keys: Sequence[str], *, step_name: str = "step") -> str:
@@ -140,6 +166,19 @@ def _file_wall_time(path: str) -> float:
 
 
 # ----- console ---------------------------------------------------------------------------------------------------
+
+class Timer:
+    """Seconds taken by the named parts of a step: `with timer("rollout"): ...`, then `timer.seconds`."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.time()
+        yield
+        self.seconds[name] = time.time() - start
+
 
 def progress_bar(iterable, desc: str, *, initial: int = 0, total: Optional[int] = None):
     """A tqdm bar on rank 0 when stderr is a terminal; none in logs (the per-step lines say it all there).

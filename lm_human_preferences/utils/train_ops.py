@@ -7,7 +7,8 @@ PyTorch-style Adam gave about 6x larger early policy updates on this task. Do no
 Gradient accumulation: a minibatch that does not fit in memory is split into `micro_batches` equal
 micro-batches. The caller runs `accumulate_op` once per micro-batch (feeding that micro-batch), then
 `apply_op` once; the applied gradient is the mean of the micro-batch gradients, which for a loss that is a
-mean over examples equals the gradient of the whole minibatch. :meth:`Optimizer.step` does exactly that.
+mean over examples equals the gradient of the whole minibatch. :meth:`Optimizer.step` does exactly that (both
+trainers take their steps with it).
 
 With micro_batches=1 there are no accumulator variables: `accumulate_op` computes the gradient, averages it
 across ranks and applies it in one run, and `apply_op` does nothing. The calling protocol stays the same and
@@ -17,7 +18,7 @@ Across ranks the gradients are flattened into one buffer and averaged with one a
 horovod's in the graph when it is installed (`make horovod`), else `mpi.allreduce_mean` through
 `tf.numpy_function`; LMHP_ALLREDUCE=horovod|mpi4py forces one (see `mpi.horovod_tensorflow`).
 
-All variables created here (accumulators, Adam's slots and beta powers, `grad_norm`) live under the
+All variables created here (accumulators, Adam's slots and beta powers) live under the
 optimizer's own variable scope (default `optimizer`); `Optimizer.variables` lists them. They are not model
 parameters: checkpoint loading maps model parameters only and ignores them.
 """
@@ -61,12 +62,11 @@ class Optimizer:
         gradients gives the minibatch gradient).
     params: the trainable variables to update (all must have fully defined shapes).
     lr: float or scalar tensor (e.g. a placeholder fed with the annealed learning rate).
+    micro_batches: a positive integer (ppo.micro_batches, checked with the hyperparameters).
     """
 
     def __init__(self, loss, params: Sequence[tf.Variable], lr, *, epsilon: float = 1e-5, micro_batches: int = 1,
                  scope: Optional[str] = None):
-        if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
-            raise ValueError(f"micro_batches={micro_batches!r}: expected a positive integer")
         self.micro_batches = micro_batches
         params = list(params)
         gradients = tf.gradients(loss, params)
@@ -79,8 +79,6 @@ class Optimizer:
         with tf.variable_scope(scope, default_name="optimizer") as var_scope:
             self.scope = var_scope.name
             self._adam = tf.train.AdamOptimizer(lr, epsilon=epsilon)
-            # Norm of the last applied gradient (after averaging); read it after `apply_op` has run.
-            self.grad_norm = tf.get_variable("grad_norm", [], tf.float32, tf.zeros_initializer(), trainable=False)
             if micro_batches == 1:
                 self.accumulate_op = self._apply(gradients)
                 self.apply_op = tf.no_op(name="apply_noop")
@@ -96,13 +94,11 @@ class Optimizer:
         self.variables = [v for v in tf.global_variables() if v.name.startswith(self.scope + "/")]
 
     def _apply(self, gradients):
-        averaged = average_across_ranks(gradients)
-        apply = self._adam.apply_gradients(list(zip(averaged, self.params)))
-        norm = self.grad_norm.assign(tf.linalg.global_norm(averaged))
-        return tf.group(apply, norm, name="apply")
+        return self._adam.apply_gradients(list(zip(average_across_ranks(gradients), self.params)))
 
-    def step(self, sess, feed_dicts: Sequence[Dict], fetches=None) -> List:
-        """One update: `accumulate_op` once per micro-batch feed, then `apply_op`.
+    def step(self, sess, feed_dicts: Sequence[Dict], fetches=None, shared_feed: Optional[Dict] = None) -> List:
+        """One update: `accumulate_op` once per micro-batch feed, then `apply_op`; `shared_feed` (e.g. the
+        learning rate) is fed to each of these runs.
 
         Returns the values of `fetches` for each micro-batch (fetched in the same run as its accumulation).
         Under MPI every rank must call it (the apply is a collective).
@@ -110,9 +106,8 @@ class Optimizer:
         if len(feed_dicts) != self.micro_batches:
             raise ValueError(f"Optimizer.step got {len(feed_dicts)} micro-batch feeds, built for "
                              f"micro_batches={self.micro_batches}")
-        results = []
-        for feed in feed_dicts:
-            value, _ = sess.run([fetches if fetches is not None else [], self.accumulate_op], feed_dict=feed)
-            results.append(value)
-        sess.run(self.apply_op)
+        shared_feed = shared_feed or {}
+        results = [sess.run([fetches if fetches is not None else [], self.accumulate_op],
+                            feed_dict={**feed, **shared_feed})[0] for feed in feed_dicts]
+        sess.run(self.apply_op, feed_dict=shared_feed)
         return results

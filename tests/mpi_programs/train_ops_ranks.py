@@ -66,8 +66,8 @@ def main(out_dir):
     assert len(tf.get_default_graph().get_operations()) == ops_before, "broadcast_variables added ops again"
     per_rank = mpi.exact_div(BATCH, mpi.size(), "BATCH")
     train(sess, x, y, optimizer, np.arange(mpi.rank() * per_rank, (mpi.rank() + 1) * per_rank))
-    w, b, grad_norm = sess.run(params + [optimizer.grad_norm])
-    np.savez(os.path.join(out_dir, f"rank{mpi.rank()}.npz"), w=w, b=b, grad_norm=grad_norm)
+    w, b = sess.run(params)
+    np.savez(os.path.join(out_dir, f"rank{mpi.rank()}.npz"), w=w, b=b)
     print("DONE", mpi.rank(), flush=True)
 
 
