@@ -5,8 +5,10 @@
 * `scalar_rating`: `query`, `sample`, `score`; squared error of the reward against the score.
 * `scalar_compare`: `query`, `sample0`, `sample1`, `difference`; squared error of r1 − r0 against it.
 
-A label file is a JSON list of such records (the released format). `load_labels` validates every record
-before training starts and names the file, the record index and the field of the first bad one.
+A synthetic judge's scores of a record's samples become its label through `LabelType.judge_label`, with the
+judge's noise (labeler.py). A label file is a JSON list of such records (the released format). `load_labels`
+validates every record before training starts and names the file, the record index and the field of the first
+bad one.
 The formats and the released label sets are described in docs/formats.md.
 """
 
@@ -27,6 +29,7 @@ class LabelFileError(ValueError):
 
 class LabelType(abc.ABC):
     name: str
+    family: str  # the name of its kind in messages: best_of_N, scalar_rating, scalar_compare
     num_samples: int  # responses per record
 
     @abc.abstractmethod
@@ -56,13 +59,34 @@ class LabelType(abc.ABC):
         return (0.0, 1.0) if scales is None else (float(np.mean(scales)), float(np.std(scales)))
 
     @abc.abstractmethod
+    def judge_label(self, scores: np.ndarray, temperature: float, rng: np.random.RandomState) -> dict:
+        """The label fields of a record whose samples a judge scored `scores` [num_samples], with its noise
+        `temperature` in score units (0: exact); `rng` draws the noise."""
+
+    @abc.abstractmethod
     def loss(self, reward_fn, labels):
         """(loss, metrics) for a batch of label tensors; reward_fn(queries, responses) -> rewards [b].
         The metrics hold what 2019 logged under train_reward/minibatch/ (`error`, which equals the loss, and
         for scalar_rating `label_mean`, `label_var`, `corr`), plus our `accuracy` where a label has a winner."""
 
 
+def choose(scores, temperature: float, rng: np.random.RandomState) -> int:
+    """A judge's pick among samples with these scores: at temperature 0 the best (ties at random, so that equal
+    samples show no position bias), else a draw from softmax(scores / temperature), as a human who sometimes
+    picks a worse sample."""
+    scores = np.asarray(scores, np.float64)
+    if temperature < 0:
+        raise ValueError(f"the judge's temperature must be >= 0 (0 = always its best), got {temperature}")
+    if temperature == 0:
+        return int(rng.choice(np.flatnonzero(scores == scores.max())))
+    logits = (scores - scores.max()) / temperature  # shifted so that exp cannot overflow
+    probabilities = np.exp(logits) / np.exp(logits).sum()
+    return int(rng.choice(len(scores), p=probabilities))
+
+
 class BestOfN(LabelType):
+    family = "best_of_N"
+
     def __init__(self, n: int):
         self.num_samples = n
         self.name = f"best_of_{n}"
@@ -72,6 +96,9 @@ class BestOfN(LabelType):
 
     def label_fields(self):
         return {"best": "index"}
+
+    def judge_label(self, scores, temperature, rng):
+        return {"best": choose(scores, temperature, rng)}
 
     def loss(self, reward_fn, labels):
         import tensorflow.compat.v1 as tf
@@ -83,7 +110,7 @@ class BestOfN(LabelType):
 
 
 class ScalarRating(LabelType):
-    name = "scalar_rating"
+    name = family = "scalar_rating"
     num_samples = 1
 
     def sample_fields(self):
@@ -91,6 +118,9 @@ class ScalarRating(LabelType):
 
     def label_fields(self):
         return {"score": "float"}
+
+    def judge_label(self, scores, temperature, rng):
+        return {"score": float(scores[0] + temperature * rng.standard_normal())}  # Gaussian noise
 
     def target_scales(self, labels):
         return labels["score"]
@@ -108,7 +138,7 @@ class ScalarRating(LabelType):
 
 
 class ScalarCompare(LabelType):
-    name = "scalar_compare"
+    name = family = "scalar_compare"
     num_samples = 2
 
     def sample_fields(self):
@@ -116,6 +146,9 @@ class ScalarCompare(LabelType):
 
     def label_fields(self):
         return {"difference": "float"}
+
+    def judge_label(self, scores, temperature, rng):
+        return {"difference": float(scores[1] - scores[0] + temperature * rng.standard_normal())}  # r1 - r0
 
     def target_scales(self, labels):
         # r1 - r0 should match the difference, so each reward carries about half of it (2019 behaviour)
@@ -131,6 +164,9 @@ class ScalarCompare(LabelType):
         return loss, {"error": loss, "accuracy": accuracy}
 
 
+ACCEPTED = "best_of_N (N >= 2, e.g. best_of_4), scalar_rating, scalar_compare"  # the names `get` takes
+
+
 def get(name: str) -> LabelType:
     match = re.fullmatch(r"best_of_(\d+)", name or "")
     if match and int(match.group(1)) >= 2:
@@ -139,8 +175,7 @@ def get(name: str) -> LabelType:
         return ScalarRating()
     if name == "scalar_compare":
         return ScalarCompare()
-    raise ValueError(f"unknown label type {name!r}; accepted: best_of_N (N >= 2, e.g. best_of_4), "
-                     "scalar_rating, scalar_compare")
+    raise ValueError(f"unknown label type {name!r}; accepted: {ACCEPTED}")
 
 
 # ----- label files -----------------------------------------------------------------------------------------------

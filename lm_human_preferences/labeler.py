@@ -7,9 +7,10 @@ label records in exactly the released JSON format:
 * scalar_rating:  {"query": [...], "sample": [...], "score": float}
 * scalar_compare: {"query": [...], "sample0": [...], "sample1": [...], "difference": float}  # judge(s1) − judge(s0)
 
-`temperature` is the judge's noise, in judge-score units: a best_of_N choice is drawn from a softmax over
-the scores at that temperature (0: always the best, ties broken at random), as a human who sometimes picks
-a worse sample; scalar labels get Gaussian noise with that standard deviation (0: exact).
+`temperature` is the judge's noise, in judge-score units, which each label type applies to the judge's scores
+(`LabelType.judge_label`): a best_of_N choice is drawn from a softmax over the scores at that temperature (0:
+always the best, ties broken at random), as a human who sometimes picks a worse sample; scalar labels get
+Gaussian noise with that standard deviation (0: exact).
 
 `label_samples` runs the labelling loop over any sampler; `label_command` (`./launch.py label`) samples an
 experiment's initial policy (or a saved policy) and writes a label file. With `--judge human` people label
@@ -26,6 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from lm_human_preferences import label_types
 from lm_human_preferences.command_line import number
 from lm_human_preferences.utils import files
 
@@ -78,31 +80,15 @@ def judge_scores(judge: Judge, encoder, queries: np.ndarray, responses: np.ndarr
                      for query, response in zip(queries, responses)], np.float64)
 
 
-def choose(scores: Sequence[float], temperature: float, rng: np.random.RandomState) -> int:
-    """The judge's pick among samples with these scores: at temperature 0 the best (ties at random, so that
-    equal samples show no position bias), else a draw from softmax(scores / temperature)."""
-    scores = np.asarray(scores, np.float64)
-    if temperature < 0:
-        raise ValueError(f"the judge's temperature must be >= 0 (0 = always its best), got {temperature}")
-    if temperature == 0:
-        return int(rng.choice(np.flatnonzero(scores == scores.max())))
-    logits = (scores - scores.max()) / temperature  # shifted so that exp cannot overflow
-    probabilities = np.exp(logits) / np.exp(logits).sum()
-    return int(rng.choice(len(scores), p=probabilities))
-
-
-def _record_layout(label_type) -> Tuple[str, int]:
-    """('best_of_N' | 'scalar_rating' | 'scalar_compare', samples per record) from a label type or its name."""
-    name = label_type if isinstance(label_type, str) else getattr(label_type, "name", None)
-    match = re.fullmatch(r"best_of_(\d+)", name or "")
-    if match and int(match.group(1)) >= 2:
-        return "best_of_N", int(match.group(1))
-    if name == "scalar_rating":
-        return name, 1
-    if name == "scalar_compare":
-        return name, 2
-    raise ValueError(f"the labeler cannot make {name!r} labels; accepted label types: best_of_N (N >= 2, "
-                     "e.g. best_of_4), scalar_rating, scalar_compare")
+def _label_type(label_type) -> label_types.LabelType:
+    """A label type, given as itself or by its name."""
+    if not isinstance(label_type, str):
+        return label_type
+    try:
+        return label_types.get(label_type)
+    except ValueError:
+        raise ValueError(f"the labeler cannot make {label_type!r} labels; accepted label types: "
+                         f"{label_types.ACCEPTED}") from None
 
 
 def _tokens(row) -> List[int]:
@@ -117,13 +103,14 @@ def make_records(label_type, queries: np.ndarray, samples: Sequence[np.ndarray],
     samples: the label type's number of samples per record, each [b, response_length] (sample i of every
     query), e.g. 4 arrays for best_of_4; judge: see `get_judge`; encoder: decodes tokens for the judge;
     temperature: the judge's noise (module docstring); rng: all randomness (ties, choices, noise)."""
-    layout, num_samples = _record_layout(label_type)
+    label_type = _label_type(label_type)
     if temperature < 0:
         raise ValueError(f"the judge's temperature must be >= 0 (0 = no noise), got {temperature}")
     queries = np.asarray(queries)
     samples = [np.asarray(sample) for sample in samples]
-    if len(samples) != num_samples:
-        raise ValueError(f"{layout} records need {num_samples} samples per query, got {len(samples)}")
+    if len(samples) != label_type.num_samples:
+        raise ValueError(f"{label_type.family} records need {label_type.num_samples} samples per query, got "
+                         f"{len(samples)}")
     for index, sample in enumerate(samples):
         if sample.ndim != 2 or sample.shape[0] != queries.shape[0]:
             raise ValueError(f"sample {index} must be [batch={queries.shape[0]}, response_length] token ids, "
@@ -131,22 +118,16 @@ def make_records(label_type, queries: np.ndarray, samples: Sequence[np.ndarray],
     scores = np.stack([judge_scores(judge, encoder, queries, sample) for sample in samples], axis=1)  # [b, N]
 
     records = unlabelled_records(label_type, queries, samples)
-    for i, record in enumerate(records):
-        if layout == "best_of_N":
-            record["best"] = choose(scores[i], temperature, rng)
-        elif layout == "scalar_rating":
-            record["score"] = float(scores[i, 0] + temperature * rng.standard_normal())
-        else:  # scalar_compare
-            record["difference"] = float(scores[i, 1] - scores[i, 0] + temperature * rng.standard_normal())
+    for record, record_scores in zip(records, scores):
+        record.update(label_type.judge_label(record_scores, temperature, rng))
     return records
 
 
 def unlabelled_records(label_type, queries: np.ndarray, samples: Sequence[np.ndarray]) -> List[dict]:
     """Records in the released format without the label field (what people label in the web app): `query` and
-    `sample0..` (`sample` for scalar_rating) as plain int lists. queries [b, query_length]; samples: the label
-    type's number of [b, response_length] arrays."""
-    layout, _ = _record_layout(label_type)
-    names = ["sample"] if layout == "scalar_rating" else [f"sample{n}" for n in range(len(samples))]
+    the label type's sample fields (`sample0..`, or `sample`) as plain int lists. queries [b, query_length];
+    samples: the label type's number of [b, response_length] arrays."""
+    names = _label_type(label_type).sample_fields()
     return [{"query": _tokens(query), **{name: _tokens(sample[i]) for name, sample in zip(names, samples)}}
             for i, query in enumerate(np.asarray(queries))]
 
@@ -169,11 +150,10 @@ def label_samples(sample: Callable[[np.ndarray], np.ndarray], query_batches: Ite
 def _sampled_records(sample, query_batches, label_type, count: int, make) -> List[dict]:
     """`count` records made by `make(queries, samples)` from batches of queries and the label type's number of
     samples of each."""
-    _, num_samples = _record_layout(label_type)
     records = []
     while len(records) < count:
         queries = next(query_batches)  # [b, query_length]
-        samples = [sample(queries) for _ in range(num_samples)]  # each [b, response_length]
+        samples = [sample(queries) for _ in range(_label_type(label_type).num_samples)]  # each [b, response_length]
         records.extend(make(queries, samples))
     return records[:count]
 
@@ -199,7 +179,7 @@ def label_command(experiment: str, output: str, *, count, judge: str, temperatur
     127.0.0.1:8000; another address needs `token`, generated when not given), `overlap` of the items by two of
     them; `instructions` is a text file replacing the experiment's instructions. The samples and every answer
     are kept next to `output`, so the same command again resumes where it stopped, without sampling again."""
-    from lm_human_preferences import experiments, label_types
+    from lm_human_preferences import experiments
 
     count = number(count, int, "--count", "a positive number of labels", 1)
     seed = number(seed, int, "--seed", "an integer >= 0", 0)
@@ -249,7 +229,7 @@ def _label_by_people(experiment, output, *, count, label_type, seed, policy, ove
                      instructions):
     """`label_command` with `--judge human`: sample the items (unless a stopped run of this very command left
     them next to OUTPUT), then serve them in the web app until they are all labelled."""
-    from lm_human_preferences import experiments, label_app, label_types
+    from lm_human_preferences import experiments, label_app
 
     options = label_app.serving_options(host="127.0.0.1" if host is None else host,
                                         port=8000 if port is None else port, token=token,

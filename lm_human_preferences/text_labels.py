@@ -129,7 +129,7 @@ def labels_from_text(source: str, input: str, output: str, *, label_type: Option
         type_name = text_inputs.text_value(label_type, "--label_type")
     if type_name is None:
         raise ValueError(f"{described} names no label type (its reward model came from elsewhere): pass "
-                         f"--label_type (best_of_N, scalar_rating or scalar_compare)")
+                         f"--label_type ({label_types.ACCEPTED})")
     resolved_type = label_types.get(type_name)
     records_in = text_inputs.read_jsonl(input)
     from lm_human_preferences.language.trained_models import TrainedModel

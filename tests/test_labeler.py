@@ -55,19 +55,19 @@ def test_temperature_zero_chooses_the_best():
     rng = np.random.RandomState(0)
     for _ in range(200):
         scores = rng.randn(4)
-        assert labeler.choose(scores, 0.0, rng) == int(np.argmax(scores))
+        assert label_types.choose(scores, 0.0, rng) == int(np.argmax(scores))
 
 
 def test_temperature_zero_breaks_ties_at_random():
     rng = np.random.RandomState(1)
-    picks = [labeler.choose([0.3, 0.1, 0.3, 0.3], 0.0, rng) for _ in range(600)]
+    picks = [label_types.choose([0.3, 0.1, 0.3, 0.3], 0.0, rng) for _ in range(600)]
     assert set(picks) == {0, 2, 3}
     assert min(np.bincount(picks, minlength=4)[[0, 2, 3]]) > 150  # about 200 each
 
 
 def proportions(scores, temperature, draws, seed):
     rng = np.random.RandomState(seed)
-    picks = [labeler.choose(scores, temperature, rng) for _ in range(draws)]
+    picks = [label_types.choose(scores, temperature, rng) for _ in range(draws)]
     return np.bincount(picks, minlength=len(scores)) / draws
 
 
@@ -91,7 +91,7 @@ def test_the_choice_is_reproducible_from_the_seed():
 
 def test_negative_temperature_is_rejected():
     with pytest.raises(ValueError, match="temperature must be >= 0"):
-        labeler.choose([0.0, 1.0], -1.0, np.random.RandomState(0))
+        label_types.choose([0.0, 1.0], -1.0, np.random.RandomState(0))
 
 
 # ----- records ------------------------------------------------------------------------------------------------------
