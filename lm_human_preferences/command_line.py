@@ -95,14 +95,14 @@ def true_or_false(value, flag: str) -> bool:
         raise ValueError(f"--{flag}: got {value!r}, expected true or false") from None
 
 
-def number(value, kind: type, flag: str, accepted: str, minimum):
-    """A flag's number of `kind` (int or float), at least `minimum`, from what fire hands over (text, or a number
-    given in Python); else `FLAG: got VALUE, expected ACCEPTED`."""
+def number(value, kind: type, flag: str, accepted: str, minimum, maximum=None):
+    """A flag's number of `kind` (int or float), at least `minimum` (and at most `maximum`), from what fire hands
+    over (text, or a number given in Python); else `FLAG: got VALUE, expected ACCEPTED`."""
     try:
         parsed = None if isinstance(value, bool) else kind(str(value))  # int("2.5") fails: no silent rounding
     except ValueError:
         parsed = None
-    if parsed is None or parsed < minimum:
+    if parsed is None or parsed < minimum or (maximum is not None and not parsed <= maximum):
         raise ValueError(f"{flag}: got {value!r}, expected {accepted}")
     return parsed
 

@@ -55,7 +55,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from lm_human_preferences import label_types
+from lm_human_preferences import command_line, label_types
 from lm_human_preferences.utils import files
 
 MAX_BODY_BYTES = 16 * 1024  # a label is a few dozen bytes; anything bigger is refused (413)
@@ -159,19 +159,9 @@ def serving_options(host="127.0.0.1", port=8000, token=None, overlap=0.0) -> Ser
     host = str(host).strip() if host is not None else ""
     if not host:
         raise ValueError("--host: expected an address to bind, e.g. 127.0.0.1 (this machine only) or 0.0.0.0")
-    try:
-        port_number = None if isinstance(port, bool) else int(str(port))
-    except ValueError:
-        port_number = None
-    if port_number is None or not 0 <= port_number <= 65535:
-        raise ValueError(f"--port: got {port!r}, expected a TCP port 0..65535 (0: any free port)")
-    try:
-        overlap_fraction = None if isinstance(overlap, bool) else float(overlap)
-    except (TypeError, ValueError):
-        overlap_fraction = None
-    if overlap_fraction is None or not 0.0 <= overlap_fraction <= 1.0:
-        raise ValueError(f"--overlap: got {overlap!r}, expected a fraction of items in [0, 1] that two labelers "
-                         f"answer (e.g. 0.1)")
+    port_number = command_line.number(port, int, "--port", "a TCP port 0..65535 (0: any free port)", 0, 65535)
+    overlap_fraction = command_line.number(overlap, float, "--overlap", "a fraction of items in [0, 1] that two "
+                                           "labelers answer (e.g. 0.1)", 0.0, 1.0)
     if token is not None:
         token = str(token)
         if not TOKEN_PATTERN.fullmatch(token):
