@@ -1,5 +1,5 @@
-"""How the command lines reach the commands: launch.py's arguments prepared for fire, and the flag values the
-commands check (true/false words, counts and numbers, --mpi).
+"""How the command lines reach the commands: launch.py's arguments prepared for fire, and the checks of flag values
+that every command line shares (true/false words, numbers in a range, --mpi).
 
 fire evaluates every value as a Python literal: `--task.query_suffix '"x"'` would lose its quotes, `1,2` become a
 tuple, a run NAME `7` an int, and a string field given `1e5` read "100000.0". The hyperparameters parse strings by
