@@ -1,5 +1,5 @@
-"""PPO for language models: hyperparameters, the KL controllers, and the pure graph functions
-of one update — KL-penalised rewards, whitening, GAE, the clipped losses and their statistics.
+"""PPO for language models: hyperparameters, the KL controllers, the KL-penalised rewards (numpy), and the pure
+graph functions of one update — whitening, GAE, the clipped losses and their statistics.
 
 An episode is one query and its `T = response_length` response tokens; every tensor here is [batch, T] unless
 said otherwise, and each response token is one PPO time step.
@@ -11,8 +11,6 @@ The trainer (`train_policy.py`) splits a minibatch step in two:
 2. `ppo_loss` over each micro-batch of it. Every term of the loss is a mean over tokens, so with equal-sized
    micro-batches the sum over micro-batches of grad(loss) / micro_batches equals the gradient of the minibatch
    loss: gradient accumulation changes the memory needed, not the update.
-
-`minibatch_loss` chains the two for a minibatch taken whole.
 
 The update step by step, every hyperparameter with its 2019 default, and the KL controllers: docs/algorithms.md.
 """
@@ -42,15 +40,12 @@ class AdaptiveKLController:
     """A proportional controller that steers the KL toward `target` (Ziegler et al. 2019, section 2.2):
     error = clip(KL / target − 1, −0.2, 0.2); kl_coef ← kl_coef · (1 + error · n_steps / horizon).
 
-    The clip bounds how fast kl_coef moves when the KL is far off, e.g. right at the start."""
+    The clip bounds how fast kl_coef moves when the KL is far off, e.g. right at the start. target and horizon
+    are positive (checked with the hyperparameters, hparams.AdaptiveKLParams)."""
 
     ERROR_CLIP = 0.2
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        if not target or target <= 0:
-            raise ValueError(f"rewards.adaptive_kl.target must be a positive KL in nats, got {target!r}")
-        if horizon <= 0:
-            raise ValueError(f"rewards.adaptive_kl.horizon must be a positive number of episodes, got {horizon!r}")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = horizon
@@ -61,6 +56,21 @@ class AdaptiveKLController:
         self.value *= 1 + proportional_error * n_steps / self.horizon
 
 
+# ----- rewards (host side, once per PPO update) ------------------------------------------------------------------
+
+def kl_penalized_rewards(logprobs, ref_logprobs, scores, kl_coef):
+    """Per-token rewards −kl_coef·(logp − ref_logp), with the episode's score added at its last token.
+
+    logprobs, ref_logprobs: [b, T] numpy arrays of the sampled tokens; scores: [b]; kl_coef: a float.
+    Returns a dict of [b, T] arrays: `rewards`, `kl` (logp − ref_logp, whose sum over T estimates the
+    episode's KL) and `non_score_rewards` (the KL penalty alone)."""
+    kl = logprobs - ref_logprobs  # [b, T]
+    non_score_rewards = -kl_coef * kl  # [b, T]
+    rewards = non_score_rewards.copy()
+    rewards[:, -1] += np.asarray(scores, rewards.dtype)  # the score arrives with the last token only
+    return {"rewards": rewards, "kl": kl, "non_score_rewards": non_score_rewards}
+
+
 # ----- graph functions --------------------------------------------------------------------------------------------
 
 def whiten(values, shift_mean=True):
@@ -69,20 +79,6 @@ def whiten(values, shift_mean=True):
     mean, variance = tf.nn.moments(values, axes=list(range(values.shape.ndims)))
     whitened = (values - mean) * tf.rsqrt(variance + WHITEN_EPSILON)
     return whitened if shift_mean else whitened + mean
-
-
-def kl_penalized_rewards(logprobs, ref_logprobs, scores, kl_coef):
-    """Per-token rewards −kl_coef·(logp − ref_logp), with the episode's score added at its last token.
-
-    logprobs, ref_logprobs: [b, T] of the sampled tokens; scores: [b]; kl_coef: scalar.
-    Returns a dict of [b, T] tensors: `rewards`, `kl` (logp − ref_logp, whose sum over T estimates the
-    episode's KL) and `non_score_rewards` (the KL penalty alone)."""
-    kl = logprobs - ref_logprobs  # [b, T]
-    non_score_rewards = -kl_coef * kl  # [b, T]
-    length = tf.shape(kl)[1]
-    at_last_token = tf.one_hot(length - 1, length, dtype=kl.dtype)[None, :]  # [1, T]
-    rewards = non_score_rewards + tf.cast(scores, kl.dtype)[:, None] * at_last_token  # [b, T]
-    return {"rewards": rewards, "kl": kl, "non_score_rewards": non_score_rewards}
 
 
 def gae_advantages(rewards, values, gamma, lam):
@@ -169,19 +165,6 @@ def return_and_value_moments(returns, old_values):
 
 
 def var_explained(stats):
-    """1 − error / var(returns): the share of the returns' variance the value head explains. Works on floats
-    (statistics already averaged over minibatches and ranks, as in 2019) and on scalar tensors."""
-    if isinstance(stats["ppo/val/error"], tf.Tensor):
-        return 1.0 - stats["ppo/val/error"] / tf.maximum(stats["ppo/returns/var"], WHITEN_EPSILON)
+    """1 − error / var(returns): the share of the returns' variance the value head explains, from statistics
+    already averaged over minibatches and ranks (floats, as in 2019)."""
     return 1.0 - stats["ppo/val/error"] / max(stats["ppo/returns/var"], WHITEN_EPSILON)
-
-
-def minibatch_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, rewards, hparams: PpoHParams):
-    """The PPO loss and statistics of one minibatch taken whole: `advantages_and_returns` then `ppo_loss`.
-    rewards: per-token rewards from `kl_penalized_rewards`; all inputs [b, T]."""
-    advantages, returns = advantages_and_returns(rewards, old_values, hparams)
-    loss, stats = ppo_loss(logprobs=logprobs, vpred=vpred, entropies=entropies, old_logprobs=old_logprobs,
-                           old_values=old_values, advantages=advantages, returns=returns, hparams=hparams)
-    stats.update(return_and_value_moments(returns, old_values))
-    stats["ppo/val/var_explained"] = var_explained(stats)
-    return loss, stats

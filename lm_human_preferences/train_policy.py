@@ -7,7 +7,7 @@ docs/saved_runs.md.
 import copy
 import os
 import time
-from typing import Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import tensorflow.compat.v1 as tf
@@ -37,13 +37,17 @@ class PPOTrainer:
         sizes = batch_sizes(ppo_hp, mpi.size())
         self.batch_per_rank, self.minibatch, self.micro_batch = sizes.per_rank, sizes.minibatch, sizes.micro_batch
         self.num_updates = sizes.num_updates
+        self.micro_batches = [slice(start, start + self.micro_batch)  # of a minibatch
+                              for start in range(0, self.minibatch, self.micro_batch)]
         self.kl_controller = (ppo.AdaptiveKLController(hparams.rewards.kl_coef, hparams.rewards.adaptive_kl.target,
                                                        hparams.rewards.adaptive_kl.horizon)
                               if hparams.rewards.adaptive_kl else ppo.FixedKLController(hparams.rewards.kl_coef))
         self.seed = run_utils.run_seed(hparams.run.seed) if seed is None else seed
         tf.set_random_seed(mpi.rank_seed(self.seed))  # initialisers; sampling and shuffles use the seeds below
         self.encoder = encoder
-        self.judge = None if hparams.run.judge is None else labeler.get_judge(hparams.run.judge)
+        # Hooks (queries, scored_responses) -> {tag: value} of this rank's episodes, averaged and logged with
+        # each update's statistics: run.judge installs the demo judge's true score (`train` below).
+        self.extra_stats: List[Callable[[np.ndarray, np.ndarray], Dict[str, float]]] = []
 
         compute_dtype = tf.bfloat16 if hparams.run.mixed_precision else tf.float32
         # The rollout: [b, query_length] queries in, [b, R] responses, logprobs and values out.
@@ -57,20 +61,18 @@ class PPOTrainer:
         # Reference log-probs and scores: [b, query_length] / [b, R] in, per-episode arrays out.
         self.responses = tf.placeholder(tf.int32, [None, R], name="responses")
         self.ref_logprobs_op = self.ref_policy.analyze_responses_op(self.queries, self.responses)["logprobs"]
-        self.score_op = self.reward_model.get_rewards_op(self.queries, self.responses)  # [b]
+        # The reward model scores the responses post-processed (truncated) as the task says.
+        self.scored_responses = tf.placeholder(tf.int32, [None, R], name="scored_responses")
+        self.score_op = self.reward_model.get_rewards_op(self.queries, self.scored_responses)  # [b]
 
-        # Per-token rewards and advantages of a minibatch (no model involved).
-        self.logprobs = tf.placeholder(tf.float32, [None, R], name="logprobs")
-        self.ref_logprobs = tf.placeholder(tf.float32, [None, R], name="ref_logprobs")
-        self.scores = tf.placeholder(tf.float32, [None], name="scores")
-        self.kl_coef = tf.placeholder(tf.float32, [], name="kl_coef")
-        self.rewards_op = ppo.kl_penalized_rewards(self.logprobs, self.ref_logprobs, self.scores, self.kl_coef)
+        # Advantages and returns of a whole minibatch, from its per-token rewards and the rollout's values.
         self.token_rewards = tf.placeholder(tf.float32, [None, R], name="token_rewards")
         self.values = tf.placeholder(tf.float32, [None, R], name="values")
         self.advantages_op = ppo.advantages_and_returns(self.token_rewards, self.values, ppo_hp)
         self.moments_op = ppo.return_and_value_moments(self.advantages_op[1], self.values)  # whole minibatch
 
-        # The loss of one micro-batch, given the minibatch's advantages and returns.
+        # The loss of one micro-batch: the rollout's log-probs and values, the minibatch's advantages and returns.
+        self.logprobs = tf.placeholder(tf.float32, [None, R], name="logprobs")
         self.advantages = tf.placeholder(tf.float32, [None, R], name="advantages")
         self.returns = tf.placeholder(tf.float32, [None, R], name="returns")
         outputs = self.policy.analyze_responses_op(self.queries, self.responses)
@@ -100,80 +102,66 @@ class PPOTrainer:
             self.online.training.sess = self.sess
 
     def update(self, queries, update_index):
-        """One PPO update on this rank's `queries` [batch_per_rank, query_length]; returns its statistics."""
+        """One PPO update on this rank's `queries` [batch_per_rank, query_length]; returns its statistics (averaged
+        over ranks) and details of this rank's episodes."""
         hp, task, sess = self.hparams.ppo, self.hparams.task, self.sess
-        timings, start = {}, time.time()
-        rank = mpi.rank()
+        timer, rank = stats.Timer(), mpi.rank()
         # 1. The policy answers the queries, recording log-probs and values.
-        rollout = sess.run(self.rollout_op, {self.queries: queries, self.rollout_seed: run_utils.stateless_seed(
-            self.seed, rank, self.ROLLOUT, update_index)})
-        responses = rollout["responses"]  # [b, R]
-        timings["rollout"] = time.time() - start
+        with timer("rollout"):
+            rollout = sess.run(self.rollout_op, {self.queries: queries, self.rollout_seed: run_utils.stateless_seed(
+                self.seed, rank, self.ROLLOUT, update_index)})
+        responses, logprobs, values = rollout["responses"], rollout["logprobs"], rollout["values"]  # [b, R] each
         # 2. The frozen reference policy's log-probs of the same responses.
-        start = time.time()
-        ref_logprobs = sess.run(self.ref_logprobs_op, {self.queries: queries, self.responses: responses})
-        timings["ref_logprobs"] = time.time() - start
+        with timer("ref_logprobs"):
+            ref_logprobs = sess.run(self.ref_logprobs_op, {self.queries: queries, self.responses: responses})
         # 3. Post-process (truncate) and score; responses that never end take the penalty.
-        start = time.time()
-        scored = lm_tasks.postprocess_responses(responses, task, self.policy.padding_token)
-        raw_scores = sess.run(self.score_op, {self.queries: queries, self.responses: scored})
-        scores = lm_tasks.apply_penalty(raw_scores, lm_tasks.responses_are_valid(responses, task), task)
-        timings["score"] = time.time() - start
+        with timer("score"):
+            scored = lm_tasks.postprocess_responses(responses, task, self.policy.padding_token)
+            raw_scores = sess.run(self.score_op, {self.queries: queries, self.scored_responses: scored})
+            scores = lm_tasks.apply_penalty(raw_scores, lm_tasks.responses_are_valid(responses, task), task)
         # 4. Per-token rewards: -kl_coef * (logp - ref_logp), the score added at the last token.
-        judge_scores = (None if self.judge is None else
-                        labeler.judge_scores(self.judge, self.encoder, queries, scored))  # the true objective (demo)
         kl_coef = self.kl_controller.value
-        token_rewards, kl = sess.run([self.rewards_op["rewards"], self.rewards_op["kl"]], {
-            self.logprobs: rollout["logprobs"], self.ref_logprobs: ref_logprobs, self.scores: scores,
-            self.kl_coef: kl_coef})
+        penalized = ppo.kl_penalized_rewards(logprobs, ref_logprobs, scores, kl_coef)  # [b, R] arrays
+        kl = penalized["kl"].sum(axis=1)  # [b]: each response's KL
         # 5. Epochs of shuffled minibatches; each minibatch is one Adam step over its micro-batches.
-        start = time.time()
         lr = hp.lr * (1.0 - update_index / self.num_updates)  # annealed linearly to 0 over the run
-        episode = dict(queries=queries, responses=responses, logprobs=rollout["logprobs"],
-                       values=rollout["values"], token_rewards=token_rewards)
+        episodes = dict(queries=queries, responses=responses, logprobs=logprobs, values=values,
+                        token_rewards=penalized["rewards"])
         train_stats = []  # one dict per minibatch step
         shuffles = run_utils.numpy_rng(self.seed, rank, self.SHUFFLE, update_index)
-        for _ in range(hp.noptepochs):
-            order = shuffles.permutation(self.batch_per_rank)
-            for mb_start in range(0, self.batch_per_rank, self.minibatch):
-                mb = {k: v[order[mb_start:mb_start + self.minibatch]] for k, v in episode.items()}
-                (advantages, returns), moments = sess.run(
-                    [self.advantages_op, self.moments_op],
-                    {self.token_rewards: mb["token_rewards"], self.values: mb["values"]})
-                micro_stats = []
-                for micro_start in range(0, self.minibatch, self.micro_batch):
-                    part = slice(micro_start, micro_start + self.micro_batch)
-                    step_stats, _ = sess.run([self.train_stats, self.optimizer.accumulate_op], {
+        with timer("ppo_epochs"):
+            for _ in range(hp.noptepochs):
+                order = shuffles.permutation(self.batch_per_rank)
+                for mb_start in range(0, self.batch_per_rank, self.minibatch):
+                    mb = {k: v[order[mb_start:mb_start + self.minibatch]] for k, v in episodes.items()}
+                    (advantages, returns), moments = sess.run([self.advantages_op, self.moments_op], {
+                        self.token_rewards: mb["token_rewards"], self.values: mb["values"]})
+                    micro_stats = self.optimizer.step(sess, [{
                         self.queries: mb["queries"][part], self.responses: mb["responses"][part],
                         self.logprobs: mb["logprobs"][part], self.values: mb["values"][part],
-                        self.advantages: advantages[part], self.returns: returns[part], self.lr: lr})
-                    micro_stats.append(step_stats)
-                sess.run(self.optimizer.apply_op, {self.lr: lr})
-                # Every statistic of ppo_loss is a mean over tokens, so with equal micro-batches their mean is
-                # the minibatch's; the variances come from the whole minibatch.
-                train_stats.append({**{k: np.mean([s[k] for s in micro_stats]) for k in micro_stats[0]}, **moments})
-        timings["ppo_epochs"] = time.time() - start
+                        self.advantages: advantages[part], self.returns: returns[part]} for part in self.micro_batches],
+                        self.train_stats, shared_feed={self.lr: lr})
+                    # Every statistic of ppo_loss is a mean over tokens, so with equal micro-batches their mean is
+                    # the minibatch's; the variances come from the whole minibatch.
+                    train_stats.append({**{k: np.mean([s[k] for s in micro_stats]) for k in micro_stats[0]}, **moments})
         # 6. Statistics, averaged over ranks; then the KL controller sees the mean KL.
-        start = time.time()
-        mean_kl = float(np.mean(kl.sum(axis=1)))
-        update_stats = {
-            "objective/kl": mean_kl,
-            "objective/kl_coef": kl_coef,
-            "objective/entropy": float(np.mean(-rollout["logprobs"].sum(axis=1))),
-            "objective/score": float(np.mean(scores)),
-            "objective/score_total": float(np.mean(scores - kl_coef * kl.sum(axis=1))),
-            "objective/lr": lr,
-        }
-        if judge_scores is not None:
-            update_stats["objective/judge"] = float(np.mean(judge_scores))
-        for key in train_stats[0]:
-            update_stats[key] = float(np.mean([s[key] for s in train_stats]))
-        update_stats = mpi.mean_dict(update_stats)
-        update_stats["ppo/val/var_explained"] = ppo.var_explained(update_stats)
-        self.kl_controller.update(update_stats["objective/kl"], self.hparams.ppo.batch_size)
-        timings["stats"] = time.time() - start
-        return update_stats, dict(responses=responses, scored_responses=scored, scores=scores, kl=kl.sum(axis=1),
-                                  kl_coef=kl_coef, timings=timings)
+        with timer("stats"):
+            update_stats = {
+                "objective/kl": float(np.mean(kl)),
+                "objective/kl_coef": kl_coef,
+                "objective/entropy": float(np.mean(-logprobs.sum(axis=1))),
+                "objective/score": float(np.mean(scores)),
+                "objective/score_total": float(np.mean(scores - kl_coef * kl)),
+                "objective/lr": lr,
+                **{key: float(np.mean([s[key] for s in train_stats])) for key in train_stats[0]},
+            }
+            for extra_stats in self.extra_stats:
+                update_stats.update(extra_stats(queries, scored))
+            update_stats = stats.mean_over_ranks(update_stats)
+            update_stats["ppo/val/var_explained"] = ppo.var_explained(update_stats)
+            self.kl_controller.update(update_stats["objective/kl"], hp.batch_size)
+        return update_stats, dict(responses=responses, scored_responses=scored, scores=scores, kl=kl,
+                                  kl_coef=kl_coef, timings=timer.seconds)
 
     def save(self, save_dir, step, *, state=True, policy=True):
         """Checkpoint the policy as SAVE_DIR/policy/checkpoints/model.ckpt-STEP (with `policy`) and, with `state`,
@@ -219,6 +207,14 @@ def log_samples(encoder, queries, details, count=3):
         stats.log(f"query:    {encoder.decode(queries[i])!r}")
         stats.log(f"response: {encoder.decode(details['scored_responses'][i])!r}")
         stats.log(f"  score = {details['scores'][i]:+.3f}\n  kl = {details['kl'][i]:+.3f}\n  total = {total:+.3f}")
+
+
+def judge_objective(judge_name: str, encoder):
+    """The hook `run.judge` installs (the demo's): a synthetic judge's true score of the scored responses,
+    logged as objective/judge beside the reward model's objective/score."""
+    judge = labeler.get_judge(judge_name)
+    return lambda queries, responses: {
+        "objective/judge": float(np.mean(labeler.judge_scores(judge, encoder, queries, responses)))}
 
 
 def reward_model_path(hparams: HParams) -> str:
@@ -280,6 +276,8 @@ def train(hparams: HParams, resume: bool = False):
         encoder = policy_model.encoding.get_encoder()
         with tf.Graph().as_default():
             trainer = PPOTrainer(hparams, policy_model, reward_model, encoder)
+            if hparams.run.judge is not None:
+                trainer.extra_stats.append(judge_objective(hparams.run.judge, encoder))
             start = trainer.restore(local_dir) if resume else 0
             if start:
                 stats.log(f"resuming after update {start} of {trainer.num_updates}")

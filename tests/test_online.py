@@ -65,7 +65,7 @@ def agreement_with_judge(trainer, seed, count=512):
     queries = next(lm_tasks.query_batches(trainer.hparams.task, trainer.encoder, count, mode="test", seed=seed,
                                           rank=0, size=1))
     a, b = (trainer.current_policy_samples(queries, run_utils.stateless_seed(seed, k)) for k in (1, 2))
-    reward_a, reward_b = (trainer.sess.run(trainer.score_op, {trainer.queries: queries, trainer.responses: r})
+    reward_a, reward_b = (trainer.sess.run(trainer.score_op, {trainer.queries: queries, trainer.scored_responses: r})
                           for r in (a, b))
     judge_a, judge_b = (labeler.judge_scores(JUDGE, trainer.encoder, queries, r) for r in (a, b))
     decided = judge_a != judge_b

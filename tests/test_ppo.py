@@ -60,6 +60,16 @@ def np_policy_loss(logprobs, old_logprobs, advantages, c):
     return np.mean(np.maximum(unclipped, clipped)), np.mean(clipped > unclipped), approxkl
 
 
+def minibatch_loss(*, logprobs, vpred, entropies, old_logprobs, old_values, rewards, hparams):
+    """The PPO loss and statistics of one minibatch taken whole: `advantages_and_returns` then `ppo_loss` (what the
+    trainer computes split into micro-batches). rewards: per-token rewards; all inputs [b, T]."""
+    advantages, returns = ppo.advantages_and_returns(rewards, old_values, hparams)
+    loss, stats = ppo.ppo_loss(logprobs=logprobs, vpred=vpred, entropies=entropies, old_logprobs=old_logprobs,
+                               old_values=old_values, advantages=advantages, returns=returns, hparams=hparams)
+    stats.update(ppo.return_and_value_moments(returns, old_values))
+    return loss, stats
+
+
 # ----- whitening, rewards, GAE -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shift_mean", [True, False])
@@ -79,7 +89,7 @@ def test_whiten_of_a_constant_is_finite():
 
 def test_kl_penalized_rewards_match_numpy():
     logprobs, ref_logprobs, scores = arrays(1, (B, T), (B, T), (B,))
-    out = run(ppo.kl_penalized_rewards(tf.constant(logprobs), tf.constant(ref_logprobs), tf.constant(scores), 0.15))
+    out = ppo.kl_penalized_rewards(logprobs, ref_logprobs, scores, 0.15)
     kl = logprobs - ref_logprobs
     expected = -0.15 * kl
     expected[:, -1] += scores  # the score arrives with the last token only
@@ -181,15 +191,15 @@ def test_minibatch_loss_chains_advantages_and_loss_and_adds_var_explained():
     rewards, = arrays(6, (B, T))
     hparams = ppo.PpoHParams(gamma=0.95, lam=0.9)
     names = ("logprobs", "vpred", "entropies", "old_logprobs", "old_values")
-    loss, stats = run(ppo.minibatch_loss(**{k: tf.constant(x[k]) for k in names}, rewards=tf.constant(rewards),
-                                         hparams=hparams))
+    loss, stats = run(minibatch_loss(**{k: tf.constant(x[k]) for k in names}, rewards=tf.constant(rewards),
+                                     hparams=hparams))
     returns = np_gae(np_whiten(rewards, shift_mean=False), x["old_values"], 0.95, 0.9) + x["old_values"]
     advantages = np_whiten(returns - x["old_values"])
     pg_loss = np_policy_loss(x["logprobs"], x["old_logprobs"], advantages, 0.2)[0]
     vf_loss = np_value_loss(x["vpred"], x["old_values"], returns, 0.2)[0]
     np.testing.assert_allclose(loss, pg_loss + 0.1 * vf_loss, rtol=1e-4)
     error = np.mean((x["vpred"] - returns) ** 2)
-    np.testing.assert_allclose(stats["ppo/val/var_explained"], 1 - error / returns.var(), rtol=1e-4)
+    np.testing.assert_allclose(ppo.var_explained(stats), 1 - error / returns.var(), rtol=1e-4)
     assert ppo.var_explained({"ppo/val/error": 1.0, "ppo/returns/var": 4.0}) == 0.75
 
 
@@ -208,8 +218,8 @@ def test_micro_batches_give_the_minibatch_loss_and_gradient(batch, micro_batches
     vpred = tf.Variable(x["vpred"])
     old = {k: tf.constant(x[k]) for k in ("entropies", "old_logprobs", "old_values")}
 
-    full_loss, _ = ppo.minibatch_loss(logprobs=logprobs, vpred=vpred, **old, rewards=tf.constant(rewards),
-                                      hparams=hparams)
+    full_loss, _ = minibatch_loss(logprobs=logprobs, vpred=vpred, **old, rewards=tf.constant(rewards),
+                                  hparams=hparams)
     advantages, returns = ppo.advantages_and_returns(tf.constant(rewards), old["old_values"], hparams)
     size = batch // micro_batches
     parts = [slice(start, start + size) for start in range(0, batch, size)]
@@ -225,8 +235,8 @@ def test_micro_batches_give_the_minibatch_loss_and_gradient(batch, micro_batches
     full_grads = tf.gradients(full_loss, [logprobs, vpred])
 
     # the wrong split, advantages whitened per micro-batch, must differ (so the comparison can fail)
-    wrong = [ppo.minibatch_loss(logprobs=logprobs[part], vpred=vpred[part], **{k: v[part] for k, v in old.items()},
-                                rewards=tf.constant(rewards[part]), hparams=hparams)[0] / micro_batches
+    wrong = [minibatch_loss(logprobs=logprobs[part], vpred=vpred[part], **{k: v[part] for k, v in old.items()},
+                            rewards=tf.constant(rewards[part]), hparams=hparams)[0] / micro_batches
              for part in parts]
     out = run(dict(full=full_loss, accumulated=accumulated, full_grads=full_grads,
                    accumulated_grads=accumulated_grads, wrong=tf.add_n(wrong)))
@@ -286,18 +296,6 @@ def test_adaptive_kl_controller_converges_on_a_kl_that_falls_with_the_coefficien
     assert controller.value == pytest.approx(0.25, rel=1e-3)
 
 
-def test_adaptive_kl_controller_rejects_bad_settings():
-    for target in (0.0, -1.0, None):
-        with pytest.raises(ValueError, match="rewards.adaptive_kl.target must be a positive KL"):
-            ppo.AdaptiveKLController(0.1, target, 10000)
-    for horizon in (0, -5):
-        with pytest.raises(ValueError, match="rewards.adaptive_kl.horizon must be a positive number of episodes"):
-            ppo.AdaptiveKLController(0.1, 6.0, horizon)
-    # The smallest positive settings are accepted (the bounds are > 0, not >= 1).
-    controller = ppo.AdaptiveKLController(0.1, 0.5, 1)
-    assert (controller.value, controller.target) == (0.1, 0.5)
-
-
 def test_ppo_hparams_have_the_2019_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(ppo.PpoHParams)}
     assert defaults == dict(total_episodes=2_000_000, batch_size=64, nminibatches=1, noptepochs=4, lr=5e-6,
@@ -324,7 +322,9 @@ def test_adaptive_kl_params_require_a_target():
 
 @pytest.mark.parametrize("target, horizon, message", [
     (0.0, 10000, r"rewards.adaptive_kl.target must be positive \(nats\), got 0.0"),
+    (-1.0, 10000, r"rewards.adaptive_kl.target must be positive \(nats\), got -1.0"),
     (6.0, 0, r"rewards.adaptive_kl.horizon must be positive \(episodes\), got 0"),
+    (6.0, -5, r"rewards.adaptive_kl.horizon must be positive \(episodes\), got -5"),
 ])
 def test_adaptive_kl_params_refuse_non_positive_settings_by_name(target, horizon, message):
     with pytest.raises(HParamError, match=message):
@@ -333,3 +333,6 @@ def test_adaptive_kl_params_refuse_non_positive_settings_by_name(target, horizon
 
 def test_adaptive_kl_params_accept_the_smallest_positive_settings():
     ppo.AdaptiveKLParams(target=0.5, horizon=1).validate("rewards.adaptive_kl.")
+    # the bounds are > 0, not >= 1, and the controller takes what the hyperparameters accept
+    controller = ppo.AdaptiveKLController(0.1, 0.5, 1)
+    assert (controller.value, controller.target) == (0.1, 0.5)

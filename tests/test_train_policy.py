@@ -456,7 +456,7 @@ def recorded_updates(tmp_path_factory, letter_e_reward_model):
             cut, record["ends"] = np_truncate(rollout["responses"], E, w["truncate_after"], 27)
             record["cut_changed"] = (cut != rollout["responses"]).any(axis=1)
             record["scores_of_cut"], record["scores_of_uncut"] = (
-                sess.run(trainer.score_op, {trainer.queries: queries, trainer.responses: responses})
+                sess.run(trainer.score_op, {trainer.queries: queries, trainer.scored_responses: responses})
                 for responses in (cut, rollout["responses"]))
             records.append(record)
         # one more Adam step, fed lr 0: the parameters must not move if the fed lr is the one Adam uses
