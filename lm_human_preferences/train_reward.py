@@ -241,7 +241,6 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
             train_labels, valid_labels = read_labels(labels_file, hparams, label_type, encoding)
         query_batches = lm_tasks.query_batches(task, encoder, training.rollout_per_rank, mode="train",
                                                seed=hparams.run.seed or 0)
-        logger = stats.StatsLogger(os.path.join(local_dir, "tb", "reward_model"), restart_at=start)
 
         def stop_if_asked(step):
             if stop.agreed():
@@ -260,7 +259,7 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
                                    (training.NORMALIZE_BEFORE, training.DEBUG_BEFORE))
         normalized_before = True
 
-        try:
+        with stats.StatsLogger(os.path.join(local_dir, "tb", "reward_model"), restart_at=start) as logger:
             for step in stats.progress_bar(range(start, num_steps), "reward model", initial=start, total=num_steps):
                 stop_if_asked(step)
                 _train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps)
@@ -268,8 +267,6 @@ def train(hparams: HParams, resume: bool = False, local_dir: Optional[str] = Non
                     training.save_state(local_dir, step + 1, normalized_before)
                     run_utils.publish(local_dir, save_dir)  # a preempted machine's local copy may be gone
             stop_if_asked(num_steps)
-        finally:
-            logger.close()
         if hparams.normalize_after:
             training.normalize(query_batches, 0.0, 1.0, "after training",
                                (training.NORMALIZE_AFTER, training.DEBUG_AFTER))
