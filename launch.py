@@ -94,7 +94,7 @@ def demo(name="demo", save_dir="/tmp/save/demo", online=False, **overrides):
     """The offline demo: synthetic labels -> reward model -> PPO, then a report and learning curves. --online: the
     labels are collected from the current policy during PPO (experiment demo_online)."""
     for flag in ("mpi", "dry_run", "trials_in_parallel", "resume"):
-        if flag in overrides:  # not hyperparameters, and not the demo's flags
+        if flag in overrides or f"no{flag}" in overrides:  # not hyperparameters, and not the demo's flags
             raise ValueError(f"--{flag}: the demo runs as one process, start to end, and takes no --{flag}; its "
                              f"steps run alone as ./launch.py train_reward demo NAME and ./launch.py train_policy "
                              f"demo NAME, which take --{flag}")

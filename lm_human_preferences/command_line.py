@@ -24,11 +24,17 @@ def _flags(function: Callable) -> Dict[str, object]:
             if parameter.default is not inspect.Parameter.empty}
 
 
+def switches(function: Callable) -> set:
+    """A command's true/false flags (those whose default is a bool) and fire's `--noFLAG` (FLAG=False) of each:
+    the flags of its own that may stand without a value."""
+    names = {name for name, default in _flags(function).items() if isinstance(default, bool)}
+    return names | {f"no{name}" for name in names}
+
+
 def own_flags(function: Callable) -> set:
-    """The flags that fire gives to the command's parameters, with fire's `--noFLAG` (FLAG=False) of its
-    true/false flags (those whose default is a bool); any other flag is a hyperparameter."""
-    flags = _flags(function)
-    return set(flags) | {f"no{name}" for name, default in flags.items() if isinstance(default, bool)}
+    """The flags that fire gives to the command's parameters, with the `--noFLAG` of its true/false ones; any
+    other flag is a hyperparameter."""
+    return set(_flags(function)) | switches(function)
 
 
 def short_flags(function: Optional[Callable]) -> Dict[str, str]:
@@ -54,7 +60,8 @@ def prepare_argv(commands: Dict[str, Callable], argv: List[str]) -> List[str]:
     docstring), and
 
     * a bare hyperparameter flag (followed by another flag or nothing) means true: `--normalize_before`
-      (fire reads a bare `--noX` as X=False, so it made that `rmalize_before=False`);
+      (fire reads a bare `--noX` as X=False, so it made that `rmalize_before=False`); a bare flag of the
+      command's own that is not a true/false one (`--save_dir`, `-n`) is refused: it needs a value;
     * `--help` or `-h` anywhere before fire's `--` separator shows the command's help and runs nothing
       (fire took it for a hyperparameter named help).
     """
@@ -66,7 +73,7 @@ def prepare_argv(commands: Dict[str, Callable], argv: List[str]) -> List[str]:
     prepared = ours[:1]  # the command's name
     function = commands.get(ours[0]) if ours else None
     short = short_flags(function)
-    own = own_flags(function) if function is not None else set()
+    own, valueless = (own_flags(function), switches(function)) if function is not None else (set(), set())
     for index in range(1, len(ours)):
         arg = ours[index]
         if not _is_flag(arg):
@@ -79,6 +86,8 @@ def prepare_argv(commands: Dict[str, Callable], argv: List[str]) -> List[str]:
             prepared.append(f"{name}={value!r}")
         elif bare and name.lstrip("-").replace("-", "_") not in own:
             prepared.append(f"{name}={'true'!r}")
+        elif bare and name.lstrip("-").replace("-", "_") not in valueless:
+            raise ValueError(f"{arg} needs a value ({name} VALUE or {name}=VALUE)")
         else:
             prepared.append(name)  # its value is the next argument
     return prepared + fire_flags

@@ -132,6 +132,24 @@ def test_a_bare_hparam_flag_means_true_and_own_flags_keep_their_meaning(capsys):
     assert hparams["run"]["save_dir"] == "/runs/12"
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["demo", "-n"], "-n needs a value (--name VALUE"),  # fire made the run's name True: a traceback
+    (["demo", "--name", "--online"], "--name needs a value"),
+    (["train_reward", "test", "x", "--mpi"], "--mpi needs a value"),
+    (["export", "run", "out", "--scope"], "--scope needs a value"),
+    (["plot", "run", "--band"], "--band needs a value"),
+])
+def test_a_bare_own_flag_that_takes_a_value_is_refused(capsys, tmp_path, monkeypatch, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    assert flag in cli_error(capsys, *argv)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_demo_refuses_the_no_forms_of_the_training_flags_too(capsys):
+    assert "the demo runs as one process, start to end, and takes no --dry_run" in \
+        cli_error(capsys, "demo", "--nodry_run")
+
+
 def test_save_dir_and_its_defaults(capsys, tmp_path):
     assert dry_run(capsys, "train_reward", "test", "r")["run"]["save_dir"] == "/tmp/save/train_reward/r"
     assert dry_run(capsys, "train_policy", "test", "p")["run"]["save_dir"] == "/tmp/save/train_policy/p"
