@@ -62,13 +62,12 @@ def kl_penalized_rewards(logprobs, ref_logprobs, scores, kl_coef):
     """Per-token rewards −kl_coef·(logp − ref_logp), with the episode's score added at its last token.
 
     logprobs, ref_logprobs: [b, T] numpy arrays of the sampled tokens; scores: [b]; kl_coef: a float.
-    Returns a dict of [b, T] arrays: `rewards`, `kl` (logp − ref_logp, whose sum over T estimates the
-    episode's KL) and `non_score_rewards` (the KL penalty alone)."""
+    Returns a dict of [b, T] arrays: `rewards` and `kl` (logp − ref_logp, whose sum over T estimates the
+    episode's KL)."""
     kl = logprobs - ref_logprobs  # [b, T]
-    non_score_rewards = -kl_coef * kl  # [b, T]
-    rewards = non_score_rewards.copy()
+    rewards = -kl_coef * kl  # [b, T]: the KL penalty
     rewards[:, -1] += np.asarray(scores, rewards.dtype)  # the score arrives with the last token only
-    return {"rewards": rewards, "kl": kl, "non_score_rewards": non_score_rewards}
+    return {"rewards": rewards, "kl": kl}
 
 
 # ----- graph functions --------------------------------------------------------------------------------------------

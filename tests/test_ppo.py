@@ -94,7 +94,6 @@ def test_kl_penalized_rewards_match_numpy():
     expected = -0.15 * kl
     expected[:, -1] += scores  # the score arrives with the last token only
     np.testing.assert_allclose(out["kl"], kl, rtol=1e-6)
-    np.testing.assert_allclose(out["non_score_rewards"], -0.15 * kl, rtol=1e-6)
     np.testing.assert_allclose(out["rewards"], expected, rtol=1e-5, atol=1e-6)
 
 

@@ -51,7 +51,7 @@ def test_read_scalars_finds_event_files_in_subdirectories(tmp_path):
 
 def test_a_disabled_logger_writes_and_prints_nothing_but_still_averages(tmp_path, capsys):
     logdir = tmp_path / "tb"
-    logger = stats.StatsLogger(str(logdir), enabled=False, console_keys=["a"])
+    logger = stats.StatsLogger(str(logdir), enabled=False)
     assert logger.record(1, {"a": 2}) == {"a": 2.0}
     logger.write(2, {"a": 1.0})  # write, too, is a no-op on a disabled logger
     logger.close()
@@ -76,17 +76,12 @@ def test_compact_line_format():
     assert stats.compact_line(3, values, []) == "step 3"
 
 
-def test_record_prints_the_console_keys(tmp_path, capsys):
-    with stats.StatsLogger(str(tmp_path), enabled=True, console_keys=["b", "a"], step_name="update") as logger:
-        logger.record(4, {"a": 1.5, "b": -0.25, "c": 3.0})
-    assert capsys.readouterr().out == "update 4 | b -0.25 | a 1.5\n"
-
-
 MPI_PROGRAM = textwrap.dedent("""
     import json, sys
     from lm_human_preferences.utils import mpi, stats
-    logger = stats.StatsLogger(sys.argv[1], console_keys=["loss"])
+    logger = stats.StatsLogger(sys.argv[1])
     averaged = logger.record(1, {"loss": float(mpi.rank()), "score": 10.0 * (mpi.rank() + 1)})
+    stats.log(stats.compact_line(1, averaged, ["loss"]))
     logger.close()
     print("RESULT", mpi.rank(), json.dumps({"enabled": logger.enabled, "averaged": averaged}), flush=True)
 """)

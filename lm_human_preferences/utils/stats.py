@@ -2,8 +2,9 @@
 line (rank 0), timing the parts of a step, and reading event files back (the demo's plot, tests) without
 TensorBoard.
 
-    logger = StatsLogger(os.path.join(save_dir, "tb"), console_keys=["objective/score", "objective/kl"])
-    averaged = logger.record(step, stats)   # collective: every rank calls it; rank 0 writes and prints
+    logger = StatsLogger(os.path.join(save_dir, "tb"))
+    averaged = logger.record(step, stats)   # collective: every rank calls it; rank 0 writes
+    stats.log(compact_line(step, averaged, ["objective/score", "objective/kl"]))   # rank 0's console line
     ...
     logger.close()
 
@@ -62,17 +63,14 @@ def compact_line(step, stats: Dict[str, float], keys: Sequence[str], *, step_nam
 
 
 class StatsLogger:
-    """Scalars to `logdir` as TensorBoard events (Summary protos, no graph ops) and, for `console_keys`, one
-    compact line per step on the console. Only an enabled logger (by default: on rank 0) writes or prints."""
+    """Scalars to `logdir` as TensorBoard events (Summary protos, no graph ops). Only an enabled logger (by
+    default: on rank 0) writes."""
 
-    def __init__(self, logdir: str, *, enabled: Optional[bool] = None, console_keys: Sequence[str] = (),
-                 step_name: str = "step", restart_at: Optional[int] = None):
+    def __init__(self, logdir: str, *, enabled: Optional[bool] = None, restart_at: Optional[int] = None):
         """restart_at: a resumed run continues from this step; what an earlier run logged from it on is void
         (a SessionLog START event: TensorBoard, and `read_scalars`, drop those values, so nothing is duplicated)."""
         self.logdir = logdir
         self.enabled = _is_root() if enabled is None else enabled
-        self.console_keys = list(console_keys)
-        self.step_name = step_name
         self.writer = None
         if self.enabled:
             import tensorflow.compat.v1 as tf
@@ -96,13 +94,10 @@ class StatsLogger:
         self.writer.flush()  # the run may be killed at any time; what was logged should be on disk
 
     def record(self, step: int, stats: Dict[str, float]) -> Dict[str, float]:
-        """Average `stats` over ranks (collective: every rank must call, enabled or not), write them, print the
-        console line of `console_keys`; return the averaged statistics."""
+        """Average `stats` over ranks (collective: every rank must call, enabled or not) and write them; return
+        the averaged statistics."""
         averaged = mean_over_ranks(stats)
         self.write(step, averaged)
-        if self.enabled and self.console_keys:
-            from tqdm import tqdm
-            tqdm.write(compact_line(step, averaged, self.console_keys, step_name=self.step_name))  # keeps a bar intact
         return averaged
 
     def close(self):
