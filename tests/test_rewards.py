@@ -119,3 +119,16 @@ def test_its_parameters_are_its_trunk_head_gain_and_bias_and_no_other_scopes(bui
     assert all(name.startswith("reward_model/") for name in names)
     trunk = {var.op.name for var in tf.trainable_variables("reward_model/model/")}
     assert names == trunk | {"reward_model/reward_norm/gain", "reward_model/reward_norm/bias"}
+
+
+def test_mixed_precision_computes_the_trunk_in_bfloat16_and_gives_float32_rewards():
+    reward_model = RewardModel(TrainedModel("test"), compute_dtype=tf.bfloat16)
+    q, r = tokens(6, batch=4)
+    rewards = reward_model.get_rewards_op(tf.constant(q), tf.constant(r))
+    assert rewards.dtype == tf.float32
+    bf16_matmuls = [op for op in tf.get_default_graph().get_operations()
+                    if op.type in ("MatMul", "BatchMatMulV2") and op.get_attr("T") == tf.bfloat16]
+    assert len(bf16_matmuls) >= 4 * TrainedModel("test").hparams().n_layer  # qkv, projection, mlp in and out
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        assert np.all(np.isfinite(sess.run(rewards)))
