@@ -4,7 +4,8 @@ passes and the first refused one fails with its whole message. No TensorFlow; th
 import pytest
 
 from lm_human_preferences import experiments
-from lm_human_preferences.hparams import (BatchSizes, ModelHParams, OnlineLabelHParams, PpoHParams, batch_sizes)
+from lm_human_preferences.hparams import (BatchSizes, ModelHParams, OnlineLabelHParams, PpoHParams, batch_sizes,
+                                          check_online)
 from lm_human_preferences.utils.hyperparams import HParamError
 
 SAVE_DIR = "/nowhere/run"
@@ -155,6 +156,13 @@ def test_online_rules_of_the_group_alone():
         online(initial_labels=0, total_labels=2).validate("o.")
 
 
+def test_the_online_rules_called_alone_name_labels_online():
+    hparams = resolved("train_policy", ONLINE)
+    hparams.labels.online.episodes_between_rounds = 7
+    with pytest.raises(HParamError, match=r"^labels\.online\.episodes_between_rounds=7 must be at least"):
+        check_online(hparams.labels.online, hparams.rewards, hparams.ppo)
+
+
 def test_the_online_label_type_defaults_to_the_reward_models():
     hparams = resolved("train_policy", ONLINE)
     assert hparams.labels.online.label_type_name(hparams.rewards.train_new_model) == "best_of_4"
@@ -217,10 +225,11 @@ def test_an_hparams_json_missing_a_size_names_it(name):
 
 
 def test_an_hparams_json_that_is_not_an_object_or_holds_bad_values_names_the_file():
-    with pytest.raises(HParamError) as error:
-        ModelHParams.from_json_dict([27, 8], where="f.json")
-    assert str(error.value) == ("f.json: missing n_vocab, n_ctx, n_embd, n_head, n_layer; a GPT-2 hparams.json is a "
-                                "JSON object with the integers n_vocab, n_ctx, n_embd, n_head, n_layer")
+    for not_an_object in ([27, 8], "n_vocab n_ctx n_embd n_head n_layer"):
+        with pytest.raises(HParamError) as error:
+            ModelHParams.from_json_dict(not_an_object, where="f.json")
+        assert str(error.value) == ("f.json: missing n_vocab, n_ctx, n_embd, n_head, n_layer; a GPT-2 hparams.json is "
+                                    "a JSON object with the integers n_vocab, n_ctx, n_embd, n_head, n_layer")
     with pytest.raises(HParamError) as error:
         ModelHParams.from_json_dict({**SHAPE, "n_ctx": "abc"}, where="f.json")
     assert str(error.value) == "f.json: n_ctx: got 'abc', expected an integer"
