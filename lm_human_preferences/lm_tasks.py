@@ -84,21 +84,21 @@ def _query_stream(task: TaskHParams, encoder, mode: str, seed: int, collective: 
     texts = datasets.get(task.query_dataset)(mode, source=task.query_source, seed=seed, collective=collective)
     if isinstance(texts, Sequence):
         while True:
-            made = 0
+            made_any = False
             for index in range(len(texts)):
                 query = make_query(texts[index], task, encoder)
                 if query is not None:
-                    made += 1
+                    made_any = True
                     yield query
-            if not made:  # every pass is the same: none will ever give a query
+            if not made_any:  # every pass is the same: none will ever give a query
                 raise ValueError(_no_queries_message(task, mode, f"none of its {len(texts)} texts"))
-    made = 0
+    made_any = False
     for seen, text in enumerate(texts, start=1):  # an endless dataset never ends a pass
         query = make_query(text, task, encoder)
         if query is not None:
-            made += 1
+            made_any = True
             yield query
-        elif not made and seen == 10_000:
+        elif not made_any and seen == 10_000:
             raise ValueError(_no_queries_message(task, mode, "none of the first 10000 texts"))
 
 
@@ -115,8 +115,10 @@ def query_batches(task: TaskHParams, encoder, batch_size: int, *, mode: str = "t
 
     Without rank/size, every rank of the MPI world must iterate (remote files are fetched once per machine);
     with them, the caller may run this on one rank alone (rank=0, size=1) and its files are fetched there."""
-    collective = rank is None and size is None
-    if rank is None or size is None:
+    if (rank is None) != (size is None):
+        raise ValueError(f"query_batches: give both rank and size, or neither (got rank={rank}, size={size})")
+    collective = rank is None
+    if collective:
         from lm_human_preferences.utils import mpi
         rank, size = mpi.rank(), mpi.size()
     stream = _query_stream(task, encoder, mode, seed, collective)

@@ -65,6 +65,11 @@ def test_task_hparams_are_checked(overrides, message):
         task(**overrides).validate("task.")
 
 
+def test_task_hparams_accept_their_smallest_values():
+    task(query_length=1, response_length=1, truncate_after=0,
+         policy=lm_tasks.PolicyHParams(temperature=0.5, initial_model="test")).validate("task.")
+
+
 # ----- text -> query -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, settings, expected", [
@@ -221,6 +226,30 @@ def test_a_dataset_without_any_usable_text_is_an_error(tmp_path):
         next(lm_tasks.query_batches(task(start_text="zzzzzzz"), ENCODER, 2, rank=0, size=1))
 
 
+@pytest.mark.parametrize("unusable, refused", [(9_999, False), (10_000, True)])
+def test_an_endless_dataset_is_refused_after_ten_thousand_texts_without_a_query(monkeypatch, unusable, refused):
+    def endless(mode, **kwargs):
+        for _ in range(unusable):
+            yield "nostarttext"
+        while True:
+            yield ".abc"
+
+    monkeypatch.setitem(lm_tasks.datasets.DATASETS, "books", endless)
+    batches = lm_tasks.query_batches(task(query_dataset="books"), ENCODER, 2, rank=0, size=1)
+    if refused:
+        with pytest.raises(ValueError, match=r"dataset books \(train\): none of the first 10000 texts gave a query"):
+            next(batches)
+    else:
+        assert [ENCODER.decode(q) for q in next(batches)] == ["abc", "abc"]
+
+
+def test_rank_and_size_come_together():
+    for rank, size in ((0, None), (None, 2)):
+        with pytest.raises(ValueError, match=rf"query_batches: give both rank and size, or neither "
+                                             rf"\(got rank={rank}, size={size}\)"):
+            next(lm_tasks.query_batches(task(), ENCODER, 2, rank=rank, size=size))
+
+
 def test_only_the_texts_used_are_read(monkeypatch):
     """A large dataset starts at once: texts are made (read, cleaned, encoded) as they are consumed."""
     made = []
@@ -276,6 +305,14 @@ def test_query_formatter_adds_prefix_and_suffix():
         np.testing.assert_array_equal(sess.run(formatted, {placeholder: queries}), expected)
 
 
+@pytest.mark.parametrize("prefix, suffix", [("zz", ""), ("", ".x.")])
+def test_query_formatter_with_only_a_prefix_or_only_a_suffix(prefix, suffix):
+    queries = np.array([padded("abc"), padded("de")], np.int32)
+    formatted = run(lm_tasks.query_formatter(task(query_prefix=prefix, query_suffix=suffix), ENCODER)(queries))
+    expected = [tokens(prefix) + q + tokens(suffix) for q in queries.tolist()]
+    assert formatted.tolist() == expected
+
+
 def test_query_formatter_without_prefix_or_suffix_is_the_identity():
     queries = np.array([padded("abc")], np.int32)
     np.testing.assert_array_equal(run(lm_tasks.query_formatter(task(), ENCODER)(queries)), queries)
@@ -302,14 +339,16 @@ def reference_postprocess(response, truncate_token, truncate_after):
     return out, False
 
 
-def test_postprocessing_matches_a_loop_reference():
+@pytest.mark.parametrize("truncate_after", [3, 0])  # 0: a response may end at its very first token
+def test_postprocessing_matches_a_loop_reference(truncate_after):
     rng = np.random.RandomState(0)
     responses = rng.randint(0, 5, size=(200, 10)).astype(np.int32)  # token 4 is frequent
-    hparams = task(truncate_token=4, truncate_after=3)
+    hparams = task(truncate_token=4, truncate_after=truncate_after)
     result = lm_tasks.postprocess_responses(responses, hparams, PAD)
     valid = lm_tasks.responses_are_valid(responses, hparams)
+    assert (responses[:, 0] == 4).sum() > 10  # rows that end at index 0 are among them
     for row, out, ok in zip(responses, result, valid):
-        expected, expected_ok = reference_postprocess(row.tolist(), 4, 3)
+        expected, expected_ok = reference_postprocess(row.tolist(), 4, truncate_after)
         assert out.tolist() == expected and ok == expected_ok
     assert valid.dtype == bool and 0 < valid.sum() < 200
     assert (responses == np.random.RandomState(0).randint(0, 5, size=(200, 10))).all()  # input untouched
@@ -326,7 +365,14 @@ def test_postprocessing_examples():
 def test_without_truncate_token_responses_are_kept_and_valid():
     responses = np.array([tokens("a.b.cd")], np.int32)
     np.testing.assert_array_equal(lm_tasks.postprocess_responses(responses, task(), PAD), responses)
-    assert lm_tasks.responses_are_valid(responses, task()).tolist() == [True]
+    valid = lm_tasks.responses_are_valid(responses, task())
+    assert valid.dtype == bool and valid.tolist() == [True]
+
+
+def test_postprocessed_responses_are_int32_whatever_they_came_as():
+    for hparams in (task(), task(truncate_token=26)):
+        result = lm_tasks.postprocess_responses([tokens("a.b.cd")], hparams, PAD)  # a list of Python ints
+        assert result.dtype == np.int32
 
 
 def test_penalty_replaces_the_scores_of_invalid_responses():
