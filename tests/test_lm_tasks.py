@@ -55,6 +55,7 @@ def test_task_hparams_names_and_2019_defaults():
 @pytest.mark.parametrize("overrides, message", [
     (dict(query_length=0), r"task.query_length must be positive"),
     (dict(response_length=-1), r"task.response_length must be positive"),
+    (dict(response_length=0), r"task.response_length must be positive, got 0"),
     (dict(query_dataset="wiki"), r"task.query_dataset: unknown dataset 'wiki'; known datasets: books, tldr"),
     (dict(truncate_after=-2), r"task.truncate_after must be >= 0"),
     # the one check of the sampling temperature (the policy and the sampler take it as given)
@@ -226,9 +227,13 @@ def test_a_dataset_without_any_usable_text_is_an_error(tmp_path):
         next(lm_tasks.query_batches(task(start_text="zzzzzzz"), ENCODER, 2, rank=0, size=1))
 
 
-@pytest.mark.parametrize("unusable, refused", [(9_999, False), (10_000, True)])
-def test_an_endless_dataset_is_refused_after_ten_thousand_texts_without_a_query(monkeypatch, unusable, refused):
+@pytest.mark.parametrize("usable_first, unusable, refused", [(0, 9_999, False), (0, 10_000, True), (1, 10_000, False)])
+def test_an_endless_dataset_is_refused_after_ten_thousand_texts_without_a_query(monkeypatch, usable_first, unusable,
+                                                                                refused):
+    """Refused when none of its first 10,000 texts gave a query; once one has, unusable texts are only skipped."""
     def endless(mode, **kwargs):
+        for _ in range(usable_first):
+            yield ".abc"
         for _ in range(unusable):
             yield "nostarttext"
         while True:
