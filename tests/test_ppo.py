@@ -335,3 +335,10 @@ def test_adaptive_kl_params_accept_the_smallest_positive_settings():
     # the bounds are > 0, not >= 1, and the controller takes what the hyperparameters accept
     controller = ppo.AdaptiveKLController(0.1, 0.5, 1)
     assert (controller.value, controller.target) == (0.1, 0.5)
+
+
+def test_gae_of_one_token_responses_is_the_reward_minus_the_value():
+    """response_length 1 is accepted: the advantage is then r - V (nothing follows)."""
+    rewards, values = arrays(4, (B, 1), (B, 1))
+    out = run(ppo.gae_advantages(tf.constant(rewards), tf.constant(values), 0.9, 0.8))
+    np.testing.assert_allclose(out, rewards - values, rtol=1e-5, atol=1e-6)
