@@ -153,6 +153,8 @@ NOT_RUN = {
                                                                          "tests/test_text_labels.py runs it",
     "make mutation": "hours on 2 cores",
     "make mutation MUTANTS='lm_human_preferences.ppo*' JOBS=2": "tens of minutes",
+    "make mutation MUTANTS='lm_human_preferences.ppo* lm_human_preferences.lm_tasks*' "
+    "MUTATION_TESTS='tests/test_ppo.py tests/test_lm_tasks.py tests/test_datasets.py' JOBS=1": "minutes of CPU",
     "./bench.py --size test": "40 s on 2 CPUs; tests/test_bench.py runs the test size",
     "./bench.py --size small": "minutes on 2 CPUs",
     "./bench.py --size 124M --batch 2 --growth_steps 1 --noswitches": "about 4 minutes on 2 CPUs",
