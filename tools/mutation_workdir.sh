@@ -13,6 +13,8 @@ for test in $tests; do
     fi
 done
 mkdir -p "$dir"
+# a fresh copy each run (a file deleted or renamed here must not linger there); only mutmut's results are kept
+find "$dir" -mindepth 1 -maxdepth 1 ! -name mutants -exec rm -rf {} +
 git ls-files -z | xargs -0 tar -cf - | tar -xf - -C "$dir"
 python3 - "$dir/pyproject.toml" $tests <<'PY'
 import re, sys
