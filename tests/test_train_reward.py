@@ -224,6 +224,9 @@ def test_save_then_reload_gives_the_same_rewards(tmp_path):
     os.rename(hparams.run.save_dir, moved)
     reloaded = saved_rewards(os.path.join(moved, "reward_model"), queries, responses)
     np.testing.assert_allclose(reloaded, live, rtol=1e-5, atol=1e-5)
+    # and so does it for TensorFlow's own reader, which follows the state file's path as written
+    checkpoints = os.path.join(moved, "reward_model", "checkpoints")
+    assert tf.train.latest_checkpoint(checkpoints) == os.path.join(checkpoints, "model.ckpt")
 
 
 def checkpoint_values(save_dir):
@@ -323,6 +326,17 @@ def test_the_learning_rate_decays_linearly_over_the_pass_as_logged_and_as_applie
     assert [step for step, _ in logged] == list(range(num_steps))
     np.testing.assert_allclose([value for _, value in logged], expected, rtol=1e-6)  # float32 in the event file
     np.testing.assert_allclose(applied, expected, rtol=1e-4)
+
+
+def test_the_console_counts_steps_from_1_to_the_total_and_names_where_the_model_was_saved(tmp_path, capsys):
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
+    hparams = reward_hparams(tmp_path, labels, **{"labels.num_train": 32, "labels.num_valid": 0, "batch_size": 8,
+                                                  "run.log_interval": 2})
+    train_reward.train(hparams)
+    printed = capsys.readouterr().out
+    progress = [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("reward model step")]
+    assert progress == ["reward model step 2/4", "reward model step 4/4"], printed
+    assert f"saved the reward model to {os.path.join(hparams.run.save_dir, 'reward_model')}\n" in printed, printed
 
 
 @pytest.mark.parametrize("label_type, tags", [
