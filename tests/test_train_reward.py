@@ -328,6 +328,24 @@ def test_the_learning_rate_decays_linearly_over_the_pass_as_logged_and_as_applie
     np.testing.assert_allclose(applied, expected, rtol=1e-4)
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed before its labels were written"])
+def test_the_judges_labels_are_written_into_the_run_directory(tmp_path, monkeypatch, resume):
+    """The synthetic judge's labels go to SAVE_DIR/labels.json (nothing in the working directory); a resumed run
+    whose labels were never written (killed while labelling) makes them rather than failing to read them."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    hparams = experiments.resolve_hparams("train_reward", "test", "run", save_dir=str(tmp_path / "save"), overrides={
+        "normalize_before": False, "normalize_after": False, "run.log_interval": 1000})
+    train_reward.train(hparams, resume=resume)
+    with open(os.path.join(hparams.run.save_dir, "labels.json")) as f:
+        records = json.load(f)
+    assert len(records) == hparams.labels.num_train + hparams.labels.num_valid
+    assert all(sorted(r) == ["best", "query", "sample0", "sample1", "sample2", "sample3"] for r in records), records[0]
+    assert os.listdir(elsewhere) == []
+    assert train_reward.is_finished(hparams.run.save_dir)
+
+
 def test_the_console_counts_steps_from_1_to_the_total_and_names_where_the_model_was_saved(tmp_path, capsys):
     labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
     hparams = reward_hparams(tmp_path, labels, **{"labels.num_train": 32, "labels.num_valid": 0, "batch_size": 8,
