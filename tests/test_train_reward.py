@@ -346,6 +346,37 @@ def test_the_judges_labels_are_written_into_the_run_directory(tmp_path, monkeypa
     assert train_reward.is_finished(hparams.run.save_dir)
 
 
+def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_parameters(tmp_path, monkeypatch, capsys):
+    """run.save_interval 2 of 5 steps: a crash in step 3 (as a preempted machine) leaves the state saved after step
+    2; the resumed run trains steps 2..4 and ends where an uninterrupted run ends."""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 40))
+    overrides = {"labels.num_train": 40, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 2}
+    straight = reward_hparams(tmp_path / "straight", labels, **overrides)
+    train_reward.train(straight)
+    cut = reward_hparams(tmp_path / "cut", labels, **overrides)
+    real_train_step = train_reward._train_step
+
+    def crash_in_step_3(training, hparams, logger, train_labels, valid_labels, step, num_steps):
+        if step == 3:
+            raise RuntimeError("the machine went away")
+        real_train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps)
+
+    monkeypatch.setattr(train_reward, "_train_step", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="went away"):
+        train_reward.train(cut)
+    monkeypatch.setattr(train_reward, "_train_step", real_train_step)
+    # the documented layout: SAVE_DIR/resume/reward_model/state.ckpt-STEP, the latest save only
+    state_files = os.listdir(os.path.join(cut.run.save_dir, "resume", "reward_model"))
+    assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-2.index"], state_files
+    capsys.readouterr()
+    train_reward.train(cut, resume=True)
+    assert "resuming the reward model after step 2 of 5" in capsys.readouterr().out
+    expected, got = checkpoint_values(straight.run.save_dir), checkpoint_values(cut.run.save_dir)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_the_console_counts_steps_from_1_to_the_total_and_names_where_the_model_was_saved(tmp_path, capsys):
     labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
     hparams = reward_hparams(tmp_path, labels, **{"labels.num_train": 32, "labels.num_valid": 0, "batch_size": 8,
