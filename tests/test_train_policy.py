@@ -293,6 +293,30 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
     assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-2")  # the 2 updates that finished
 
 
+def test_a_run_resumed_while_its_reward_model_was_training_resumes_that_training(tmp_path, monkeypatch, capsys):
+    """A policy run that trains its reward model first and is killed inside that training (after the reward
+    model's periodic save) continues the reward model's training on --resume rather than starting it again."""
+    overrides = {"ppo.total_episodes": 8, "rewards.train_new_model.run.save_interval": 1}
+    real_train_step = train_reward._train_step
+
+    def crash_in_step_1(training, hparams, logger, train_labels, valid_labels, step, num_steps, **kwargs):
+        if step == 1:
+            raise RuntimeError("preempted")
+        real_train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps, **kwargs)
+
+    monkeypatch.setattr(train_reward, "_train_step", crash_in_step_1)
+    with pytest.raises(RuntimeError, match="preempted"):
+        test_run(tmp_path, **overrides)
+    monkeypatch.setattr(train_reward, "_train_step", real_train_step)
+    capsys.readouterr()
+    hparams = experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides=overrides)
+    with tf.Graph().as_default():
+        train_policy.train(hparams, resume=True)
+    printed = capsys.readouterr().out
+    assert "resuming the reward model after step 1 of 2" in printed, printed
+    assert tf.train.latest_checkpoint(os.path.join(tmp_path, "run", "policy", "checkpoints")).endswith("model.ckpt-1")
+
+
 def test_a_failure_while_saving_is_not_followed_by_a_second_save(tmp_path, monkeypatch):
     calls = []
 
