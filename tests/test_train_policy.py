@@ -293,6 +293,26 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
     assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-2")  # the 2 updates that finished
 
 
+def test_ppo_trains_on_the_tasks_query_stream_for_the_runs_seed(tmp_path, monkeypatch):
+    """The `test` dataset is endless and seeded: a run with run.seed 5 answers the stream of seed 5 in order."""
+    seen = []
+    real_update = train_policy.PPOTrainer.update
+
+    def recording_update(self, queries, update_index):
+        seen.append(queries)
+        return real_update(self, queries, update_index)
+
+    monkeypatch.setattr(train_policy.PPOTrainer, "update", recording_update)
+    overrides = {"ppo.total_episodes": 16, "ppo.batch_size": 8, "run.seed": 5}
+    test_run(tmp_path, **overrides)
+    hparams = experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides=overrides)
+    encoder = TrainedModel(hparams.task.policy.initial_model).encoding.get_encoder()
+    stream = lm_tasks.query_batches(hparams.task, encoder, 8, mode="train", seed=5, rank=0, size=1)
+    assert len(seen) == 2
+    for queries in seen:
+        np.testing.assert_array_equal(queries, next(stream))
+
+
 def test_a_run_resumed_while_its_reward_model_was_training_resumes_that_training(tmp_path, monkeypatch, capsys):
     """A policy run that trains its reward model first and is killed inside that training (after the reward
     model's periodic save) continues the reward model's training on --resume rather than starting it again."""
