@@ -255,6 +255,16 @@ def test_the_number_of_updates_is_rounded_up_and_logs_start_at_step_0(tmp_path):
     # the learning rate anneals to 0 over the 3 updates
     np.testing.assert_allclose([v for _, v in ppo_events["objective/lr"]], [1e-3, 1e-3 * 2 / 3, 1e-3 / 3], rtol=1e-6)
     assert tf.train.latest_checkpoint(os.path.join(save_dir, "policy", "checkpoints")).endswith("model.ckpt-3")
+    # the documented tags: 2019's, and ours (objective/lr, elapsed/episodes_per_second, time/* per stage)
+    assert sorted(ppo_events) == sorted([
+        *(f"objective/{k}" for k in ("kl", "kl_coef", "entropy", "score", "score_total", "lr")),
+        *(f"ppo/loss/{k}" for k in ("policy", "value", "total")),
+        *(f"ppo/policy/{k}" for k in ("entropy", "approxkl", "clipfrac")),
+        "ppo/returns/mean", "ppo/returns/var",
+        *(f"ppo/val/{k}" for k in ("vpred", "error", "clipfrac", "mean", "var", "var_explained")),
+        *(f"elapsed/{k}" for k in ("updates", "episodes", "fps", "time", "steps/serial", "steps/total",
+                                   "episodes_per_second")),
+        *(f"time/{k}" for k in ("rollout", "ref_logprobs", "score", "ppo_epochs", "stats"))])
     reward_events = stats.read_scalars(os.path.join(save_dir, "tb", "reward_model"))
     assert reward_events["train_reward/minibatch/loss"][0][0] == 0
     assert "objective/score" not in reward_events and "train_reward/minibatch/loss" not in ppo_events
@@ -268,6 +278,21 @@ def test_the_saved_hyperparameters_name_the_reward_model_that_was_used(tmp_path)
     assert saved["rewards"]["train_new_model"]["run"]["save_dir"] == save_dir  # as 2019 wrote it
     with open(os.path.join(save_dir, "reward_model", "checkpoints", "checkpoint")) as f:
         assert f.readline().strip() == 'model_checkpoint_path: "model.ckpt"'  # no step suffix, relative
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    save_dir = test_run(tmp_path, **{"ppo.total_episodes": 8})
+    checkpoints = os.path.join(save_dir, "policy", "checkpoints")
+    before = {name: os.path.getmtime(os.path.join(checkpoints, name)) for name in os.listdir(checkpoints)}
+    capsys.readouterr()
+    hparams = experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path),
+                                          overrides={"ppo.total_episodes": 8})
+    with tf.Graph().as_default():
+        train_policy.train(hparams, resume=True)
+    printed = capsys.readouterr().out
+    assert f"resuming: the reward model in {os.path.join(save_dir, 'reward_model')} is trained" in printed, printed
+    assert f"the run in {save_dir} had finished all 1 updates; nothing to resume" in printed, printed
+    assert {name: os.path.getmtime(os.path.join(checkpoints, name)) for name in os.listdir(checkpoints)} == before
 
 
 def test_policy_runs_keep_the_last_20_checkpoints(tmp_path):
