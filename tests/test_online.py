@@ -158,6 +158,9 @@ def test_a_stop_during_a_round_keeps_its_labels_and_resume_collects_only_what_is
     assert read_labels(online_run.hparams.run.save_dir) == online_run.stopped
     state = tf.train.load_checkpoint(os.path.join(online_run.hparams.run.save_dir, "resume", "ppo"))
     assert state.get_tensor("run_state_ppo/online_rounds") == 3 and state.get_tensor("run_state_ppo/update") == 12
+    # a round saves the resume state only (also when the run stops in one): the one policy checkpoint is the end's
+    checkpoints = os.listdir(os.path.join(online_run.hparams.run.save_dir, "policy", "checkpoints"))
+    assert sorted(name for name in checkpoints if name.endswith(".index")) == ["model.ckpt-12.index"], checkpoints
 
 
 class FakeLabelApp:
