@@ -9,12 +9,14 @@ import fcntl
 import hashlib
 import http.server
 import json
+import locale
 import os
 import pty
 import re
 import resource
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import termios
 import threading
 import time
 import types
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -301,6 +304,10 @@ def test_unreachable_host_fails_fast(cache, monkeypatch):
     assert time.time() - start < 5
     message = str(info.value)
     assert url in message and files.cache_path(url) in message and "unreachable" in message
+    # the cause itself, not urllib3's retry wrapper around it ("Max retries exceeded ... Caused by ...")
+    assert re.fullmatch(rf"could not fetch {re.escape(url)}: host unreachable \(offline\?\): HTTPConnection\(host="
+                        rf"'127\.0\.0\.1', port={port}\): Failed to establish a new connection: \[Errno 111\] "
+                        rf"Connection refused; cache path {re.escape(files.cache_path(url))}", message), message
     with pytest.raises(files.FileFetchError, match="unreachable"):
         files.exists(url)
 
@@ -514,6 +521,49 @@ def test_a_gzip_encoded_answer_is_stored_as_sent_without_a_length_check(server, 
         assert f.read() == compressed
 
 
+def chunked_answer(body, header=b""):
+    """A custom answer: `body` in HTTP/1.1 chunked transfer (no Content-Length unless `header` adds one)."""
+    def respond(handler):
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + header +
+                            b"Connection: close\r\n\r\n")
+        for start in range(0, len(body), 7000):
+            piece = body[start:start + 7000]
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        handler.wfile.write(b"0\r\n\r\n")
+        handler.close_connection = True
+    return respond
+
+
+def test_a_body_shorter_than_its_content_length_is_never_cached_even_when_chunked(server, cache, monkeypatch):
+    Clock(monkeypatch)
+    # chunked framing (which urllib3 follows, ignoring the length) and a Content-Length the body does not keep
+    server.custom["/short.bin"] = chunked_answer(b"y" * 30000, header=b"Content-Length: 50000\r\n")
+    url = server.url("/short.bin")
+    with pytest.raises(files.FileFetchError) as info:
+        files.local_path(url)
+    assert str(info.value) == (f"could not fetch {url} after 3 attempts, last error: truncated body: got 30000 of "
+                               f"50000 bytes; cache path {files.cache_path(url)}")
+    assert not os.path.exists(files.cache_path(url)) and leftovers(cache) == []
+
+
+def test_on_a_terminal_a_download_of_unknown_size_shows_its_bytes_and_rate_only(server, cache, monkeypatch):
+    import gzip
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    server.custom["/chunked.bin"] = chunked_answer(b"x" * 20000)  # no Content-Length
+    # a Content-Length, but of the encoded bytes, which are what is stored: not taken as the size
+    server.custom["/encoded.bin"] = answer(200, [("Content-Encoding", "gzip")], gzip.compress(b"x" * 20000))
+    terminal = Terminal()
+    with open(terminal.slave, "w", closefd=False) as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        files.local_path(server.url("/chunked.bin"))
+        files.local_path(server.url("/encoded.bin"))
+        monkeypatch.undo()
+    output = terminal.output()
+    assert "chunked.bin: 0.00B, ?B/s" in output and "encoded.bin: 0.00B, ?B/s" in output, output
+    assert "%" not in output and "left" not in output, output
+
+
 def test_a_failed_download_on_a_terminal_clears_its_bar_and_reports_nothing(server, cache, monkeypatch):
     for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -563,12 +613,40 @@ def test_cache_dir_and_cache_paths_of_unusual_urls(cache, monkeypatch):
     assert files.join("https://h/", "", "a") == "https://h/a"
 
 
+def test_the_scheme_is_what_comes_before_the_first_separator_and_joins_trim_only_slashes(cache):
+    assert files.is_remote("https://h/a.json?next=file:///etc/x")  # a URL in the query is not the scheme
+    assert not files.is_remote("gs") and not files.is_remote("https")  # relative directories named like schemes
+    assert files.join("gs://b/runX", "Xa") == "gs://b/runX/Xa"
+    suffix = "_q" + hashlib.sha1(b"x=1").hexdigest()[:12]  # on the file's name, however deep it lies
+    assert files.cache_path("https://h/a/b/c.json?x=1") == \
+        os.path.join(str(cache), "https", "h", "a", "b", "c.json" + suffix)
+    assert files.cache_path("https://h/f?x=1") == os.path.join(str(cache), "https", "h", "f" + suffix)
+
+
 def test_a_file_that_is_not_json_is_named(server, cache, tmp_path):
     server.files["/labels.json"] = b"[1, 2"
     with pytest.raises(ValueError) as info:
         files.read_json(server.url("/labels.json"))
     assert str(info.value).startswith(f"{server.url('/labels.json')}: not valid JSON (Expecting")
     assert not isinstance(info.value, files.FileFetchError)
+
+
+def test_text_is_read_as_utf_8_whatever_the_locale(server, cache, tmp_path):
+    if sys.flags.utf8_mode:
+        pytest.skip("Python's UTF-8 mode reads every file as UTF-8: the locale cannot make a difference")
+    server.files["/labels.json"] = '{"text": "café"}'.encode()
+    note = tmp_path / "note.txt"
+    note.write_bytes("naïve".encode())
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")  # ASCII: a file opened without an encoding could not be read
+    try:
+        with pytest.raises(UnicodeDecodeError):
+            with open(note) as f:
+                f.read()
+        assert files.read_text(str(note)) == "naïve"
+        assert files.read_json(server.url("/labels.json")) == {"text": "café"}
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
 
 
 # ----- files read together: every one missing from the cache is listed ------------------------------------
@@ -764,6 +842,48 @@ def test_the_rank_is_read_from_the_launchers_environment(monkeypatch, server, ca
     assert capfd.readouterr().err.startswith(f"downloaded {server.url('/b.bin')} -> ")
 
 
+def test_a_stderr_that_is_not_a_file_gets_the_summary_line_only(server, cache, monkeypatch):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    server.files["/a.bin"] = b"a" * 5000
+    written = []
+    # a stream that is no file (a logging wrapper, say): no isatty, so no bar
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=lambda text: written.append(text) or len(text),
+                                                             flush=lambda: None))
+    target = files.local_path(server.url("/a.bin"))
+    monkeypatch.undo()
+    text = "".join(written)
+    assert text.endswith("\n") and summary(server.url("/a.bin"), target, "5.0 kB").fullmatch(text[:-1]), text
+
+
+def test_the_rate_of_a_short_download_is_measured_over_its_own_time(server, cache, monkeypatch, capfd):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    server.files["/small.bin"] = b"s" * 200_000
+    target = files.local_path(server.url("/small.bin"))
+    match = summary(server.url("/small.bin"), target, "200.0 kB").fullmatch(capfd.readouterr().err.rstrip("\n"))
+    assert match
+    rate = float(match["rate"]) * {"": 1, "k": 1e3, "M": 1e6}[match["unit"]]
+    assert rate >= 0.9 * 200_000 / (float(match["seconds"]) + 0.05), match.group(0)  # (the time shown is rounded)
+
+
+def test_retry_and_summary_lines_reach_a_buffered_log_at_once(server, cache, monkeypatch, tmp_path):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    server.files["/f.json"] = b"[]"
+    server.fail_503["/f.json"] = 1
+    url = server.url("/f.json")
+    log = tmp_path / "job.log"
+    with open(log, "w") as stderr:  # a file: block-buffered, unlike a terminal or a pipe
+        monkeypatch.setattr(sys, "stderr", stderr)
+        files.local_path(url)
+        monkeypatch.undo()
+        lines = log.read_text().splitlines()  # read while it is still open: what was flushed
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"fetch {url} failed (HTTP 503 Service Unavailable); retry 1 of 2 in ")
+    assert lines[1].startswith(f"downloaded {url} -> ")
+
+
 @pytest.mark.parametrize("size, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (4_200, "4.2 kB"),
                                         (999_949, "999.9 kB"), (497_759_126, "497.8 MB"), (6_231_069_277, "6.2 GB"),
                                         (1.5e12, "1.5 TB"), (2.5e15, "2500.0 TB")])
@@ -862,6 +982,39 @@ def test_a_stream_that_breaks_halfway_leaves_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == [path.name]
 
 
+def test_a_write_in_progress_is_a_part_file_beside_its_target_that_is_not_uploaded(gcs_bucket, cache, tmp_path):
+    run = tmp_path / "run"
+    files.write_text_atomic(str(run / "hparams.json"), "{}")
+    with files._atomic_file(str(run / "labels.json")) as f:
+        f.write(b"[1, 2")
+        others = [name for name in os.listdir(run) if name != "hparams.json"]
+        assert len(others) == 1 and re.fullmatch(r"labels\.json\.\w+\.part", others[0]), others
+        assert files.sync_up(run, f"{gcs_bucket}/run").uploaded == ["hparams.json"]
+    assert files.sync_up(run, f"{gcs_bucket}/run").uploaded == ["labels.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_an_atomic_write_gets_the_permissions_of_a_new_file(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        files.write_text_atomic(str(tmp_path / "a.json"), "{}")
+        files.write_new_text_atomic(str(tmp_path / "b.json"), "{}")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ["a.json", "b.json"]] == [mode, mode]
+
+
+def test_write_new_text_atomic_never_overwrites(tmp_path):
+    path = tmp_path / "out" / "scores.jsonl"
+    files.write_new_text_atomic(str(path), "1\n")
+    assert path.read_text() == "1\n"
+    with pytest.raises(FileExistsError):
+        files.write_new_text_atomic(str(path), "2\n")
+    assert path.read_text() == "1\n" and os.listdir(path.parent) == ["scores.jsonl"]
+    with pytest.raises(ValueError, match="only local paths"):
+        files.write_new_text_atomic("gs://bucket/x", "y")
+
+
 # ----- MPI: once per machine ------------------------------------------------------------------------------
 
 def fetch_on_two_ranks(server, cache, path):
@@ -895,6 +1048,93 @@ def test_mpi_error_of_the_downloading_rank_reaches_the_others(server, cache):
         assert (report["type"], report["status"]) == ("FileFetchError", 404)
         assert report["cache_path"] == files.cache_path(server.url("/missing/encoder.json"))
     assert reports[1]["error"] == reports[0]["error"]  # one message, which a job relaying its ranks shows once
+
+
+COLLECTIVE_PROGRAM = """# Every rank reads some files collectively, and each rank a file of its own (collective=False).
+import json, sys
+from lm_human_preferences.utils import files, mpi
+
+base, run, missing_run = sys.argv[1:]
+rank = mpi.rank()
+
+
+def outcome(call):
+    try:
+        return {"value": call()}
+    except Exception as e:
+        return {"type": type(e).__name__, "error": str(e), "url": getattr(e, "url", None),
+                "cache_path": getattr(e, "cache_path", None), "status": getattr(e, "status", None)}
+
+
+report = {
+    "json": outcome(lambda: files.read_json(base + "/refused-once/a.json")),
+    "text": outcome(lambda: files.read_text(base + "/refused-once/b.txt")),
+    "path": outcome(lambda: files.local_path(base + "/refused-once/c.bin")),
+    "own_json": outcome(lambda: files.read_json(f"{base}/rank{rank}/a.json", collective=False)),
+    "own_text": outcome(lambda: files.read_text(f"{base}/rank{rank}/b.txt", collective=False)),
+    "own_path": outcome(lambda: open(files.local_path(f"{base}/rank{rank}/c.bin", collective=False)).read()),
+    "staging": outcome(lambda: files._local_files(files.staging_dir(run))),
+    "missing_run": outcome(lambda: files.staging_dir(missing_run)),
+}
+print("RESULT", rank, json.dumps(report), flush=True)
+"""
+
+
+def refused_once(body):
+    """A custom answer: 404 to the first request, `body` to the next ones (a rank that fetched for itself would
+    get the file)."""
+    answers = iter([answer(404)])
+    return lambda handler: next(answers, answer(200, body=body))(handler)
+
+
+def test_mpi_reads_are_collective_unless_asked_otherwise(server, cache, storage_proxy, gcs_bucket, tmp_path):
+    for name in ["a.json", "b.txt", "c.bin"]:
+        server.custom[f"/refused-once/{name}"] = refused_once(b'"shared"')
+        for rank in [0, 1]:
+            server.files[f"/rank{rank}/{name}"] = f'"rank {rank}"'.encode()
+    run_url, missing_run = f"{gcs_bucket}/run", "gs://no-such-bucket-lmhp/run"
+    upload(f"{run_url}/hparams.json", b"{}")
+    upload(f"{run_url}/tb/events", b"e")
+    program = tmp_path / "collective.py"
+    program.write_text(COLLECTIVE_PROGRAM)
+    storage_proxy.calls.clear()
+    result = run(2, str(program), server.url(""), run_url, missing_run, timeout=60,
+                 env={"LMHP_CACHE_DIR": str(cache), "LMHP_FETCH_RETRIES": "0"})
+    assert result.returncode == 0, result.stdout
+    reports = {r: json.loads(line) for r, line in rank_lines(result.stdout, "RESULT").items()}
+    assert sorted(reports) == [0, 1], result.stdout
+
+    # collective: rank 0 of the machine fetched once, and its refusal reached the other rank as it was
+    for key, name in [("json", "a.json"), ("text", "b.txt"), ("path", "c.bin")]:
+        url = server.url(f"/refused-once/{name}")
+        error = {"type": "FileFetchError", "url": url, "cache_path": files.cache_path(url), "status": 404,
+                 "error": f"could not fetch {url}: HTTP 404 Not Found (not retried); cache path "
+                          f"{files.cache_path(url)}"}
+        assert reports[0][key] == reports[1][key] == error, (key, reports)
+        assert server.gets(f"/refused-once/{name}") == 1
+    # not collective: each rank fetched its own file
+    for rank in [0, 1]:
+        assert (reports[rank]["own_json"], reports[rank]["own_text"], reports[rank]["own_path"]) == \
+            ({"value": f"rank {rank}"}, {"value": f'"rank {rank}"'}, {"value": f'"rank {rank}"'}), reports[rank]
+        assert all(server.gets(f"/rank{rank}/{name}") == 1 for name in ["a.json", "b.txt", "c.bin"])
+    # a save directory is listed and staged once per machine; its failure reaches every rank
+    assert reports[0]["staging"] == reports[1]["staging"] == {"value": ["hparams.json", "tb/events"]}
+    bucket = gcs_bucket[len("gs://"):]
+    lists = [path for method, path, _, _ in storage_proxy.calls
+             if method == "GET" and path.partition("?")[0] == f"/storage/v1/b/{bucket}/o"]
+    assert len(lists) == 1, storage_proxy.calls
+    staging = os.path.join(str(cache), "staging", "no-such-bucket-lmhp", "run")
+    assert reports[0]["missing_run"] == reports[1]["missing_run"]
+    assert (reports[1]["missing_run"]["type"], reports[1]["missing_run"]["url"],
+            reports[1]["missing_run"]["cache_path"], reports[1]["missing_run"]["status"]) == \
+        ("FileFetchError", missing_run, staging, 404)
+
+    # this process, outside the job, fetches and stages the same things itself (the refusal was not cached)
+    assert files.read_json(server.url("/refused-once/a.json")) == "shared"
+    assert files.read_text(server.url("/refused-once/b.txt")) == '"shared"'
+    assert files.read_text(files.local_path(server.url("/refused-once/c.bin"))) == '"shared"'
+    assert files.read_json(server.url("/rank1/a.json"), collective=False) == "rank 1"
+    assert files._local_files(files.staging_dir(run_url)) == ["hparams.json", "tb/events"]
 
 
 # ----- gs:// save directories, against a local Cloud Storage emulator (conftest.gcs_bucket) ---------------
@@ -982,13 +1222,14 @@ def record_uploads(monkeypatch):
 def test_gcs_round_trip_of_a_run_with_a_checkpoint(gcs_bucket, tiny_run, cache, tmp_path, monkeypatch):
     url = f"{gcs_bucket}/runs/first"
     tiny_run.save(1)
-    assert not files.remote_dir_exists(url)
+    assert not files.remote_dir_exists(url) and not files.remote_dir_exists(gcs_bucket)
 
     synced = files.sync_up(tiny_run.directory, url)
     assert set(synced.uploaded) == {"hparams.json", "tb/events.out.tfevents.1", STATE} | ckpt(1)
     assert synced.uploaded[-1] == STATE and synced.deleted == []
     assert set(remote_objects(url)) == set(synced.uploaded)  # the sync record stays local
     assert files.remote_dir_exists(url) and files.remote_dir_exists(f"{gcs_bucket}/runs")
+    assert files.remote_dir_exists(gcs_bucket)  # a save directory at the bucket's root
     assert not files.remote_dir_exists(f"{gcs_bucket}/runs/firs") and not files.remote_dir_exists(f"{url}/tb/x")
 
     monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "fresh_cache"))  # a reader on another machine
@@ -1061,6 +1302,36 @@ def test_gcs_large_files_are_compared_by_size_and_mtime(gcs_bucket, cache, tmp_p
     assert record_uploads == ["run/" + big.name] * 2
     with open(files.local_path(files.join(url, big.name)), "rb") as f:
         assert f.read() == content
+
+
+def test_gcs_a_file_of_exactly_the_hashed_size_is_compared_by_content(gcs_bucket, cache, tmp_path):
+    url = f"{gcs_bucket}/run"
+    local = tmp_path / "local"
+    local.mkdir()
+    path = local / "events"
+    path.write_bytes(b"a" * files._HASHED_BYTES)
+    assert files.sync_up(local, url).uploaded == ["events"]
+    assert files.sync_up(local, url).uploaded == []
+    before = path.stat()
+    path.write_bytes(b"b" * files._HASHED_BYTES)  # rewritten within the timestamp's granularity: same size and mtime
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert files.sync_up(local, url).uploaded == ["events"]
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # touched, the content as uploaded
+    assert files.sync_up(local, url).uploaded == []
+
+
+def test_gcs_names_with_spaces_or_a_leading_x(gcs_bucket, cache, tmp_path):
+    upload(f"{gcs_bucket}/XLNet/hparams.json", b"{}")
+    assert files.read_json(f"{gcs_bucket}/XLNet/hparams.json") == {}
+    url = f"{gcs_bucket}/my runs/run 1"
+    local = tmp_path / "local"
+    (local / "tb logs").mkdir(parents=True)
+    (local / "tb logs" / "events 1").write_text("e")
+    assert files.sync_up(local, url).uploaded == ["tb logs/events 1"]
+    staging = files.staging_dir(url)
+    assert staging == os.path.join(str(cache), "staging", gcs_bucket[len("gs://"):], "my runs", "run 1")
+    with open(os.path.join(staging, "tb logs", "events 1")) as f:
+        assert f.read() == "e"
 
 
 def test_gcs_failed_upload_leaves_the_previous_checkpoint_readable(gcs_bucket, tiny_run, cache, monkeypatch,
@@ -1184,14 +1455,19 @@ def test_gcs_errors_name_the_url_and_the_fix(gcs_bucket, tiny_run, cache, tmp_pa
 
     monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # real Cloud Storage, and no usable credentials
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
-    with pytest.raises(files.FileFetchError, match=r"gs://some-bucket/run: no Google Cloud credentials.*gcloud auth"):
+    with pytest.raises(files.FileFetchError) as info:
         files.sync_up(tiny_run.directory, "gs://some-bucket/run")
+    assert str(info.value).startswith("could not upload to gs://some-bucket/run: no Google Cloud credentials (")
+    assert str(info.value).endswith(f"; run `gcloud auth application-default login` or set GOOGLE_APPLICATION_"
+                                    f"CREDENTIALS to a service account key file; local path {tiny_run.directory}")
 
     import google.cloud
     monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # as if google-cloud-storage were not installed
     monkeypatch.delattr(google.cloud, "storage")
-    with pytest.raises(files.FileFetchError, match="gs://some-bucket/run.*pip install google-cloud-storage"):
+    with pytest.raises(files.FileFetchError) as info:
         files.remote_dir_exists("gs://some-bucket/run")
+    assert str(info.value) == ("could not list gs://some-bucket/run: gs:// paths need google-cloud-storage "
+                               "(pip install google-cloud-storage)")
 
 
 # ----- gs:// error paths, against the emulator ------------------------------------------------------------
@@ -1262,6 +1538,26 @@ def test_gcs_failures_are_retried_or_not_by_kind(gcs_bucket, cache, monkeypatch,
                            f"path {files.cache_path(url)}")
         assert info.value.status == raised.code
     assert clock.waits == [] and not os.path.exists(files.cache_path(url)) and leftovers(cache) == []
+
+
+def test_gcs_a_dropped_connection_without_a_reason_is_retried_and_a_bare_refusal_is_not(gcs_bucket, cache,
+                                                                                       monkeypatch):
+    import urllib3
+    clock = Clock(monkeypatch)
+    url = f"{gcs_bucket}/data/file.bin"
+    upload(url, b"payload")
+    failing_first(monkeypatch, storage.Blob, "download_to_file", [requests.exceptions.ConnectionError()])
+    with open(files.local_path(url), "rb") as f:
+        assert f.read() == b"payload"
+    assert len(clock.waits) == 1
+    os.remove(files.cache_path(url))
+    refused = urllib3.exceptions.NewConnectionError(None, "Failed to establish a new connection: [Errno 111] refused")
+    failing_first(monkeypatch, storage.Blob, "download_to_file", [requests.exceptions.ConnectionError(refused)])
+    with pytest.raises(files.FileFetchError) as info:
+        files.local_path(url)
+    assert str(info.value) == (f"could not fetch {url}: host unreachable (offline?): None: Failed to establish a new "
+                               f"connection: [Errno 111] refused; cache path {files.cache_path(url)}")
+    assert len(clock.waits) == 1  # not retried
 
 
 def test_an_unreachable_cloud_storage_fails_at_once_everywhere(tiny_run, cache, monkeypatch):
@@ -1504,3 +1800,149 @@ def test_save_directory_errors_that_are_not_retried_say_what_and_where(gcs_bucke
     assert str(info.value).endswith("; run `gcloud auth application-default login` or set GOOGLE_APPLICATION_"
                                     f"CREDENTIALS to a service account key file; local path {staging}")
     assert (info.value.url, info.value.cache_path, info.value.status) == ("gs://some-bucket/run", staging, None)
+
+
+# ----- gs:// through a proxy in front of the emulator: credentials, per-call timeouts, names it cannot hold -------
+
+class StorageProxy:
+    """Stands between google-cloud-storage and the emulator: forwards each request and its answer, recording
+    (method, path, Authorization header, body) of each; answers nothing for 3 s to a request that `stall(method, path)`
+    picks; `canned[path]` answers a GET of that path (its query aside) with that JSON instead of the emulator."""
+
+    def __init__(self, emulator_url):
+        self.emulator_url = emulator_url
+        self.calls = []
+        self.stall = lambda method, path: False
+        self.canned = {}
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.calls.append((self.command, self.path, self.headers.get("Authorization"), body))
+                path = self.path.partition("?")[0]
+                if proxy.stall(self.command, path):
+                    time.sleep(3)
+                    self.close_connection = True
+                elif self.command == "GET" and path in proxy.canned:
+                    self.reply(200, {"Content-Type": "application/json"}, json.dumps(proxy.canned[path]).encode())
+                else:
+                    hop = ("host", "authorization", "content-length", "connection", "accept-encoding")
+                    answer = requests.request(self.command, proxy.emulator_url + self.path, data=body, timeout=30,
+                                              headers={n: v for n, v in self.headers.items() if n.lower() not in hop},
+                                              allow_redirects=False)
+                    hop = ("content-length", "content-encoding", "transfer-encoding", "connection")
+                    self.reply(answer.status_code, {n: v for n, v in answer.headers.items() if n.lower() not in hop},
+                               answer.content.replace(proxy.emulator_url.encode(), proxy.url.encode()))  # links
+
+            def reply(self, status, headers, body):
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def authorizations(self, call, objects):
+        """The Authorization headers of the requests that `call()` made about objects named `objects`... (the
+        library may ask for the bucket's metadata on its own time)."""
+        self.calls.clear()
+        call()
+        return {authorization for _, path, authorization, body in self.calls
+                if re.search(rf"[/=\"]{objects}", urllib.parse.unquote(path) + body.decode("latin-1"))}
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def storage_proxy(gcs_emulator, gcs_bucket, monkeypatch):
+    """A StorageProxy in front of the emulator; $STORAGE_EMULATOR_HOST points at it."""
+    proxy = StorageProxy(gcs_emulator.url)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    yield proxy
+    proxy.close()
+
+
+def test_gcs_reads_are_anonymous_and_save_directories_use_the_login_unless_a_key_file_is_named(
+        storage_proxy, gcs_bucket, cache, tmp_path, monkeypatch):
+    for name in ["models/hparams.json", "models/encoder.json", "run/hparams.json"]:
+        upload(f"{gcs_bucket}/{name}", b"{}")
+    # what `gcloud auth application-default login` leaves, with an access token that stays valid (no refresh)
+    login = tmp_path / "gcloud" / "application_default_credentials.json"
+    login.parent.mkdir()
+    login.write_text(json.dumps({"type": "authorized_user", "client_id": "lmhp-test", "client_secret": "secret",
+                                 "refresh_token": "refresh", "token": "token-of-the-login",
+                                 "expiry": "2999-01-01T00:00:00Z"}))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(login.parent))
+    monkeypatch.setenv("PATH", str(login.parent))  # no `gcloud` for google-auth to ask for a project (0.5 s a client)
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # an endpoint that takes credentials, as Cloud Storage itself
+    monkeypatch.setenv("API_ENDPOINT_OVERRIDE", storage_proxy.url)
+    bearer = "Bearer token-of-the-login"
+
+    # a public model is read without an account (no credentials looked up)
+    models, run = f"{gcs_bucket}/models", f"{gcs_bucket}/run"
+    assert storage_proxy.authorizations(lambda: files.read_json(f"{models}/hparams.json"), "models/") == {None}
+    assert storage_proxy.authorizations(lambda: files.exists(f"{models}/missing.json"), "models/") == {None}
+    # a save directory is the user's: listed, staged (each object downloaded) and written with the login
+    assert storage_proxy.authorizations(lambda: files.remote_dir_exists(run), "run/") == {bearer}
+    assert storage_proxy.authorizations(lambda: files.staging_dir(run), "run/") == {bearer}
+    staging = files.staging_dir(run)
+    with open(os.path.join(staging, "hparams.json")) as f:
+        assert f.read() == "{}"
+    files.write_text_atomic(os.path.join(staging, "progress.json"), "[]")
+    assert storage_proxy.authorizations(lambda: files.sync_up(staging, run), "run/") == {bearer}
+    # a key file named in $GOOGLE_APPLICATION_CREDENTIALS is used for reading too (private models)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(login))
+    assert storage_proxy.authorizations(lambda: files.read_json(f"{models}/encoder.json"), "models/") == {bearer}
+
+
+def test_gcs_downloads_and_deletions_give_up_at_the_read_timeout(storage_proxy, gcs_bucket, cache, tmp_path,
+                                                                 monkeypatch):
+    Clock(monkeypatch)
+    monkeypatch.setattr(files, "READ_TIMEOUT_SECONDS", 0.3)
+    monkeypatch.setattr(files, "RETRIES", 1)
+    url = f"{gcs_bucket}/models/model.ckpt.index"
+    upload(url, b"index")
+    run = f"{gcs_bucket}/run"
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "model.ckpt-1.index").write_bytes(b"x")
+    files.sync_up(local, run)
+    os.remove(local / "model.ckpt-1.index")  # dropped by the Saver: its object is deleted at the next sync
+    # the object's metadata and the listing answer; its bytes and the deletion never do
+    storage_proxy.stall = lambda method, path: method == "DELETE" or path.startswith("/download/")
+    start = time.monotonic()
+    with pytest.raises(files.FileFetchError) as info:
+        files.local_path(url)
+    assert str(info.value).startswith(f"could not fetch {url} after 2 attempts, last error: ReadTimeout: "), \
+        str(info.value)
+    with pytest.raises(files.FileFetchError) as info:
+        files.sync_up(local, run)
+    assert str(info.value).startswith(f"could not delete {run}/model.ckpt-1.index after 2 attempts, last error: "
+                                      f"ReadTimeout: "), str(info.value)
+    assert time.monotonic() - start < 2.5  # four attempts of 0.3 s, none left to the library's own retries
+
+
+def test_gcs_staging_refuses_an_object_name_that_leads_out_of_the_run(storage_proxy, gcs_bucket, cache):
+    bucket = gcs_bucket[len("gs://"):]
+    url = f"{gcs_bucket}/run"
+    # the emulator cannot hold such a name, Cloud Storage can: the listing is the proxy's
+    storage_proxy.canned[f"/storage/v1/b/{bucket}/o"] = {"kind": "storage#objects", "items": [
+        {"kind": "storage#object", "bucket": bucket, "name": "run/../escaped", "size": "1", "md5Hash": "AAAA"}]}
+    with pytest.raises(ValueError) as info:
+        files.staging_dir(url)
+    assert str(info.value) == (f"{url}: object 'run/../escaped' cannot be stored as a local file (empty, '.' or "
+                               f"'..' path component); rename or remove it")
+    assert not os.path.exists(os.path.join(str(cache), "staging", bucket, "escaped"))
