@@ -787,6 +787,24 @@ def test_on_a_terminal_a_download_shows_a_bar_then_one_summary_line(server, cach
     assert output.endswith("\r\n")
 
 
+def test_on_a_terminal_the_bar_follows_the_width_of_the_window(server, cache, monkeypatch):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    server.files["/m.bin"] = b"m" * 1_000_000
+    server.rate["/m.bin"] = 1_000_000  # about 1 s
+    terminal = Terminal()  # 100 columns
+    narrow = struct.pack("HHHH", 24, 60, 0, 0)
+    resize = threading.Timer(0.4, lambda: fcntl.ioctl(terminal.slave, termios.TIOCSWINSZ, narrow))
+    with open(terminal.slave, "w", closefd=False) as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        resize.start()
+        files.local_path(server.url("/m.bin"))
+        monkeypatch.undo()
+    bars = [part.rstrip(" ") for part in re.split(r"[\r\n]", terminal.output()) if part.startswith("m.bin:")]
+    # a bar as wide as the window, then, once it is narrowed, as wide as the narrower one (no wrapped lines)
+    assert len(bars[0]) == 99 and len(bars[-1]) == 59, bars
+
+
 def test_in_a_log_a_download_is_exactly_one_summary_line(server, cache):
     server.files["/labels/descriptiveness/offline_5k.json"] = body = b"[]" * 600_000
     server.rate["/labels/descriptiveness/offline_5k.json"] = 4 * RATE
