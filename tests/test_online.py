@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from lm_human_preferences.utils import stats
 from lm_human_preferences.utils.hyperparams import HParamError
 
 JUDGE = labeler.get_judge("letter_e")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The `test` experiment on the small `demo` model: 12 PPO updates of 32 episodes; 32 labels before PPO, then a round
 # every 128 episodes (updates 4 and 8) on the way to 512 labels.
@@ -161,6 +163,25 @@ def test_a_stop_during_a_round_keeps_its_labels_and_resume_collects_only_what_is
     # a round saves the resume state only (also when the run stops in one): the one policy checkpoint is the end's
     checkpoints = os.listdir(os.path.join(online_run.hparams.run.save_dir, "policy", "checkpoints"))
     assert sorted(name for name in checkpoints if name.endswith(".index")) == ["model.ckpt-12.index"], checkpoints
+
+
+def test_two_ranks_label_online_and_end_with_identical_policy_and_reward_model(tmp_path):
+    """rank 0 labels each round; every rank retrains the reward model on those labels and the runs stay equal."""
+    flags = ["--task.query_length", "4", "--task.response_length", "8", "--task.policy.initial_model", "demo",
+             "--ppo.total_episodes", "64", "--ppo.batch_size", "16", "--rewards.train_new_model.batch_size", "16",
+             "--rewards.train_new_model.normalize_samples", "32", "--rewards.train_new_model.rollout_batch_size", "16",
+             "--labels.online", "on", "--labels.online.judge", "letter_e", "--labels.online.initial_labels", "32",
+             "--labels.online.total_labels", "96", "--labels.online.episodes_between_rounds", "32"]
+    result = subprocess.run([sys.executable, "launch.py", "train_policy", "test", "two", "--mpi", "2",
+                             "--save_dir", str(tmp_path), *flags], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=600,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    # rounds at updates 0 and 2 of 4 (32 episodes apart): 32 labels, then 48 of the 64 still to come
+    assert [int(v) for _, v in scalars(tmp_path / "two", "online/new_labels")] == [32, 48]
+    assert len(read_labels(tmp_path / "two")) == 80
+    assert "policy parameters identical on all 2 ranks" in result.stdout
+    assert "reward model parameters identical on all 2 ranks" in result.stdout
 
 
 class FakeLabelApp:
