@@ -888,18 +888,20 @@ def test_the_rate_of_a_short_download_is_measured_over_its_own_time(server, cach
 def test_retry_and_summary_lines_reach_a_buffered_log_at_once(server, cache, monkeypatch, tmp_path):
     for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    server.fail_503["/gone.json"] = 1  # then 404: a retry line, and no summary line after it to flush it
     server.files["/f.json"] = b"[]"
-    server.fail_503["/f.json"] = 1
-    url = server.url("/f.json")
     log = tmp_path / "job.log"
     with open(log, "w") as stderr:  # a file: block-buffered, unlike a terminal or a pipe
         monkeypatch.setattr(sys, "stderr", stderr)
-        files.local_path(url)
+        with pytest.raises(files.FileFetchError):
+            files.local_path(server.url("/gone.json"))
+        retried = log.read_text().splitlines()  # read while it is still open: what was flushed
+        files.local_path(server.url("/f.json"))
+        downloaded = log.read_text().splitlines()[len(retried):]
         monkeypatch.undo()
-        lines = log.read_text().splitlines()  # read while it is still open: what was flushed
-    assert len(lines) == 2, lines
-    assert lines[0].startswith(f"fetch {url} failed (HTTP 503 Service Unavailable); retry 1 of 2 in ")
-    assert lines[1].startswith(f"downloaded {url} -> ")
+    assert len(retried) == 1 and retried[0].startswith(
+        f"fetch {server.url('/gone.json')} failed (HTTP 503 Service Unavailable); retry 1 of 2 in "), retried
+    assert len(downloaded) == 1 and downloaded[0].startswith(f"downloaded {server.url('/f.json')} -> "), downloaded
 
 
 @pytest.mark.parametrize("size, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (4_200, "4.2 kB"),
@@ -1072,7 +1074,7 @@ COLLECTIVE_PROGRAM = """# Every rank reads some files collectively, and each ran
 import json, sys
 from lm_human_preferences.utils import files, mpi
 
-base, run, missing_run = sys.argv[1:]
+base, run, missing_run, unstorable_run = sys.argv[1:]
 rank = mpi.rank()
 
 
@@ -1093,6 +1095,7 @@ report = {
     "own_path": outcome(lambda: open(files.local_path(f"{base}/rank{rank}/c.bin", collective=False)).read()),
     "staging": outcome(lambda: files._local_files(files.staging_dir(run))),
     "missing_run": outcome(lambda: files.staging_dir(missing_run)),
+    "unstorable_run": outcome(lambda: files.staging_dir(unstorable_run)),
 }
 print("RESULT", rank, json.dumps(report), flush=True)
 """
@@ -1113,10 +1116,12 @@ def test_mpi_reads_are_collective_unless_asked_otherwise(server, cache, storage_
     run_url, missing_run = f"{gcs_bucket}/run", "gs://no-such-bucket-lmhp/run"
     upload(f"{run_url}/hparams.json", b"{}")
     upload(f"{run_url}/tb/events", b"e")
+    unstorable_run = f"{gcs_bucket}/unstorable"
+    upload(f"{unstorable_run}/a//b", b"x")  # staging fails with a ValueError, not a fetch error
     program = tmp_path / "collective.py"
     program.write_text(COLLECTIVE_PROGRAM)
     storage_proxy.calls.clear()
-    result = run(2, str(program), server.url(""), run_url, missing_run, timeout=60,
+    result = run(2, str(program), server.url(""), run_url, missing_run, unstorable_run, timeout=60,
                  env={"LMHP_CACHE_DIR": str(cache), "LMHP_FETCH_RETRIES": "0"})
     assert result.returncode == 0, result.stdout
     reports = {r: json.loads(line) for r, line in rank_lines(result.stdout, "RESULT").items()}
@@ -1139,13 +1144,19 @@ def test_mpi_reads_are_collective_unless_asked_otherwise(server, cache, storage_
     assert reports[0]["staging"] == reports[1]["staging"] == {"value": ["hparams.json", "tb/events"]}
     bucket = gcs_bucket[len("gs://"):]
     lists = [path for method, path, _, _ in storage_proxy.calls
-             if method == "GET" and path.partition("?")[0] == f"/storage/v1/b/{bucket}/o"]
+             if method == "GET" and path.partition("?")[0] == f"/storage/v1/b/{bucket}/o" and "prefix=run%2F" in path]
     assert len(lists) == 1, storage_proxy.calls
     staging = os.path.join(str(cache), "staging", "no-such-bucket-lmhp", "run")
     assert reports[0]["missing_run"] == reports[1]["missing_run"]
     assert (reports[1]["missing_run"]["type"], reports[1]["missing_run"]["url"],
             reports[1]["missing_run"]["cache_path"], reports[1]["missing_run"]["status"]) == \
         ("FileFetchError", missing_run, staging, 404)
+    unstorable = (f"{unstorable_run}: object 'unstorable/a//b' cannot be stored as a local file (empty, '.' or '..' "
+                  f"path component); rename or remove it")
+    assert (reports[0]["unstorable_run"]["type"], reports[0]["unstorable_run"]["error"]) == ("ValueError", unstorable)
+    assert reports[1]["unstorable_run"] == {  # the other rank's error names the kind of rank 0's
+        "type": "FileFetchError", "error": f"ValueError: {unstorable}", "url": unstorable_run, "status": None,
+        "cache_path": os.path.join(str(cache), "staging", gcs_bucket[len("gs://"):], "unstorable")}
 
     # this process, outside the job, fetches and stages the same things itself (the refusal was not cached)
     assert files.read_json(server.url("/refused-once/a.json")) == "shared"
