@@ -556,3 +556,16 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 141
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_a_gs_save_directory_that_holds_a_run_is_refused_and_a_sibling_with_a_longer_name_is_not(gcs_bucket):
+    from google.cloud import storage
+    hparams = experiments.resolve_hparams("train_reward", "test", "myrun", save_dir=f"{gcs_bucket}/runs")
+    assert hparams.run.save_dir == f"{gcs_bucket}/runs/myrun"
+    bucket = storage.Client(project=None).bucket(gcs_bucket[len("gs://"):])
+    bucket.blob("runs/myrun2/train_reward_hparams.json").upload_from_string(b"{}")  # another run: not this one
+    launcher.check_run_directory("train_reward", hparams, resume=False)
+    bucket.blob("runs/myrun/train_reward_hparams.json").upload_from_string(b"{}")
+    with pytest.raises(ValueError, match=f"^{hparams.run.save_dir} already holds a run, and a run is never "
+                                         "overwritten: continue it with the same command and --resume"):
+        launcher.check_run_directory("train_reward", hparams, resume=False)
