@@ -303,11 +303,12 @@ def test_policy_runs_keep_the_last_20_checkpoints(tmp_path):
     assert kept == list(range(4, 24)), kept
 
 
-def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", [2, 0])
+def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, monkeypatch, capsys, failing):
     real_update = train_policy.PPOTrainer.update
 
     def failing_update(self, queries, update_index):
-        if update_index == 2:
+        if update_index == failing:
             raise RuntimeError("the GPU fell off")
         return real_update(self, queries, update_index)
 
@@ -315,7 +316,9 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
     with pytest.raises(RuntimeError, match="the GPU fell off"):
         test_run(tmp_path, **{"ppo.total_episodes": 8 * 5, "run.save_interval": 100})
     checkpoints = os.path.join(tmp_path, "run", "policy", "checkpoints")
-    assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-2")  # the 2 updates that finished
+    # the updates that finished (none when the first one failed: the initial policy, as step 0)
+    assert tf.train.latest_checkpoint(checkpoints).endswith(f"model.ckpt-{failing}")
+    assert f"training stopped by an error after {failing} updates; saving a checkpoint" in capsys.readouterr().out
 
 
 def test_ppo_trains_on_the_tasks_query_stream_for_the_runs_seed(tmp_path, monkeypatch):
