@@ -893,8 +893,12 @@ def serve_label_set(label_set: LabelSet, paths: LabelFiles, options: ServingOpti
             if options.token and not is_loopback(options.host):
                 announce("  every request needs the token in that URL; share it only with your labelers")
             try:
-                while not labeling.finished.wait(0.2):
-                    pass
+                # Polled with sleep, not Event.wait: Python raises KeyboardInterrupt between any two bytecodes, so
+                # a Ctrl-C inside Event.wait's lock handling can leave the event's (non-reentrant) lock held by this
+                # thread, and labeling.stop() below, which sets the event, would then block forever. (A CI run once
+                # saw a Ctrl-C export never come.)
+                while not labeling.finished.is_set():
+                    time.sleep(0.2)
             except KeyboardInterrupt:
                 labeling.stop()  # no answer slips in between the export and the shutdown
                 records = export(labeling, paths)
