@@ -40,6 +40,7 @@ The HTTP API (the page uses nothing else):
 This module does not import TensorFlow: only sampling the items does (labeler.label_command).
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import hmac
@@ -50,6 +51,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -873,6 +875,25 @@ def collect_labels(items: List[dict], label_type_name: str, output: str, *, host
     return serve_label_set(label_set, paths, options, instructions or GENERIC_INSTRUCTIONS, announce)
 
 
+@contextlib.contextmanager
+def interrupt_on(*signums: int):
+    """Within: each of `signums` raises KeyboardInterrupt, which the serving answers by exporting the labels so far.
+
+    Set explicitly even for SIGINT: Python installs its own Ctrl-C handler only when SIGINT is at its default at
+    start, and a command started in the background by a non-interactive shell (`cmd &` in a script, a CI runner)
+    inherits it ignored; a `kill -INT` would then never export. Python allows handlers in the main thread only;
+    elsewhere nothing changes.
+    """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, signal.default_int_handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def serve_label_set(label_set: LabelSet, paths: LabelFiles, options: ServingOptions, instructions: str,
                     announce: Callable[[str], None] = say) -> List[dict]:
     """Serve a prepared label set until it is done (see collect_labels)."""
@@ -887,7 +908,7 @@ def serve_label_set(label_set: LabelSet, paths: LabelFiles, options: ServingOpti
             announce(f"all {total} items were already labelled; wrote {len(records)} labels to {paths.output}")
             return records
         answered = sum(1 for labels in labeling.labels if labels)
-        with LabelServer(labeling, options, instructions) as server:
+        with LabelServer(labeling, options, instructions) as server, interrupt_on(signal.SIGINT):
             resumed = f", resuming with {answered} of {total} labelled" if answered else ""
             announce(f"labeling {total} {label_set.label_type} items{resumed}: open {server.url}")
             if options.token and not is_loopback(options.host):

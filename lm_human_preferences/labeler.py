@@ -22,7 +22,6 @@ import math
 import os
 import re
 import signal
-import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -259,20 +258,11 @@ def _label_by_people(experiment, output, *, count, label_type, seed, policy, ove
                                                                                               samples))
         label_set = label_app.prepare_label_set(paths, items, resolved_type, options.overlap, encoder, made_by)
 
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: labels so far exported
     try:
-        label_app.serve_label_set(label_set, paths, options, text)
+        with label_app.interrupt_on(signal.SIGTERM):  # `kill` stops like Ctrl-C: labels so far exported
+            label_app.serve_label_set(label_set, paths, options, text)
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # the app has said what it wrote and how to resume
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def saved_policy_model(save_dir: str):

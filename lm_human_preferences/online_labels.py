@@ -41,8 +41,6 @@ import itertools
 import json
 import math
 import os
-import signal
-import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -251,7 +249,9 @@ class OnlineLabels:
         made_by = {"what": "samples of the current PPO policy", "run": self.hparams.run.save_dir,
                    "round": round.index, "update": round.update}
         try:
-            with _stop_signals_interrupt():
+            # a stop signal raises KeyboardInterrupt at once while people label: the app exports the labels so far,
+            # and the run then stops with its state saved, as after any signal
+            with label_app.interrupt_on(*run_utils.STOP_SIGNALS):
                 return label_app.collect_labels(items, self.label_type.name, output, host=online.host,
                                                 port=online.port, token=online.token, overlap=online.overlap,
                                                 instructions=instructions, encoder=self.encoder, announce=stats.log,
@@ -324,21 +324,6 @@ def restart_from_initial_model(reward_model, initial_policy, seed) -> tf.Operati
 def load_round_file(path: str) -> List[dict]:
     """What the web app exported of a round it was serving when stopped ([] when nothing)."""
     return json.loads(files.read_text(path)) if os.path.exists(path) else []
-
-
-class _stop_signals_interrupt:
-    """While people label, a stop signal (SIGTERM, SIGINT, SIGUSR1) raises KeyboardInterrupt at once, which the web
-    app answers by exporting the labels so far; the run then stops with its state saved, as after any signal."""
-
-    def __enter__(self):
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in run_utils.STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, signal.default_int_handler)
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def check_human_judge_available():

@@ -504,10 +504,16 @@ class LabelCommand:
 
     def __init__(self, output, *flags):
         self.log = output + f".stderr-{time.monotonic_ns()}.log"  # TensorFlow's chatter, for failure messages
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "launch.py", "label", "test", output, "--count", "6", "--judge", "human", "--port",
-                 "0", *flags], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        # Started with SIGINT ignored, as a shell script's `cmd &` (or a CI runner) starts it: Python then sets no
+        # Ctrl-C handler of its own, and the command must still export on SIGINT (it once hung in such a CI run).
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            with open(self.log, "w") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "launch.py", "label", "test", output, "--count", "6", "--judge", "human",
+                     "--port", "0", *flags], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         self.lines = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.process.stdout], daemon=True).start()
         self.output = []

@@ -18,7 +18,7 @@ import pytest
 import tensorflow.compat.v1 as tf
 
 import lm_human_preferences
-from lm_human_preferences import experiments, labeler, label_types, lm_tasks, online_labels, train_policy
+from lm_human_preferences import experiments, label_app, labeler, label_types, lm_tasks, online_labels, train_policy
 from lm_human_preferences import trainer as run_utils
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
@@ -186,8 +186,8 @@ def test_two_ranks_label_online_and_end_with_identical_policy_and_reward_model(t
 
 class FakeLabelApp:
     """Stands in for label_app (the browser is tested with the app itself): people who prefer e's answer every
-    item, except that on `interrupt_at` call they stop half way with Ctrl-C, as the app's collect_labels does (it
-    exports the labels so far, then re-raises)."""
+    item, except that on `interrupt_at` call a SIGTERM arrives half way, which must raise KeyboardInterrupt there,
+    as the app's collect_labels expects (it exports the labels so far, then re-raises)."""
 
     def __init__(self, interrupt_at=None):
         self.calls, self.interrupt_at = [], interrupt_at
@@ -201,14 +201,17 @@ class FakeLabelApp:
         if len(self.calls) == self.interrupt_at:
             records = records[:len(records) // 2]
         labeler.write_label_file(output, records)
-        if len(self.calls) == self.interrupt_at:
-            raise KeyboardInterrupt
+        if len(self.calls) == self.interrupt_at:  # a scheduler's SIGTERM while people label ends the serving
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+            raise AssertionError("the stop signal did not interrupt the serving")
         return records
 
 
 def install(monkeypatch, app):
     module = types.ModuleType("lm_human_preferences.label_app")
     module.collect_labels = app.collect_labels
+    module.interrupt_on = label_app.interrupt_on  # the real one: a stop signal must still end the serving
     monkeypatch.setitem(sys.modules, "lm_human_preferences.label_app", module)
     monkeypatch.setattr(lm_human_preferences, "label_app", module, raising=False)
 
