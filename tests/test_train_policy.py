@@ -234,11 +234,16 @@ def test_horovod_and_mpi4py_train_the_same_policy(tmp_path_factory):
 
 # ----- the 2019 run: its length, logs, checkpoints and recorded hyperparameters -------------------------------------
 
-def test_run(tmp_path, name="run", **overrides):
+def run_hparams(tmp_path, name="run", **overrides):
+    """The hyperparameters of a train_policy run of the `test` experiment in TMP_PATH/NAME."""
+    return experiments.resolve_hparams("train_policy", "test", name, save_dir=str(tmp_path), overrides=overrides)
+
+
+def test_run(tmp_path, name="run", resume=False, **overrides):
     """A train_policy run of the `test` experiment (it trains its tiny reward model first)."""
-    hparams = experiments.resolve_hparams("train_policy", "test", name, save_dir=str(tmp_path), overrides=overrides)
+    hparams = run_hparams(tmp_path, name, **overrides)
     with tf.Graph().as_default():
-        train_policy.train(hparams)
+        train_policy.train(hparams, resume=resume)
     return hparams.run.save_dir
 
 
@@ -289,10 +294,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     checkpoints = os.path.join(save_dir, "policy", "checkpoints")
     before = {name: os.path.getmtime(os.path.join(checkpoints, name)) for name in os.listdir(checkpoints)}
     capsys.readouterr()
-    hparams = experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path),
-                                          overrides={"ppo.total_episodes": 8})
-    with tf.Graph().as_default():
-        train_policy.train(hparams, resume=True)
+    test_run(tmp_path, resume=True, **{"ppo.total_episodes": 8})
     printed = capsys.readouterr().out
     assert f"resuming: the reward model in {os.path.join(save_dir, 'reward_model')} is trained" in printed, printed
     assert f"the run in {save_dir} had finished all 1 updates; nothing to resume" in printed, printed
@@ -337,7 +339,7 @@ def test_ppo_trains_on_the_tasks_query_stream_for_the_runs_seed(tmp_path, monkey
     monkeypatch.setattr(train_policy.PPOTrainer, "update", recording_update)
     overrides = {"ppo.total_episodes": 16, "ppo.batch_size": 8, "run.seed": 5}
     test_run(tmp_path, **overrides)
-    hparams = experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides=overrides)
+    hparams = run_hparams(tmp_path, **overrides)
     encoder = TrainedModel(hparams.task.policy.initial_model).encoding.get_encoder()
     stream = lm_tasks.query_batches(hparams.task, encoder, 8, mode="train", seed=5, rank=0, size=1)
     assert len(seen) == 2
@@ -361,9 +363,7 @@ def test_a_run_resumed_while_its_reward_model_was_training_resumes_that_training
         test_run(tmp_path, **overrides)
     monkeypatch.setattr(train_reward, "_train_step", real_train_step)
     capsys.readouterr()
-    hparams = experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides=overrides)
-    with tf.Graph().as_default():
-        train_policy.train(hparams, resume=True)
+    test_run(tmp_path, resume=True, **overrides)
     printed = capsys.readouterr().out
     assert "resuming the reward model after step 1 of 2" in printed, printed
     assert tf.train.latest_checkpoint(os.path.join(tmp_path, "run", "policy", "checkpoints")).endswith("model.ckpt-1")
