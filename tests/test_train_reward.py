@@ -12,7 +12,7 @@ import tensorflow.compat.v1 as tf
 
 from lm_human_preferences import experiments, lm_tasks, rewards, train_reward
 from lm_human_preferences.language.trained_models import TrainedModel
-from lm_human_preferences.utils import stats
+from lm_human_preferences.utils import files, stats
 
 from mpi_programs import allreduce_env
 
@@ -60,7 +60,8 @@ def write_labels(path, records):
     return str(path)
 
 
-def reward_hparams(tmp_path, labels_path, label_type="best_of_4", **overrides):
+def reward_hparams(tmp_path, labels_path, label_type="best_of_4", save_dir=None, **overrides):
+    """The test experiment on `labels_path`, run "run" saved in SAVE_DIR `save_dir` (default tmp_path/save)."""
     settings = {
         "task.query_length": QUERY_LENGTH, "task.response_length": RESPONSE_LENGTH,
         "task.policy.initial_model": "demo", "labels.type": label_type, "labels.source": labels_path,
@@ -68,7 +69,7 @@ def reward_hparams(tmp_path, labels_path, label_type="best_of_4", **overrides):
         "normalize_before": False, "normalize_after": False, "run.log_interval": 1000,
     }
     settings.update(overrides)
-    return experiments.resolve_hparams("train_reward", "test", "run", save_dir=str(tmp_path / "save"),
+    return experiments.resolve_hparams("train_reward", "test", "run", save_dir=save_dir or str(tmp_path / "save"),
                                        overrides=settings)
 
 
@@ -342,39 +343,77 @@ def test_the_judges_labels_are_written_into_the_run_directory(tmp_path, monkeypa
         records = json.load(f)
     assert len(records) == hparams.labels.num_train + hparams.labels.num_valid
     assert all(sorted(r) == ["best", "query", "sample0", "sample1", "sample2", "sample3"] for r in records), records[0]
+    # one record per query of the training stream for seed run.seed + 1, in order, unsplit (rank 0 makes them alone)
+    encoder = TrainedModel(hparams.task.policy.initial_model).encoding.get_encoder()
+    stream = lm_tasks.query_batches(hparams.task, encoder, 1, mode="train", seed=hparams.run.seed + 1, rank=0, size=1)
+    assert [record["query"] for record in records] == [next(stream)[0].tolist() for _ in records]
     assert os.listdir(elsewhere) == []
     assert train_reward.is_finished(hparams.run.save_dir)
 
 
-def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_parameters(tmp_path, monkeypatch, capsys):
-    """run.save_interval 2 of 5 steps: a crash in step 3 (as a preempted machine) leaves the state saved after step
-    2; the resumed run trains steps 2..4 and ends where an uninterrupted run ends."""
-    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 40))
-    overrides = {"labels.num_train": 40, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 2}
-    straight = reward_hparams(tmp_path / "straight", labels, **overrides)
-    train_reward.train(straight)
-    cut = reward_hparams(tmp_path / "cut", labels, **overrides)
-    real_train_step = train_reward._train_step
+def crash_in_step_3(hparams, monkeypatch, machine_lost=False):
+    """train_reward.train(hparams) failing in step 3 (counting from 0). machine_lost: the machine is gone from that
+    moment, so nothing more is uploaded to a gs:// SAVE_DIR (no upload on the way out, as a Python error has)."""
+    real_train_step, real_sync_up = train_reward._train_step, files.sync_up
 
-    def crash_in_step_3(training, hparams, logger, train_labels, valid_labels, step, num_steps):
+    def train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps):
         if step == 3:
+            if machine_lost:
+                monkeypatch.setattr(files, "sync_up", lambda local_dir, save_dir: None)
             raise RuntimeError("the machine went away")
         real_train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps)
 
-    monkeypatch.setattr(train_reward, "_train_step", crash_in_step_3)
+    monkeypatch.setattr(train_reward, "_train_step", train_step)
     with pytest.raises(RuntimeError, match="went away"):
-        train_reward.train(cut)
+        train_reward.train(hparams)
     monkeypatch.setattr(train_reward, "_train_step", real_train_step)
+    monkeypatch.setattr(files, "sync_up", real_sync_up)
+
+
+def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_parameters(tmp_path, monkeypatch, capsys):
+    """run.save_interval 3 of 5 steps: a crash in step 3 (counting from 0, as a preempted machine) leaves the state
+    saved after 3 steps; the resumed run trains steps 3..4 and ends where an uninterrupted run ends. (An interval of
+    3, not 2: with 2, saving after step+1 or step-1 steps is the same.)"""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 40))
+    overrides = {"labels.num_train": 40, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 3}
+    straight = reward_hparams(tmp_path / "straight", labels, **overrides)
+    train_reward.train(straight)
+    cut = reward_hparams(tmp_path / "cut", labels, **overrides)
+    crash_in_step_3(cut, monkeypatch)
     # the documented layout: SAVE_DIR/resume/reward_model/state.ckpt-STEP, the latest save only
     state_files = os.listdir(os.path.join(cut.run.save_dir, "resume", "reward_model"))
-    assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-2.index"], state_files
+    assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-3.index"], state_files
     capsys.readouterr()
     train_reward.train(cut, resume=True)
-    assert "resuming the reward model after step 2 of 5" in capsys.readouterr().out
+    assert "resuming the reward model after step 3 of 5" in capsys.readouterr().out
     expected, got = checkpoint_values(straight.run.save_dir), checkpoint_values(cut.run.save_dir)
     assert expected.keys() == got.keys()
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_gs_run_whose_machine_is_lost_after_a_periodic_save_resumes_on_a_fresh_machine(tmp_path, gcs_bucket,
+                                                                                         monkeypatch, capsys):
+    """SAVE_DIR gs:// (a real Cloud Storage emulator): each periodic save is uploaded at once, so when the machine
+    goes away after 3 of 5 steps, with its local copy of the run, the bucket holds what resuming needs and a
+    fresh machine (an empty cache) resumes after step 3 and finishes the run there."""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 40))
+    hparams = reward_hparams(tmp_path, labels, save_dir=f"{gcs_bucket}/runs", **{
+        "labels.num_train": 40, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 3})
+    monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "first_machine"))
+    crash_in_step_3(hparams, monkeypatch, machine_lost=True)
+    from google.cloud import storage
+    bucket = gcs_bucket[len("gs://"):]
+
+    def stored():
+        return {blob.name for blob in storage.Client.create_anonymous_client().list_blobs(bucket)}
+
+    assert {"runs/run/resume/reward_model/checkpoint", "runs/run/resume/reward_model/state.ckpt-3.index"} <= stored()
+    monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "second_machine"))
+    capsys.readouterr()
+    train_reward.train(hparams, resume=True)
+    assert "resuming the reward model after step 3 of 5" in capsys.readouterr().out
+    assert "runs/run/reward_model/checkpoints/model.ckpt.index" in stored()
 
 
 def test_the_console_counts_steps_from_1_to_the_total_and_names_where_the_model_was_saved(tmp_path, capsys):
