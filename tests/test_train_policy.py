@@ -3,8 +3,10 @@ truncation and penalty, gradient accumulation, saving and sampling, and a two-ra
 update (what is scored, what enters the rewards, the KL controller, the learning rate, Adam's steps and the
 minibatches), checked from recorded session runs against references computed in the tests."""
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -325,6 +327,33 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
     # the updates that finished (none when the first one failed: the initial policy, as step 0)
     assert tf.train.latest_checkpoint(checkpoints).endswith(f"model.ckpt-{failing}")
     assert f"training stopped by an error after {failing} updates; saving a checkpoint" in capsys.readouterr().out
+
+
+def test_on_a_terminal_a_resumed_runs_progress_bar_counts_on_from_where_it_resumed(tmp_path, monkeypatch):
+    """A run that failed in update 4 of 5 resumes from its periodic save after 2 (an error does not rewrite the
+    resume state): its bar (drawn only when stderr is a terminal) goes from 2/5 to 5/5, not over 3 alone."""
+    real_update = train_policy.PPOTrainer.update
+
+    def failing_update(self, queries, update_index):
+        if update_index == 3:
+            raise RuntimeError("the GPU fell off")
+        return real_update(self, queries, update_index)
+
+    overrides = {"ppo.total_episodes": 8 * 5, "run.save_interval": 2}
+    monkeypatch.setattr(train_policy.PPOTrainer, "update", failing_update)
+    with pytest.raises(RuntimeError, match="the GPU fell off"):
+        test_run(tmp_path, **overrides)
+    monkeypatch.setattr(train_policy.PPOTrainer, "update", real_update)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    test_run(tmp_path, resume=True, **overrides)
+    bars = [line.strip() for line in re.split(r"[\r\n]", terminal.getvalue()) if line.strip().startswith("ppo")]
+    assert "| 2/5 [" in bars[0] and "| 5/5 [" in bars[-1], bars
 
 
 def test_ppo_trains_on_the_tasks_query_stream_for_the_runs_seed(tmp_path, monkeypatch):
