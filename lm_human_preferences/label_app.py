@@ -865,7 +865,8 @@ def collect_labels(items: List[dict], label_type_name: str, output: str, *, host
     encoder: decodes tokens for the page (None: token ids are shown); announce: where the URL and the end are
     reported; made_by: a description of what sampled the items, kept in the items file.
 
-    On KeyboardInterrupt the labels so far are exported and the interrupt is re-raised.
+    On Ctrl-C, SIGINT or SIGTERM (a KeyboardInterrupt) the labels so far are exported and the interrupt is
+    re-raised.
     """
     label_type = label_types.get(label_type_name)
     options = serving_options(host, port, token, overlap)
@@ -908,16 +909,16 @@ def serve_label_set(label_set: LabelSet, paths: LabelFiles, options: ServingOpti
             announce(f"all {total} items were already labelled; wrote {len(records)} labels to {paths.output}")
             return records
         answered = sum(1 for labels in labeling.labels if labels)
-        with LabelServer(labeling, options, instructions) as server, interrupt_on(signal.SIGINT):
+        # `kill` stops like Ctrl-C; a caller may add signals of its own (an online run: all its stop signals)
+        with LabelServer(labeling, options, instructions) as server, interrupt_on(signal.SIGINT, signal.SIGTERM):
             resumed = f", resuming with {answered} of {total} labelled" if answered else ""
             announce(f"labeling {total} {label_set.label_type} items{resumed}: open {server.url}")
             if options.token and not is_loopback(options.host):
                 announce("  every request needs the token in that URL; share it only with your labelers")
             try:
                 # Polled with sleep, not Event.wait: Python raises KeyboardInterrupt between any two bytecodes, so
-                # a Ctrl-C inside Event.wait's lock handling can leave the event's (non-reentrant) lock held by this
-                # thread, and labeling.stop() below, which sets the event, would then block forever. (A CI run once
-                # saw a Ctrl-C export never come.)
+                # a Ctrl-C inside Event.wait's lock handling could leave the event's (non-reentrant) lock held by
+                # this thread, and labeling.stop() below, which sets the event, would then block forever.
                 while not labeling.finished.is_set():
                     time.sleep(0.2)
             except KeyboardInterrupt:

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import signal
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -259,8 +258,7 @@ def _label_by_people(experiment, output, *, count, label_type, seed, policy, ove
         label_set = label_app.prepare_label_set(paths, items, resolved_type, options.overlap, encoder, made_by)
 
     try:
-        with label_app.interrupt_on(signal.SIGTERM):  # `kill` stops like Ctrl-C: labels so far exported
-            label_app.serve_label_set(label_set, paths, options, text)
+        label_app.serve_label_set(label_set, paths, options, text)  # Ctrl-C or `kill`: the labels so far exported
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # the app has said what it wrote and how to resume
 

@@ -600,6 +600,17 @@ def test_killed_with_sigkill_the_same_command_resumes_and_every_acknowledged_lab
     assert sorted(labelled) == list(range(6))  # each answer exactly once
 
 
+def test_sigterm_exports_the_labels_so_far_like_ctrl_c(tmp_path):
+    """`kill` (a scheduler, a shutdown) stops the command as Ctrl-C does: exported labels, status 130."""
+    output = str(tmp_path / "people.json")
+    command = LabelCommand(output)
+    labelled = command.label()
+    command.process.send_signal(signal.SIGTERM)
+    command.wait_for("interrupted: wrote the 1 labels so far")
+    assert command.process.wait(timeout=30) == 130
+    assert [record["best"] for record in validate_export(output)] == [labelled % 4]
+
+
 # ----- the command's flags -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [

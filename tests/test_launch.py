@@ -17,7 +17,7 @@ from lm_human_preferences import experiments, launcher
 from lm_human_preferences.command_line import prepare_argv
 from lm_human_preferences.utils import mpi
 
-from mpi_programs import run as run_mpi
+from mpi_programs import launcher_text, run as run_mpi
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -511,7 +511,7 @@ def test_under_an_outer_mpiexec_an_error_of_one_rank_alone_ends_the_job(tmp_path
     result = subprocess.run(argv, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, timeout=240)
     assert result.returncode != 0
-    errors = [line for line in result.stdout.replace("\0", "").splitlines() if "error:" in line]  # NUL: see run_mpi
+    errors = [line for line in launcher_text(result.stdout).splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("[rank 1 of 2] error: ") and str(missing) in errors[0], \
         result.stdout[-3000:]
     assert time.monotonic() - started < 200

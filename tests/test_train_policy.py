@@ -311,8 +311,8 @@ def test_policy_runs_keep_the_last_20_checkpoints(tmp_path):
     assert kept == list(range(4, 24)), kept
 
 
-@pytest.mark.parametrize("failing", [2, 0])
-def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, monkeypatch, capsys, failing):
+def fail_in_update(tmp_path, monkeypatch, failing, **overrides):
+    """test_run failing in update index `failing` (counting from 0), as when the GPU goes away."""
     real_update = train_policy.PPOTrainer.update
 
     def failing_update(self, queries, update_index):
@@ -322,7 +322,13 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
 
     monkeypatch.setattr(train_policy.PPOTrainer, "update", failing_update)
     with pytest.raises(RuntimeError, match="the GPU fell off"):
-        test_run(tmp_path, **{"ppo.total_episodes": 8 * 5, "run.save_interval": 100})
+        test_run(tmp_path, **overrides)
+    monkeypatch.setattr(train_policy.PPOTrainer, "update", real_update)
+
+
+@pytest.mark.parametrize("failing", [2, 0])
+def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, monkeypatch, capsys, failing):
+    fail_in_update(tmp_path, monkeypatch, failing, **{"ppo.total_episodes": 8 * 5, "run.save_interval": 100})
     checkpoints = os.path.join(tmp_path, "run", "policy", "checkpoints")
     # the updates that finished (none when the first one failed: the initial policy, as step 0)
     assert tf.train.latest_checkpoint(checkpoints).endswith(f"model.ckpt-{failing}")
@@ -332,18 +338,8 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
 def test_on_a_terminal_a_resumed_runs_progress_bar_counts_on_from_where_it_resumed(tmp_path, monkeypatch):
     """A run that failed in update 4 of 5 resumes from its periodic save after 2 (an error does not rewrite the
     resume state): its bar (drawn only when stderr is a terminal) goes from 2/5 to 5/5, not over 3 alone."""
-    real_update = train_policy.PPOTrainer.update
-
-    def failing_update(self, queries, update_index):
-        if update_index == 3:
-            raise RuntimeError("the GPU fell off")
-        return real_update(self, queries, update_index)
-
     overrides = {"ppo.total_episodes": 8 * 5, "run.save_interval": 2}
-    monkeypatch.setattr(train_policy.PPOTrainer, "update", failing_update)
-    with pytest.raises(RuntimeError, match="the GPU fell off"):
-        test_run(tmp_path, **overrides)
-    monkeypatch.setattr(train_policy.PPOTrainer, "update", real_update)
+    fail_in_update(tmp_path, monkeypatch, 3, **overrides)
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -29,10 +29,15 @@ def run(n, program, *args, env=None, timeout=TIMEOUT_SECONDS):
         output = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         raise AssertionError(f"{program} on {n} ranks did not finish within {timeout}s (hang?); output:\n"
                              f"{output}") from None
-    # Open MPI 5.0.11's launcher can end its MPI_ABORT notice with a NUL byte (see openpmix/prrte#1905), so a
-    # rank's line forwarded right after that notice starts with "\0" (seen once in a suite run): not ours.
-    result.stdout = result.stdout.replace("\0", "")
+    result.stdout = launcher_text(result.stdout)
     return result
+
+
+def launcher_text(output: str) -> str:
+    """What mpiexec printed, without the NUL byte Open MPI 5.0.11's launcher can end its MPI_ABORT notice with (see
+    openpmix/prrte#1905): a rank's line forwarded right after that notice would start with "\0" (seen once in a
+    suite run). Not ours; launch.py's own relay drops it too."""
+    return output.replace("\0", "")
 
 
 def rank_lines(output, tag):
