@@ -255,6 +255,44 @@ def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path, allreduce)
         np.testing.assert_allclose(two[name], one[name], rtol=2e-4, atol=2e-5, err_msg=name)
 
 
+def test_each_step_trains_on_the_next_batch_of_the_shuffled_labels_so_a_pass_sees_each_label_once(
+        tmp_path, monkeypatch):
+    """Step s takes training labels s·batch_size to (s+1)·batch_size − 1 (of the run's one shuffle): batch_size
+    labels a step, and the pass of num_train / batch_size steps sees every training label exactly once."""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 40))
+    hparams = reward_hparams(tmp_path, labels, **{"labels.num_train": 40, "labels.num_valid": 0, "batch_size": 8})
+    fed, real_train_step = [], train_reward.RewardTraining.train_step
+
+    def recording_train_step(self, labels, ids, lr):
+        fed.append(np.asarray(ids).tolist())
+        return real_train_step(self, labels, ids, lr)
+
+    monkeypatch.setattr(train_reward.RewardTraining, "train_step", recording_train_step)
+    train_reward.train(hparams)
+    assert fed == [list(range(8 * step, 8 * step + 8)) for step in range(5)], fed
+
+
+def test_each_rank_draws_its_own_policy_samples_the_same_ones_each_time(tmp_path, monkeypatch):
+    """RewardTraining.sample is stateless in (run seed, rank, purpose, index): asked again it returns the same
+    responses (what a resumed run relies on), and another rank, purpose or index draws other responses for the
+    very same queries (ranks never duplicate one another's samples)."""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
+    hparams = reward_hparams(tmp_path, labels, **{"labels.num_train": 32, "labels.num_valid": 0})
+    encoder = TrainedModel("demo").encoding.get_encoder()
+    with tf.Graph().as_default():
+        training = train_reward.RewardTraining(hparams, TrainedModel("demo"), encoder,
+                                               train_reward.label_types.get("best_of_4"), seed=5)
+        queries = next(lm_tasks.query_batches(hparams.task, encoder, 32, mode="train", seed=3, rank=0, size=1))
+        first = training.sample(queries, training.LABELS, 0)[0]
+        np.testing.assert_array_equal(training.sample(queries, training.LABELS, 0)[0], first)
+        others = [training.sample(queries, training.LABELS, 1)[0]]
+        others.append(training.sample(queries, training.NORMALIZE_BEFORE, 0)[0])
+        monkeypatch.setattr(train_reward.mpi, "rank", lambda: 1)
+        others.append(training.sample(queries, training.LABELS, 0)[0])
+    for other in others:  # most of the 32 responses of 8 tokens differ
+        assert (other != first).any(axis=1).mean() > 0.5, (first, other)
+
+
 # ----- normalisation and logs as 2019 ---------------------------------------------------------------------------
 
 def test_normalisation_scores_raw_samples_in_whole_rollout_batches(tmp_path):
@@ -291,6 +329,9 @@ def test_debug_normalize_follows_each_normalisation(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.index("rewards before training") < printed.index("after normalising before training") \
         < printed.index("rewards after training") < printed.index("after normalising after training"), printed
+    # each says how many samples it measured: normalize_samples, then debug_normalize (1 rank)
+    assert printed.count(" on 64 policy samples; normalised to mean 0.0000, std 1.0000\n") == 2, printed
+    assert printed.count(" on 32 fresh policy samples\n") == 2, printed
 
 
 def test_the_learning_rate_decays_linearly_over_the_pass_as_logged_and_as_applied(tmp_path, monkeypatch):
@@ -425,6 +466,10 @@ def test_the_console_counts_steps_from_1_to_the_total_and_names_where_the_model_
     progress = [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("reward model step")]
     assert progress == ["reward model step 2/4", "reward model step 4/4"], printed
     assert f"saved the reward model to {os.path.join(hparams.run.save_dir, 'reward_model')}\n" in printed, printed
+    # resuming the finished run names where the trained model is and does nothing more
+    train_reward.train(hparams, resume=True)
+    assert capsys.readouterr().out == (f"the reward model in {os.path.join(hparams.run.save_dir, 'reward_model')} "
+                                       "is trained; nothing to resume\n")
 
 
 @pytest.mark.parametrize("label_type, tags", [
