@@ -628,6 +628,18 @@ def test_ppo_scores_the_truncated_responses_and_rewards_the_penalised_score(reco
                                    (scores - record["kl_coef"] * kl.sum(axis=1)).mean(), rtol=1e-4, atol=1e-5)
 
 
+def test_the_policy_samples_shown_to_labelers_are_cut_as_ppo_scores_them(recorded_updates):
+    """current_policy_samples (what an online run's labelers are shown) gives the policy's responses for the
+    stateless seed, post-processed: cut after the first e at index >= truncate_after, with padding after it."""
+    trainer = recorded_updates["trainer"]
+    queries = recorded_updates["records"][0]["queries"]
+    seed = np.array([7, 11], np.int64)
+    raw = trainer.sess.run(trainer.rollout_op["responses"], {trainer.queries: queries, trainer.rollout_seed: seed})
+    cut, _ = np_truncate(raw, E, WIRING["truncate_after"], 27)
+    assert (cut != raw).any(), "some responses are cut"
+    np.testing.assert_array_equal(trainer.current_policy_samples(queries, seed), cut)
+
+
 def test_the_kl_controller_sees_the_mean_kl_per_response_once_every_update(recorded_updates):
     records = recorded_updates["records"]
     assert records[0]["kl_coef"] == WIRING["kl_coef"]
