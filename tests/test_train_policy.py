@@ -443,6 +443,11 @@ def test_samples_are_printed_truncated_with_their_total(tmp_path, letter_e_rewar
         total = details["scores"][i] - 0.5 * details["kl"][i]
         assert f"response: {encoder.decode(cut[i])!r}\n  score = {details['scores'][i]:+.3f}\n" \
                f"  kl = {details['kl'][i]:+.3f}\n  total = {total:+.3f}" in printed
+    # by default the first 3 episodes, as 2019 printed
+    train_policy.log_samples(encoder, queries, details)
+    printed = capsys.readouterr().out
+    assert printed.count("query:    ") == printed.count("response: ") == 3, printed
+    assert f"response: {encoder.decode(cut[2])!r}\n" in printed, printed
 
 
 def test_a_gs_save_directory_holds_the_whole_run_and_samples_from_there(tmp_path, gcs_bucket, monkeypatch):
