@@ -412,15 +412,18 @@ def crash_in_step_3(hparams, monkeypatch, machine_lost=False):
 
 
 def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_parameters(tmp_path, monkeypatch, capsys):
-    """run.save_interval 3 of 5 steps: a crash in step 3 (counting from 0, as a preempted machine) leaves the state
-    saved after 3 steps; the resumed run trains steps 3..4 and ends where an uninterrupted run ends. (An interval of
+    """run.save_interval 3 of 6 steps: a crash in step 3 (counting from 0, as a preempted machine) leaves the state
+    saved after 3 steps; the resumed run trains steps 3..5 and ends where an uninterrupted run ends. (An interval of
     3, not 2: with 2, saving after step+1 or step-1 steps is the same.) The run normalised before training; the
-    resumed run keeps that scale rather than measuring it again with the half-trained model."""
-    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 40))
-    overrides = {"labels.num_train": 40, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 3,
+    resumed run keeps that scale rather than measuring it again with the half-trained model. A run of 6 steps
+    saves no resume state after its last one (the trained model is saved then)."""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 48))
+    overrides = {"labels.num_train": 48, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 3,
                  "normalize_before": True, "normalize_samples": 32, "rollout_batch_size": 32}
     straight = reward_hparams(tmp_path / "straight", labels, **overrides)
     train_reward.train(straight)
+    state_files = os.listdir(os.path.join(straight.run.save_dir, "resume", "reward_model"))
+    assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-3.index"], state_files
     cut = reward_hparams(tmp_path / "cut", labels, **overrides)
     crash_in_step_3(cut, monkeypatch)
     # the documented layout: SAVE_DIR/resume/reward_model/state.ckpt-STEP, the latest save only
@@ -429,7 +432,7 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_paramete
     capsys.readouterr()
     train_reward.train(cut, resume=True)
     printed = capsys.readouterr().out
-    assert "resuming the reward model after step 3 of 5" in printed and "rewards before training" not in printed
+    assert "resuming the reward model after step 3 of 6" in printed and "rewards before training" not in printed
     expected, got = checkpoint_values(straight.run.save_dir), checkpoint_values(cut.run.save_dir)
     assert expected.keys() == got.keys()
     for name in expected:
