@@ -195,6 +195,21 @@ def test_too_few_labels_is_a_clear_error(tmp_path):
     assert not os.path.exists(hparams.run.save_dir)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"rollout_batch_size": 8, "batch_size": 12}, "rollout_batch_size=8 must be divisible by the number of MPI ranks"),
+    ({"rollout_batch_size": 12, "batch_size": 8}, "^batch_size=8 must be divisible by the number of MPI ranks"),
+])
+def test_batches_that_the_ranks_cannot_share_are_refused_naming_the_hyperparameter(tmp_path, monkeypatch,
+                                                                                   overrides, message):
+    """Called from Python under 3 ranks (the command line's preflight says the same before starting them)."""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 48))
+    hparams = reward_hparams(tmp_path, labels, **{"labels.num_train": 48, "labels.num_valid": 0, **overrides})
+    monkeypatch.setattr(train_reward.mpi, "size", lambda: 3)
+    with pytest.raises(ValueError, match=message + " \\(3\\)"):
+        train_reward.train(hparams)
+    assert not os.path.exists(hparams.run.save_dir)
+
+
 def saved_rewards(model_dir, queries, responses):
     """Rewards of a saved reward model, reloaded into a fresh graph."""
     with tf.Graph().as_default():
