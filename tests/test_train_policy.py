@@ -263,6 +263,12 @@ def test_the_number_of_updates_is_rounded_up_and_logs_start_at_step_0(tmp_path, 
     assert [value for _, value in ppo_events["elapsed/updates"]] == [1, 2, 3]
     assert [value for _, value in ppo_events["elapsed/steps/serial"]] == [4, 8, 12]  # response_length 4
     assert [value for _, value in ppo_events["elapsed/steps/total"]] == [32, 64, 96]  # x batch_size 8
+    assert [value for _, value in ppo_events["elapsed/episodes"]] == [8, 16, 24]
+    # each update's speed is over its own time: from the previous update's logged elapsed/time (the first from
+    # the start, elapsed/time 0) to its own
+    update_times = np.diff([0.0] + [value for _, value in ppo_events["elapsed/time"]])
+    np.testing.assert_allclose([v for _, v in ppo_events["elapsed/episodes_per_second"]], 8 / update_times, rtol=1e-3)
+    np.testing.assert_allclose([v for _, v in ppo_events["elapsed/fps"]], 8 * 4 / update_times, rtol=1e-3)
     # the learning rate anneals to 0 over the 3 updates
     np.testing.assert_allclose([v for _, v in ppo_events["objective/lr"]], [1e-3, 1e-3 * 2 / 3, 1e-3 / 3], rtol=1e-6)
     assert tf.train.latest_checkpoint(os.path.join(save_dir, "policy", "checkpoints")).endswith("model.ckpt-3")
