@@ -1,8 +1,10 @@
 """Reward-model training (docs/algorithms.md): learning from labels with a hidden rule, normalisation, bad label
 files, save/reload, and a two-rank run equal to a one-process run."""
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -445,9 +447,19 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_paramete
     state_files = os.listdir(os.path.join(cut.run.save_dir, "resume", "reward_model"))
     assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-3.index"], state_files
     capsys.readouterr()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # a progress bar is drawn on a terminal only
     train_reward.train(cut, resume=True)
+    monkeypatch.undo()
     printed = capsys.readouterr().out
     assert "resuming the reward model after step 3 of 6" in printed and "rewards before training" not in printed
+    bars = [line.strip() for line in re.split(r"[\r\n]", terminal.getvalue()) if line.strip().startswith("reward")]
+    assert "| 3/6 [" in bars[0] and "| 6/6 [" in bars[-1], bars  # it counts on from the resumed step
     expected, got = checkpoint_values(straight.run.save_dir), checkpoint_values(cut.run.save_dir)
     assert expected.keys() == got.keys()
     for name in expected:
