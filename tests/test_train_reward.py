@@ -212,6 +212,13 @@ def test_batches_that_the_ranks_cannot_share_are_refused_naming_the_hyperparamet
     assert not os.path.exists(hparams.run.save_dir)
 
 
+def test_a_synthetic_label_set_too_short_for_the_run_is_named_as_such(tmp_path):
+    hparams = reward_hparams(tmp_path, None, **{"labels.num_train": 32, "labels.num_valid": 16})
+    short = {"query": np.zeros((40, QUERY_LENGTH), np.int32), "best": np.zeros(40, np.int32)}
+    with pytest.raises(ValueError, match="^the synthetic label set has 40 labels.*32 \\+ 16 = 48"):
+        train_reward.split_labels(short, hparams)
+
+
 def saved_rewards(model_dir, queries, responses):
     """Rewards of a saved reward model, reloaded into a fresh graph."""
     with tf.Graph().as_default():
