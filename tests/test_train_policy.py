@@ -253,11 +253,16 @@ test_run.__test__ = False  # a helper, not a test
 
 
 def test_the_number_of_updates_is_rounded_up_and_logs_start_at_step_0(tmp_path, capsys):
-    save_dir = test_run(tmp_path, **{"ppo.total_episodes": 20, "ppo.batch_size": 8})  # 2.5 batches: 3 updates
+    save_dir = test_run(tmp_path, **{"ppo.total_episodes": 20, "ppo.batch_size": 8,  # 2.5 batches: 3 updates
+                                     "run.log_interval": 2})
     # the console counts updates from 1 to the total, each line with the numbers a researcher watches
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("update ")]
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("update ")]
     assert [line.split(" | ")[0] for line in lines] == ["update 1/3", "update 2/3", "update 3/3"], lines
     assert all(f"| {key} " in lines[0] for key in ("objective/score", "objective/kl", "objective/kl_coef")), lines
+    # 3 samples after every run.log_interval-th update, from the first: after updates 1 and 3, not 2
+    after = [part.count("\nquery:    ") for part in printed.split("\nupdate ")[1:]]
+    assert after == [3, 0, 3], printed
     ppo_events = stats.read_scalars(os.path.join(save_dir, "tb", "ppo"))
     assert [step for step, _ in ppo_events["elapsed/updates"]] == [0, 1, 2]
     assert [value for _, value in ppo_events["elapsed/updates"]] == [1, 2, 3]
