@@ -219,6 +219,20 @@ def test_a_synthetic_label_set_too_short_for_the_run_is_named_as_such(tmp_path):
         train_reward.split_labels(short, hparams)
 
 
+def test_the_training_labels_are_one_shuffle_by_the_run_seed_and_the_held_out_ones_follow_in_file_order(tmp_path):
+    """The first num_train records, in the order of numpy's RandomState(run.seed) permutation (so each seed of a
+    sweep sees its own order); then the next num_valid records as held out, unshuffled."""
+    labels = {"best": np.arange(45)}  # each record stands for its index in the file
+    orders = []
+    for seed in (1, 2):
+        hparams = reward_hparams(tmp_path, None, **{"labels.num_train": 32, "labels.num_valid": 8, "run.seed": seed})
+        train, valid = train_reward.split_labels(labels, hparams)
+        np.testing.assert_array_equal(train["best"], np.random.RandomState(seed).permutation(32))
+        np.testing.assert_array_equal(valid["best"], np.arange(32, 40))
+        orders.append(train["best"])
+    assert not np.array_equal(*orders)
+
+
 def saved_rewards(model_dir, queries, responses):
     """Rewards of a saved reward model, reloaded into a fresh graph."""
     with tf.Graph().as_default():
