@@ -358,12 +358,22 @@ def test_normalisation_scores_raw_samples_in_whole_rollout_batches(tmp_path):
     assert not np.allclose(got, on_cut)
 
 
-def test_debug_normalize_follows_each_normalisation(tmp_path, capsys):
+def test_debug_normalize_follows_each_normalisation(tmp_path, monkeypatch, capsys):
+    """Each normalisation is followed by its check on fresh samples: drawn with stateless seeds (purpose, index)
+    that no other draw of the run uses, so the check never measures what the normalisation was fitted on."""
     labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
     hparams = reward_hparams(tmp_path, labels, **{
         "labels.num_train": 32, "labels.num_valid": 0, "normalize_before": True, "normalize_after": True,
         "normalize_samples": 64, "rollout_batch_size": 32, "debug_normalize": 32})
+    drawn, real_sample = [], train_reward.RewardTraining.sample
+
+    def recording_sample(self, queries, purpose, index):
+        drawn.append((purpose, index))
+        return real_sample(self, queries, purpose, index)
+
+    monkeypatch.setattr(train_reward.RewardTraining, "sample", recording_sample)
     train_reward.train(hparams)
+    assert len(drawn) == 2 * (2 + 1) and len(set(drawn)) == len(drawn), drawn  # 2 batches of 32, then 1; twice
     printed = capsys.readouterr().out
     assert printed.index("rewards before training") < printed.index("after normalising before training") \
         < printed.index("rewards after training") < printed.index("after normalising after training"), printed
