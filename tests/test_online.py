@@ -381,3 +381,15 @@ def test_each_retraining_restarts_the_reward_model_from_the_initial_model_with_a
     assert head.shape == (7,) and 0 < head.std() < 3 / np.sqrt(8) and not np.array_equal(head, other_head)
     assert values["reward_model/model/heads/reward/b"] == 0
     assert (values["reward_model/reward_norm/gain"], values["reward_model/reward_norm/bias"]) == (1, 0)
+
+
+def test_an_online_runs_rounds_draw_with_the_policy_runs_seed_not_its_nested_reward_models(tmp_path):
+    """A sweep's trials differ in run.seed while their nested reward model keeps its own (seed 1): each trial's
+    rounds (label samples, judge noise, shuffles, head restarts, all keyed on OnlineLabels.seed) follow its own
+    run seed, and the seed a resumed run restores is that one too."""
+    hparams = online_hparams(tmp_path, "run", **{"run.seed": 7})
+    assert hparams.rewards.train_new_model.run.seed == 1
+    model = TrainedModel(hparams.task.policy.initial_model)
+    with tf.Graph().as_default():
+        trainer = train_policy.PPOTrainer(hparams, model, model, model.encoding.get_encoder())
+        assert trainer.seed == 7 and trainer.online.seed == 7
