@@ -745,3 +745,21 @@ def test_a_run_steers_kl_coef_by_the_adaptive_rule_after_every_update(tmp_path):
     # Adam stepped noptepochs (2) × nminibatches (1) times per update: beta1_power = 0.9^(1 + steps)
     saved = tf.train.load_checkpoint(os.path.join(save_dir, "resume", "ppo"))
     np.testing.assert_allclose(saved.get_tensor("optimizer/beta1_power"), 0.9 ** (1 + 2 * updates), rtol=1e-5)
+
+
+def test_with_mixed_precision_every_model_of_a_ppo_run_computes_in_bfloat16(tmp_path):
+    """run.mixed_precision: the rollout's sampling, the policy's and the reference policy's scoring of it, the
+    reward model and the gradients all multiply in bfloat16 (each graph scope at least its trunk's 4 matmuls per
+    layer; a float32 one or two for the heads)."""
+    hparams = run_hparams(tmp_path, **{"run.mixed_precision": True})
+    model = TrainedModel(hparams.task.policy.initial_model)
+    by_scope = {}
+    with tf.Graph().as_default() as graph:
+        train_policy.PPOTrainer(hparams, model, model, model.encoding.get_encoder())
+        for op in graph.get_operations():
+            if op.type in ("MatMul", "BatchMatMulV2"):
+                counts = by_scope.setdefault(op.name.split("/")[0], {tf.bfloat16: 0, tf.float32: 0})
+                counts[op.get_attr("T")] += 1
+    assert {"sample_sequence", "policy_build", "ref_policy_build", "reward_model_build", "gradients"} <= set(by_scope)
+    for scope, counts in by_scope.items():
+        assert counts[tf.bfloat16] >= 4 * model.hparams().n_layer and counts[tf.float32] <= 2, (scope, counts)
