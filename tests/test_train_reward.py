@@ -440,13 +440,14 @@ def test_the_judges_labels_are_written_into_the_run_directory(tmp_path, monkeypa
     assert train_reward.is_finished(hparams.run.save_dir)
 
 
-def crash_in_step_3(hparams, monkeypatch, machine_lost=False):
-    """train_reward.train(hparams) failing in step 3 (counting from 0). machine_lost: the machine is gone from that
-    moment, so nothing more is uploaded to a gs:// SAVE_DIR (no upload on the way out, as a Python error has)."""
+def crash_in_step(hparams, monkeypatch, failing, machine_lost=False):
+    """train_reward.train(hparams) failing in step `failing` (counting from 0). machine_lost: the machine is gone
+    from that moment, so nothing more is uploaded to a gs:// SAVE_DIR (no upload on the way out, as a Python error
+    has)."""
     real_train_step, real_sync_up = train_reward._train_step, files.sync_up
 
     def train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps):
-        if step == 3:
+        if step == failing:
             if machine_lost:
                 monkeypatch.setattr(files, "sync_up", lambda local_dir, save_dir: None)
             raise RuntimeError("the machine went away")
@@ -460,8 +461,9 @@ def crash_in_step_3(hparams, monkeypatch, machine_lost=False):
 
 
 def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_parameters(tmp_path, monkeypatch, capsys):
-    """run.save_interval 3 of 6 steps: a crash in step 3 (counting from 0, as a preempted machine) leaves the state
-    saved after 3 steps; the resumed run trains steps 3..5 and ends where an uninterrupted run ends. (An interval of
+    """run.save_interval 3 of 6 steps: a crash in step 4 (counting from 0, as a preempted machine) leaves the state
+    saved after 3 steps; the resumed run trains steps 3..5 again and ends where an uninterrupted run ends, with
+    each step once in TensorBoard (the crashed run's log of step 3 is void). (An interval of
     3, not 2: with 2, saving after step+1 or step-1 steps is the same.) The run normalised before training; the
     resumed run keeps that scale rather than measuring it again with the half-trained model. A run of 6 steps
     saves no resume state after its last one (the trained model is saved then)."""
@@ -473,7 +475,7 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_paramete
     state_files = os.listdir(os.path.join(straight.run.save_dir, "resume", "reward_model"))
     assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-3.index"], state_files
     cut = reward_hparams(tmp_path / "cut", labels, **overrides)
-    crash_in_step_3(cut, monkeypatch)
+    crash_in_step(cut, monkeypatch, 4)
     # the documented layout: SAVE_DIR/resume/reward_model/state.ckpt-STEP, the latest save only
     state_files = os.listdir(os.path.join(cut.run.save_dir, "resume", "reward_model"))
     assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-3.index"], state_files
@@ -495,6 +497,8 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_paramete
     assert expected.keys() == got.keys()
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for tag, logged in stats.read_scalars(os.path.join(cut.run.save_dir, "tb", "reward_model")).items():
+        assert [step for step, _ in logged] == list(range(6)), (tag, logged)
 
 
 def test_a_gs_run_whose_machine_is_lost_after_a_periodic_save_resumes_on_a_fresh_machine(tmp_path, gcs_bucket,
@@ -506,7 +510,7 @@ def test_a_gs_run_whose_machine_is_lost_after_a_periodic_save_resumes_on_a_fresh
     hparams = reward_hparams(tmp_path, labels, save_dir=f"{gcs_bucket}/runs", **{
         "labels.num_train": 40, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 3})
     monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "first_machine"))
-    crash_in_step_3(hparams, monkeypatch, machine_lost=True)
+    crash_in_step(hparams, monkeypatch, 3, machine_lost=True)
     from google.cloud import storage
     bucket = gcs_bucket[len("gs://"):]
 
