@@ -1,6 +1,9 @@
-"""Shared test setup: quiet TensorFlow, TF1 graph mode, a fresh graph per test; a Cloud Storage emulator."""
+"""Shared test setup: quiet TensorFlow, TF1 graph mode, a fresh graph per test; a Cloud Storage emulator; a fake
+terminal for progress bars."""
 import importlib.util
+import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -95,3 +98,24 @@ def gcs_bucket(gcs_emulator, monkeypatch):
     name = f"test-{uuid.uuid4().hex[:16]}"
     gcs_emulator.create_bucket(name)
     return f"gs://{name}"
+
+
+class FakeTerminal(io.StringIO):
+    """A stderr that says it is a terminal (so progress bars are drawn) and keeps what was written."""
+
+    def isatty(self):
+        return True
+
+    def bars(self, desc):
+        """Each state drawn of the progress bar named `desc`, in order, e.g. "ppo:  40%|...| 2/5 [...]"."""
+        return [line.strip() for line in re.split(r"[\r\n]", self.getvalue()) if line.strip().startswith(desc)]
+
+
+@pytest.fixture
+def fake_terminal(monkeypatch):
+    """Call it to make sys.stderr a FakeTerminal from then on (restored after the test); returns the terminal."""
+    def install():
+        terminal = FakeTerminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        return terminal
+    return install

@@ -3,10 +3,8 @@ truncation and penalty, gradient accumulation, saving and sampling, and a two-ra
 update (what is scored, what enters the rewards, the KL controller, the learning rate, Adam's steps and the
 minibatches), checked from recorded session runs against references computed in the tests."""
 
-import io
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -346,21 +344,16 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
     assert f"training stopped by an error after {failing} updates; saving a checkpoint" in capsys.readouterr().out
 
 
-def test_a_resumed_runs_progress_bar_and_tensorboard_count_on_from_where_it_resumed(tmp_path, monkeypatch):
+def test_a_resumed_runs_progress_bar_and_tensorboard_count_on_from_where_it_resumed(tmp_path, monkeypatch,
+                                                                                     fake_terminal):
     """A run that failed in update 4 of 5 resumes from its periodic save after 2 (an error does not rewrite the
     resume state): its bar (drawn only when stderr is a terminal) goes from 2/5 to 5/5, not over 3 alone, and
     TensorBoard holds each update once (what the failed run logged for update 3 is void: it ran again)."""
     overrides = {"ppo.total_episodes": 8 * 5, "run.save_interval": 2}
     fail_in_update(tmp_path, monkeypatch, 3, **overrides)
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
+    terminal = fake_terminal()
     test_run(tmp_path, resume=True, **overrides)
-    bars = [line.strip() for line in re.split(r"[\r\n]", terminal.getvalue()) if line.strip().startswith("ppo")]
+    bars = terminal.bars("ppo")
     assert "| 2/5 [" in bars[0] and "| 5/5 [" in bars[-1], bars
     for tag, logged in stats.read_scalars(os.path.join(tmp_path, "run", "tb", "ppo")).items():
         assert [step for step, _ in logged] == [0, 1, 2, 3, 4], (tag, logged)

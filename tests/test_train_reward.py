@@ -1,10 +1,8 @@
 """Reward-model training (docs/algorithms.md): learning from labels with a hidden rule, normalisation, bad label
 files, save/reload, and a two-rank run equal to a one-process run."""
 
-import io
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -460,13 +458,14 @@ def crash_in_step(hparams, monkeypatch, failing, machine_lost=False):
     monkeypatch.setattr(files, "sync_up", real_sync_up)
 
 
-def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_parameters(tmp_path, monkeypatch, capsys):
-    """run.save_interval 3 of 6 steps: a crash in step 4 (counting from 0, as a preempted machine) leaves the state
-    saved after 3 steps; the resumed run trains steps 3..5 again and ends where an uninterrupted run ends, with
-    each step once in TensorBoard (the crashed run's log of step 3 is void). (An interval of
-    3, not 2: with 2, saving after step+1 or step-1 steps is the same.) The run normalised before training; the
-    resumed run keeps that scale rather than measuring it again with the half-trained model. A run of 6 steps
-    saves no resume state after its last one (the trained model is saved then)."""
+def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_parameters(tmp_path, monkeypatch, capsys,
+                                                                                   fake_terminal):
+    """run.save_interval 3 of 6 steps (3, not 2: with 2, saving after step+1 or step-1 steps is the same): a crash
+    in step 4 (counting from 0, as a preempted machine) leaves the state saved after 3 steps; the resumed run trains
+    steps 3..5 and ends where an uninterrupted run ends, with each step once in TensorBoard (the crashed run's log
+    of step 3 is void) and its progress bar counting on from 3. The run normalised before training; the resumed
+    run keeps that scale rather than measuring it again with the half-trained model. No resume state is saved
+    after the last step (the trained model is saved then)."""
     labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 48))
     overrides = {"labels.num_train": 48, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 3,
                  "normalize_before": True, "normalize_samples": 32, "rollout_batch_size": 32}
@@ -480,18 +479,11 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_paramete
     state_files = os.listdir(os.path.join(cut.run.save_dir, "resume", "reward_model"))
     assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-3.index"], state_files
     capsys.readouterr()
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)  # a progress bar is drawn on a terminal only
+    terminal = fake_terminal()  # a progress bar is drawn on a terminal only
     train_reward.train(cut, resume=True)
-    monkeypatch.undo()
     printed = capsys.readouterr().out
     assert "resuming the reward model after step 3 of 6" in printed and "rewards before training" not in printed
-    bars = [line.strip() for line in re.split(r"[\r\n]", terminal.getvalue()) if line.strip().startswith("reward")]
+    bars = terminal.bars("reward model")
     assert "| 3/6 [" in bars[0] and "| 6/6 [" in bars[-1], bars  # it counts on from the resumed step
     expected, got = checkpoint_values(straight.run.save_dir), checkpoint_values(cut.run.save_dir)
     assert expected.keys() == got.keys()
