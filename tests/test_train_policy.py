@@ -379,6 +379,48 @@ def test_ppo_trains_on_the_tasks_query_stream_for_the_runs_seed(tmp_path, monkey
         np.testing.assert_array_equal(queries, next(stream))
 
 
+def test_each_rank_samples_and_shuffles_its_own_episodes_the_same_way_each_time(tmp_path, letter_e_reward_model,
+                                                                                 monkeypatch):
+    """An update's rollout and its minibatch shuffles are drawn from (run seed, rank, update index) alone: the same
+    rank and update draw the same responses and minibatches again (what a resumed run relies on), while another
+    rank draws other responses to the very same queries and shuffles them in another order, as each 2019 rank had a
+    seed of its own (run.seed + rank · 100003); another update draws other responses too."""
+    hparams = policy_hparams(tmp_path, letter_e_reward_model, **{"ppo.total_episodes": 64, "ppo.noptepochs": 1})
+    queries = np.random.RandomState(2).randint(0, 27, (32, 4)).astype(np.int32)  # 32 distinct rows
+    assert len({tuple(row) for row in queries}) == 32
+    with tf.Graph().as_default():
+        trainer = train_policy.PPOTrainer(hparams, TrainedModel("demo"), TrainedModel(
+            "reward_model", savedir=letter_e_reward_model, scope="reward_model"),
+            TrainedModel("demo").encoding.get_encoder(), seed=5)
+        initial = trainer.sess.run(trainer.policy.get_params())
+        fed = []
+        real_step = trainer.optimizer.step
+        trainer.optimizer.step = lambda sess, feeds, *args, **kwargs: fed.append(
+            np.concatenate([feed[trainer.queries] for feed in feeds])) or real_step(sess, feeds, *args, **kwargs)
+
+        def update(update_index):
+            """(responses, the query indices in the order the minibatches fed them) of one update from the initial
+            policy (an update trains the policy, so each starts from the same weights)."""
+            for variable, value in zip(trainer.policy.get_params(), initial):
+                variable.load(value, trainer.sess)
+            fed.clear()
+            responses = trainer.update(queries, update_index)[1]["responses"]
+            order = [int(np.flatnonzero((queries == row).all(axis=1))[0]) for row in np.concatenate(fed)]
+            assert sorted(order) == list(range(32))  # one epoch: every episode once
+            return responses, order
+
+        responses, order = update(0)
+        again, order_again = update(0)
+        next_update, _ = update(1)
+        monkeypatch.setattr(train_policy.mpi, "rank", lambda: 1)
+        other_rank, other_order = update(0)
+    np.testing.assert_array_equal(again, responses)
+    assert order_again == order
+    for other in (next_update, other_rank):  # most of the 32 responses of 8 tokens differ
+        assert (other != responses).any(axis=1).mean() > 0.5, (responses, other)
+    assert other_order != order
+
+
 def test_a_run_resumed_while_its_reward_model_was_training_resumes_that_training(tmp_path, monkeypatch, capsys):
     """A policy run that trains its reward model first and is killed inside that training (after the reward
     model's periodic save) continues the reward model's training on --resume rather than starting it again."""
