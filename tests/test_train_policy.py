@@ -55,6 +55,13 @@ def policy_hparams(tmp_path, reward_model, name="run", **overrides):
     return experiments.resolve_hparams("train_policy", "test", name, save_dir=str(tmp_path), overrides=settings)
 
 
+def demo_trainer(hparams, reward_model, **kwargs):
+    """A PPOTrainer of the demo policy against the saved reward model in `reward_model` (a directory)."""
+    return train_policy.PPOTrainer(hparams, TrainedModel("demo"), TrainedModel(
+        "reward_model", savedir=reward_model, scope="reward_model"), TrainedModel("demo").encoding.get_encoder(),
+        **kwargs)
+
+
 def curve(save_dir, tag):
     return np.array([value for _, value in stats.read_scalars(os.path.join(save_dir, "tb"))[tag]])
 
@@ -89,8 +96,7 @@ def test_unfinished_responses_get_the_penalty_and_are_truncated_before_scoring(t
         "ppo.total_episodes": 32})
     task = hparams.task
     with tf.Graph().as_default():
-        trainer = train_policy.PPOTrainer(hparams, TrainedModel("demo"), TrainedModel(
-            "reward_model", savedir=letter_e_reward_model, scope="reward_model"), TrainedModel("demo").encoding.get_encoder())
+        trainer = demo_trainer(hparams, letter_e_reward_model)
         queries = np.random.RandomState(0).randint(0, 27, (32, 4)).astype(np.int32)
         _, details = trainer.update(queries, 0)
     responses, scores = details["responses"], details["scores"]
@@ -111,8 +117,7 @@ def one_update_params(tmp_path, reward_model, micro_batches):
         "ppo.micro_batches": micro_batches, "ppo.total_episodes": 32, "ppo.noptepochs": 1, "ppo.nminibatches": 1})
     with tf.Graph().as_default():
         tf.set_random_seed(5)
-        trainer = train_policy.PPOTrainer(hparams, TrainedModel("demo"), TrainedModel(
-            "reward_model", savedir=reward_model, scope="reward_model"), TrainedModel("demo").encoding.get_encoder())
+        trainer = demo_trainer(hparams, reward_model)
         queries = np.random.RandomState(1).randint(0, 27, (32, 4)).astype(np.int32)
         update_stats, details = trainer.update(queries, 0)
         return details["responses"], trainer.sess.run(trainer.policy.get_params()), update_stats
@@ -389,9 +394,7 @@ def test_each_rank_samples_and_shuffles_its_own_episodes_the_same_way_each_time(
     queries = np.random.RandomState(2).randint(0, 27, (32, 4)).astype(np.int32)  # 32 distinct rows
     assert len({tuple(row) for row in queries}) == 32
     with tf.Graph().as_default():
-        trainer = train_policy.PPOTrainer(hparams, TrainedModel("demo"), TrainedModel(
-            "reward_model", savedir=letter_e_reward_model, scope="reward_model"),
-            TrainedModel("demo").encoding.get_encoder(), seed=5)
+        trainer = demo_trainer(hparams, letter_e_reward_model, seed=5)
         initial = trainer.sess.run(trainer.policy.get_params())
         fed = []
         real_step = trainer.optimizer.step
@@ -479,8 +482,7 @@ def test_samples_are_printed_truncated_with_their_total(tmp_path, letter_e_rewar
         "task.truncate_token": E, "task.truncate_after": 1, "ppo.total_episodes": 32, "rewards.kl_coef": 0.5})
     encoder = TrainedModel("demo").encoding.get_encoder()
     with tf.Graph().as_default():
-        trainer = train_policy.PPOTrainer(hparams, TrainedModel("demo"), TrainedModel(
-            "reward_model", savedir=letter_e_reward_model, scope="reward_model"), encoder)
+        trainer = demo_trainer(hparams, letter_e_reward_model)
         queries = np.random.RandomState(0).randint(0, 27, (32, 4)).astype(np.int32)
         _, details = trainer.update(queries, 0)
     capsys.readouterr()
@@ -581,9 +583,7 @@ def recorded_updates(tmp_path_factory, letter_e_reward_model):
         "rewards.adaptive_kl": "on", "rewards.adaptive_kl.target": w["target"],
         "rewards.adaptive_kl.horizon": w["horizon"]})
     with tf.Graph().as_default():
-        trainer = train_policy.PPOTrainer(hparams, TrainedModel("demo"), TrainedModel(
-            "reward_model", savedir=letter_e_reward_model, scope="reward_model"),
-            TrainedModel("demo").encoding.get_encoder())
+        trainer = demo_trainer(hparams, letter_e_reward_model)
         sess = trainer.sess
         beta1_power, = [v for v in trainer.optimizer.variables if v.op.name.endswith("beta1_power")]
         controller_calls = []
