@@ -225,7 +225,7 @@ def reward_model_path(hparams: HParams) -> str:
     return files.join(hparams.run.save_dir, "reward_model")
 
 
-def reward_model_source(hparams: HParams, local_dir: str, resume: bool = False) -> TrainedModel:
+def reward_model_source(hparams: HParams, local_dir: str, resume: bool) -> TrainedModel:
     """The reward model to train against: a saved one, or one trained now into SAVE_DIR/reward_model (and
     loaded from the run's local directory `local_dir`). On --resume a reward model the run already finished
     training is used as it is."""

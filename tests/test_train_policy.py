@@ -193,6 +193,46 @@ def test_a_2019_style_run_directory_samples(tmp_path):
     assert result.stdout.count("=" * 80 + "\n") == 3
 
 
+def test_a_2019_reward_model_is_loaded_from_its_reward_model_scope(tmp_path):
+    """2019's train_reward saved every variable of its graph, so a released reward model's checkpoint also holds the
+    ref_policy it sampled with (another GPT-2 under ref_policy/model/...). PPO must score with the reward_model/
+    weights: the policy's reward_model_source names that scope rather than guessing (two models in one checkpoint
+    would be refused as ambiguous)."""
+    from lm_human_preferences import rewards
+    from lm_human_preferences.language.model import Model
+    from lm_human_preferences.policy import Policy
+    model_dir = str(tmp_path / "reward_model")
+    os.makedirs(os.path.join(model_dir, "checkpoints"))
+    with tf.Graph().as_default():
+        tf.set_random_seed(3)
+        Policy(TrainedModel("test"), scope="ref_policy")
+        with tf.variable_scope("reward_model"):
+            Model(TrainedModel("test").hparams(), scalar_heads=["reward"], scope="model")(tf.zeros([1, 1], tf.int32))
+            tf.get_variable("reward_norm/gain", initializer=2.5)
+            tf.get_variable("reward_norm/bias", initializer=-0.5)
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            # random weights that differ from both the initialisers and the built-in model's
+            for variable in tf.global_variables():
+                variable.load(np.random.RandomState(len(variable.op.name)).standard_normal(
+                    variable.shape.as_list()).astype(np.float32) * 0.3, sess)
+            saved = {v.op.name: sess.run(v) for v in tf.global_variables()}
+            tf.train.Saver().save(sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=7,
+                                  write_meta_graph=False)
+    trained_models.write_model_files(model_dir, TrainedModel("test").hparams(), "test")
+    hparams = experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides={
+        "rewards.train_new_model": "off", "rewards.trained_model": model_dir})
+    source = train_policy.reward_model_source(hparams, str(tmp_path / "run"), resume=False)
+    with tf.Graph().as_default():
+        reward_model = rewards.RewardModel(source)
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            loaded = {v.op.name: sess.run(v) for v in reward_model.get_params()}
+    assert sorted(loaded) == sorted(name for name in saved if name.startswith("reward_model/"))
+    for name, value in loaded.items():
+        np.testing.assert_array_equal(value, saved[name], err_msg=name)
+
+
 _two_rank_runs = {}
 
 
