@@ -163,7 +163,7 @@ class PPOTrainer:
         return update_stats, dict(responses=responses, scored_responses=scored, scores=scores, kl=kl,
                                   kl_coef=kl_coef, timings=timer.seconds)
 
-    def save(self, save_dir, step, *, state=True, policy=True):
+    def save(self, save_dir, step, *, state: bool, policy: bool):
         """Checkpoint the policy as SAVE_DIR/policy/checkpoints/model.ckpt-STEP (with `policy`) and, with `state`,
         what resuming after `step` updates needs (rank 0; `save_dir` is the run's local directory)."""
         if mpi.is_root() and policy:

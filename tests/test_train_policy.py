@@ -396,6 +396,14 @@ def test_a_resumed_runs_progress_bar_and_tensorboard_count_on_from_where_it_resu
     TensorBoard holds each update once (what the failed run logged for update 3 is void: it ran again)."""
     overrides = {"ppo.total_episodes": 8 * 5, "run.save_interval": 2}
     fail_in_update(tmp_path, monkeypatch, 3, **overrides)
+    # what it resumes from: the save after update 2, named by its step (so writing it never touches the files of
+    # the save before it), with the update count and the KL coefficient in use (fixed in `test`: 0.1)
+    state_dir = os.path.join(tmp_path, "run", "resume", "ppo")
+    assert tf.train.latest_checkpoint(state_dir) == os.path.join(state_dir, "state.ckpt-2")
+    state = tf.train.load_checkpoint(state_dir)
+    assert state.get_tensor("run_state_ppo/update") == 2
+    logged_kl_coef = stats.read_scalars(os.path.join(tmp_path, "run", "tb", "ppo"))["objective/kl_coef"]
+    assert state.get_tensor("run_state_ppo/kl_coef") == pytest.approx(logged_kl_coef[2][1]) == pytest.approx(0.1)
     terminal = fake_terminal()
     test_run(tmp_path, resume=True, **overrides)
     bars = terminal.bars("ppo")
