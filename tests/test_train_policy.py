@@ -532,12 +532,16 @@ def test_samples_are_printed_truncated_with_their_total(tmp_path, letter_e_rewar
     with tf.Graph().as_default():
         trainer = demo_trainer(hparams, letter_e_reward_model)
         queries = np.random.RandomState(0).randint(0, 27, (32, 4)).astype(np.int32)
-        _, details = trainer.update(queries, 0)
+        trainer.update(queries, 0)
+        _, details = trainer.update(queries, 1)  # the second: in the first the policy is still the reference (KL 0)
     capsys.readouterr()
     train_policy.log_samples(encoder, queries, details, count=32)
     printed = capsys.readouterr().out
     cut = lm_tasks.postprocess_responses(details["responses"], hparams.task, 27)
     assert not np.array_equal(cut, details["responses"]), "some responses should have been cut"
+    assert np.abs(details["kl"]).max() > 0.01, details["kl"]  # so that the total's sign of the KL term is seen
+    lines = printed.splitlines()
+    assert [lines[i + 1][:10] for i, line in enumerate(lines) if line == "=" * 80] == ["query:    "] * 32, printed
     for i in range(32):
         total = details["scores"][i] - 0.5 * details["kl"][i]
         assert f"response: {encoder.decode(cut[i])!r}\n  score = {details['scores'][i]:+.3f}\n" \
