@@ -18,6 +18,7 @@ from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.utils import stats
 
 from mpi_programs import allreduce_env
+from test_trained_models import random_values
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E = 4  # the `test` encoding's id of "e"
@@ -203,23 +204,20 @@ def test_a_2019_reward_model_is_loaded_from_its_reward_model_scope(tmp_path):
     from lm_human_preferences.policy import Policy
     model_dir = str(tmp_path / "reward_model")
     os.makedirs(os.path.join(model_dir, "checkpoints"))
+    model = TrainedModel("test")
     with tf.Graph().as_default():
-        tf.set_random_seed(3)
-        Policy(TrainedModel("test"), scope="ref_policy")
+        Policy(model, scope="ref_policy")
         with tf.variable_scope("reward_model"):
-            Model(TrainedModel("test").hparams(), scalar_heads=["reward"], scope="model")(tf.zeros([1, 1], tf.int32))
-            tf.get_variable("reward_norm/gain", initializer=2.5)
-            tf.get_variable("reward_norm/bias", initializer=-0.5)
+            Model(model.hparams(), scalar_heads=["reward"], scope="model")(tf.zeros([1, 1], tf.int32))
+            tf.get_variable("reward_norm/gain", shape=())
+            tf.get_variable("reward_norm/bias", shape=())
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
             # random weights that differ from both the initialisers and the built-in model's
-            for variable in tf.global_variables():
-                variable.load(np.random.RandomState(len(variable.op.name)).standard_normal(
-                    variable.shape.as_list()).astype(np.float32) * 0.3, sess)
-            saved = {v.op.name: sess.run(v) for v in tf.global_variables()}
+            saved = random_values(tf.global_variables(), sess, seed=3)
             tf.train.Saver().save(sess, os.path.join(model_dir, "checkpoints", "model.ckpt"), global_step=7,
                                   write_meta_graph=False)
-    trained_models.write_model_files(model_dir, TrainedModel("test").hparams(), "test")
+    trained_models.write_model_files(model_dir, model.hparams(), "test")
     hparams = experiments.resolve_hparams("train_policy", "test", "run", save_dir=str(tmp_path), overrides={
         "rewards.train_new_model": "off", "rewards.trained_model": model_dir})
     source = train_policy.reward_model_source(hparams, str(tmp_path / "run"), resume=False)
