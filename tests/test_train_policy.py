@@ -730,6 +730,9 @@ def test_ppo_scores_the_truncated_responses_and_rewards_the_penalised_score(reco
         np.testing.assert_allclose(logged["objective/kl"], kl.sum(axis=1).mean(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(logged["objective/score_total"],
                                    (scores - record["kl_coef"] * kl.sum(axis=1)).mean(), rtol=1e-4, atol=1e-5)
+        # the rollouts' entropy as 2019 logged it: minus the sampled tokens' log-probs, summed per response
+        np.testing.assert_allclose(logged["objective/entropy"],
+                                   -record["rollout"]["logprobs"].astype(np.float64).sum(axis=1).mean(), rtol=1e-5)
 
 
 def test_the_policy_samples_shown_to_labelers_are_cut_as_ppo_scores_them(recorded_updates):
