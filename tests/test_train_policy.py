@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -388,10 +389,11 @@ def test_a_run_that_fails_after_training_started_saves_where_it_was(tmp_path, mo
 
 
 def test_a_resumed_runs_progress_bar_and_tensorboard_count_on_from_where_it_resumed(tmp_path, monkeypatch,
-                                                                                     fake_terminal):
+                                                                                     fake_terminal, capsys):
     """A run that failed in update 4 of 5 resumes from its periodic save after 2 (an error does not rewrite the
-    resume state): its bar (drawn only when stderr is a terminal) goes from 2/5 to 5/5, not over 3 alone, and
-    TensorBoard holds each update once (what the failed run logged for update 3 is void: it ran again)."""
+    resume state): its bar (drawn only when stderr is a terminal) goes from 2/5 to 5/5, not over 3 alone, its
+    console's time left is reckoned from the updates of this session only, and TensorBoard holds each update once
+    (what the failed run logged for update 3 is void: it ran again)."""
     overrides = {"ppo.total_episodes": 8 * 5, "run.save_interval": 2}
     fail_in_update(tmp_path, monkeypatch, 3, **overrides)
     # what it resumes from: the save after update 2, named by its step (so writing it never touches the files of
@@ -402,10 +404,20 @@ def test_a_resumed_runs_progress_bar_and_tensorboard_count_on_from_where_it_resu
     assert state.get_tensor("run_state_ppo/update") == 2
     logged_kl_coef = stats.read_scalars(os.path.join(tmp_path, "run", "tb", "ppo"))["objective/kl_coef"]
     assert state.get_tensor("run_state_ppo/kl_coef") == pytest.approx(logged_kl_coef[2][1]) == pytest.approx(0.1)
+    # the error still saved the policy where it stopped, though a periodic save had come before it
+    checkpoints = os.path.join(tmp_path, "run", "policy", "checkpoints")
+    assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-3")
+    capsys.readouterr()
+    clock = iter(range(0, 10 ** 6, 100))  # the resumed run's time.time(): 100 s later at each call
+    monkeypatch.setattr(train_policy, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
     terminal = fake_terminal()
     test_run(tmp_path, resume=True, **overrides)
     bars = terminal.bars("ppo")
     assert "| 2/5 [" in bars[0] and "| 5/5 [" in bars[-1], bars
+    # each update took 100 s, so after update 3 two are left (200 s), after 4 one, after 5 none
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("update ")]
+    assert [(line.split(" | ")[0], line.rsplit(" | eta ", 1)[1]) for line in lines] == [
+        ("update 3/5", "3m20s"), ("update 4/5", "1m40s"), ("update 5/5", "0s")], lines
     for tag, logged in stats.read_scalars(os.path.join(tmp_path, "run", "tb", "ppo")).items():
         assert [step for step, _ in logged] == [0, 1, 2, 3, 4], (tag, logged)
 
