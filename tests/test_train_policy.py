@@ -16,6 +16,7 @@ import tensorflow.compat.v1 as tf
 from lm_human_preferences import experiments, lm_tasks, train_policy, train_reward
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
+from lm_human_preferences.policy import Policy
 from lm_human_preferences.utils import stats
 
 from mpi_programs import allreduce_env
@@ -90,6 +91,29 @@ def test_ppo_raises_the_score_and_the_kl_penalty_holds_the_policy_back(tmp_path,
     assert strong_kl[-5:].mean() < 0.5 * kl[-5:].mean(), (strong_kl, kl)
     for tag in ("ppo/policy/approxkl", "ppo/val/var_explained", "objective/kl_coef", "elapsed/fps"):
         assert np.all(np.isfinite(curve(weak.run.save_dir, tag))), tag
+
+
+def test_before_the_first_step_the_reference_policy_gives_the_rollout_its_own_log_probs(tmp_path,
+                                                                                      letter_e_reward_model):
+    """The reference policy is the initial policy as the rollout samples it: under the task's temperature and with
+    the query framed by its prefix and suffix. So until PPO moves the policy every token's KL is 0, whatever the
+    temperature and the framing; the reference log-probs of the unframed queries, or at temperature 1, differ."""
+    hparams = policy_hparams(tmp_path, letter_e_reward_model, **{
+        "task.policy.temperature": 0.6, "task.query_prefix": "say ", "task.query_suffix": " now"})
+    queries = np.random.RandomState(3).randint(0, 27, (32, 4)).astype(np.int32)
+    with tf.Graph().as_default():
+        trainer = demo_trainer(hparams, letter_e_reward_model)
+        rollout = trainer.sess.run(trainer.rollout_op, {trainer.queries: queries, trainer.rollout_seed: [3, 4]})
+        feed = {trainer.queries: queries, trainer.responses: rollout["responses"]}
+        ref_logprobs = trainer.sess.run(trainer.ref_logprobs_op, feed)
+        others = {"temperature 1": Policy(TrainedModel("demo"), scope="ref_policy", temperature=1.0,
+                                          embed_queries=lm_tasks.query_formatter(hparams.task, trainer.encoder)),
+                  "unframed": Policy(TrainedModel("demo"), scope="ref_policy", temperature=0.6)}
+        other_logprobs = {name: trainer.sess.run(policy.analyze_responses_op(trainer.queries, trainer.responses)[
+            "logprobs"], feed) for name, policy in others.items()}
+    np.testing.assert_allclose(ref_logprobs, rollout["logprobs"], atol=1e-5)
+    for name, logprobs in other_logprobs.items():
+        assert np.abs(logprobs - ref_logprobs).max() > 0.1, name
 
 
 def test_unfinished_responses_get_the_penalty_and_are_truncated_before_scoring(tmp_path, letter_e_reward_model):
