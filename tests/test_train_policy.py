@@ -447,12 +447,14 @@ def test_a_resumed_runs_progress_bar_and_tensorboard_count_on_from_where_it_resu
 
 
 def test_ppo_trains_on_the_tasks_query_stream_for_the_runs_seed(tmp_path, monkeypatch):
-    """The `test` dataset is endless and seeded: a run with run.seed 5 answers the stream of seed 5 in order."""
-    seen = []
+    """The `test` dataset is endless and seeded: a run with run.seed 5 answers the stream of seed 5 in order, and
+    draws its rollouts and minibatch shuffles with seed 5."""
+    seen, seeds = [], set()
     real_update = train_policy.PPOTrainer.update
 
     def recording_update(self, queries, update_index):
         seen.append(queries)
+        seeds.add(self.seed)  # what the rollouts and shuffles are drawn with
         return real_update(self, queries, update_index)
 
     monkeypatch.setattr(train_policy.PPOTrainer, "update", recording_update)
@@ -461,7 +463,7 @@ def test_ppo_trains_on_the_tasks_query_stream_for_the_runs_seed(tmp_path, monkey
     hparams = run_hparams(tmp_path, **overrides)
     encoder = TrainedModel(hparams.task.policy.initial_model).encoding.get_encoder()
     stream = lm_tasks.query_batches(hparams.task, encoder, 8, mode="train", seed=5, rank=0, size=1)
-    assert len(seen) == 2
+    assert len(seen) == 2 and seeds == {5}
     for queries in seen:
         np.testing.assert_array_equal(queries, next(stream))
 
@@ -875,11 +877,12 @@ def test_a_run_steers_kl_coef_by_the_adaptive_rule_after_every_update(tmp_path):
     np.testing.assert_allclose(saved.get_tensor("optimizer/beta1_power"), 0.9 ** (1 + 2 * updates), rtol=1e-5)
 
 
-def test_with_mixed_precision_every_model_of_a_ppo_run_computes_in_bfloat16(tmp_path):
+@pytest.mark.parametrize("mixed_precision", [True, False])
+def test_with_mixed_precision_every_model_of_a_ppo_run_computes_in_bfloat16(tmp_path, mixed_precision):
     """run.mixed_precision: the rollout's sampling, the policy's and the reference policy's scoring of it, the
     reward model and the gradients all multiply in bfloat16 (each graph scope at least its trunk's 4 matmuls per
-    layer; a float32 one or two for the heads)."""
-    hparams = run_hparams(tmp_path, **{"run.mixed_precision": True})
+    layer; a float32 one or two for the heads). Without it, nothing does."""
+    hparams = run_hparams(tmp_path, **{"run.mixed_precision": mixed_precision})
     model = TrainedModel(hparams.task.policy.initial_model)
     by_scope = {}
     with tf.Graph().as_default() as graph:
@@ -890,4 +893,7 @@ def test_with_mixed_precision_every_model_of_a_ppo_run_computes_in_bfloat16(tmp_
                 counts[op.get_attr("T")] += 1
     assert {"sample_sequence", "policy_build", "ref_policy_build", "reward_model_build", "gradients"} <= set(by_scope)
     for scope, counts in by_scope.items():
-        assert counts[tf.bfloat16] >= 4 * model.hparams().n_layer and counts[tf.float32] <= 2, (scope, counts)
+        if mixed_precision:
+            assert counts[tf.bfloat16] >= 4 * model.hparams().n_layer and counts[tf.float32] <= 2, (scope, counts)
+        else:
+            assert counts[tf.bfloat16] == 0 and counts[tf.float32] >= 4 * model.hparams().n_layer, (scope, counts)
