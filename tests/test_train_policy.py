@@ -380,12 +380,15 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     assert {name: os.path.getmtime(os.path.join(checkpoints, name)) for name in os.listdir(checkpoints)} == before
 
 
-def test_policy_runs_keep_the_last_20_checkpoints(tmp_path):
+def test_policy_runs_keep_the_last_20_checkpoints_of_the_policy_alone(tmp_path):
     save_dir = test_run(tmp_path, **{"ppo.total_episodes": 8 * 23, "run.save_interval": 1, "run.log_interval": 100})
-    kept = sorted(int(name.split("-")[1].split(".")[0]) for name in os.listdir(os.path.join(save_dir, "policy",
-                                                                                                 "checkpoints"))
-                  if name.endswith(".index"))
+    checkpoints = os.path.join(save_dir, "policy", "checkpoints")
+    kept = sorted(int(name.split("-")[1].split(".")[0]) for name in os.listdir(checkpoints) if name.endswith(".index"))
     assert kept == list(range(4, 24)), kept
+    # each holds the policy's weights only: not the reference policy, the reward model or Adam's slots, which
+    # would make every one of the 20 several times the size (Adam's state for --resume is in resume/ppo)
+    names = [name for name, _ in tf.train.list_variables(tf.train.latest_checkpoint(checkpoints))]
+    assert names and all(name.startswith("policy/") and "Adam" not in name for name in names), names
 
 
 def fail_in_update(tmp_path, monkeypatch, failing, **overrides):
