@@ -368,6 +368,15 @@ def test_the_saved_hyperparameters_name_the_reward_model_that_was_used(tmp_path)
         assert f.readline().strip() == 'model_checkpoint_path: "model.ckpt"'  # no step suffix, relative
 
 
+def test_recording_the_reward_model_used_leaves_the_runs_own_hyperparameters_as_they_were(tmp_path):
+    hparams = run_hparams(tmp_path)
+    before = hparams.to_nested_dict()
+    assert before["rewards"]["trained_model"] is None  # the `test` experiment trains its reward model first
+    recorded = train_policy.saved_hparams(hparams)
+    assert recorded.rewards.trained_model == os.path.join(hparams.run.save_dir, "reward_model")
+    assert hparams.to_nested_dict() == before
+
+
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     save_dir = test_run(tmp_path, **{"ppo.total_episodes": 8})
     checkpoints = os.path.join(save_dir, "policy", "checkpoints")
