@@ -329,6 +329,26 @@ def test_each_rank_draws_its_own_policy_samples_the_same_ones_each_time(tmp_path
         assert (other != first).any(axis=1).mean() > 0.5, (first, other)
 
 
+def test_the_held_out_metrics_are_means_over_every_held_out_record(tmp_path):
+    """RewardTraining.evaluate scores the held-out set in batches of batch_size (37 records: 16, 16 and a short 5)
+    and weighs each batch by its records, so each metric is its mean over the records, as if each were scored
+    alone (here one at a time, with the same weights)."""
+    labels_path = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 53, seed=4))
+    hparams = reward_hparams(tmp_path, labels_path, **{"labels.num_train": 16, "labels.num_valid": 37,
+                                                        "batch_size": 16})
+    model = TrainedModel("demo")
+    label_type = train_reward.label_types.get("best_of_4")
+    with tf.Graph().as_default():
+        training = train_reward.RewardTraining(hparams, model, model.encoding.get_encoder(), label_type, seed=5)
+        _, held_out = train_reward.read_labels(labels_path, hparams, label_type, model.encoding)
+        got = training.evaluate(held_out)
+        fetches = {"loss": training.loss, **training.metrics}
+        alone = [training.sess.run(fetches, training.feed(held_out, [i])) for i in range(37)]
+    assert sorted(got) == sorted(fetches) and 0 < got["accuracy"] < 1, got
+    for name in fetches:
+        np.testing.assert_allclose(got[name], np.mean([a[name] for a in alone]), rtol=1e-5, err_msg=name)
+
+
 # ----- normalisation and logs as 2019 ---------------------------------------------------------------------------
 
 def test_normalisation_scores_raw_samples_in_whole_rollout_batches(tmp_path):
