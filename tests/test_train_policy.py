@@ -329,6 +329,7 @@ def test_the_number_of_updates_is_rounded_up_and_logs_start_at_step_0(tmp_path, 
     # 3 samples after every run.log_interval-th update, from the first: after updates 1 and 3, not 2
     after = [part.count("\nquery:    ") for part in printed.split("\nupdate ")[1:]]
     assert after == [3, 0, 3], printed
+    assert f"\nsaved the policy to {os.path.join(save_dir, 'policy')}\n" in printed, printed[-400:]
     ppo_events = stats.read_scalars(os.path.join(save_dir, "tb", "ppo"))
     assert [step for step, _ in ppo_events["elapsed/updates"]] == [0, 1, 2]
     assert [value for _, value in ppo_events["elapsed/updates"]] == [1, 2, 3]
