@@ -106,9 +106,10 @@ def test_before_the_first_step_the_reference_policy_gives_the_rollout_its_own_lo
         rollout = trainer.sess.run(trainer.rollout_op, {trainer.queries: queries, trainer.rollout_seed: [3, 4]})
         feed = {trainer.queries: queries, trainer.responses: rollout["responses"]}
         ref_logprobs = trainer.sess.run(trainer.ref_logprobs_op, feed)
-        others = {"temperature 1": Policy(TrainedModel("demo"), scope="ref_policy", temperature=1.0,
+        demo = TrainedModel("demo")  # the reference policy's own weights, scored otherwise
+        others = {"temperature 1": Policy(demo, scope="ref_policy", temperature=1.0,
                                           embed_queries=lm_tasks.query_formatter(hparams.task, trainer.encoder)),
-                  "unframed": Policy(TrainedModel("demo"), scope="ref_policy", temperature=0.6)}
+                  "unframed": Policy(demo, scope="ref_policy", temperature=0.6)}
         other_logprobs = {name: trainer.sess.run(policy.analyze_responses_op(trainer.queries, trainer.responses)[
             "logprobs"], feed) for name, policy in others.items()}
     np.testing.assert_allclose(ref_logprobs, rollout["logprobs"], atol=1e-5)
@@ -891,7 +892,7 @@ def test_a_run_steers_kl_coef_by_the_adaptive_rule_after_every_update(tmp_path):
 
 
 @pytest.mark.parametrize("mixed_precision", [True, False])
-def test_with_mixed_precision_every_model_of_a_ppo_run_computes_in_bfloat16(tmp_path, mixed_precision):
+def test_every_model_of_a_ppo_run_computes_in_bfloat16_exactly_when_mixed_precision_is_on(tmp_path, mixed_precision):
     """run.mixed_precision: the rollout's sampling, the policy's and the reference policy's scoring of it, the
     reward model and the gradients all multiply in bfloat16 (each graph scope at least its trunk's 4 matmuls per
     layer; a float32 one or two for the heads). Without it, nothing does."""
