@@ -4,6 +4,7 @@ The steps (normalise before, one pass over the labels, normalise after) and ever
 default are in docs/algorithms.md; what is saved, in docs/saved_runs.md.
 """
 
+import itertools
 import math
 import os
 from typing import Optional
@@ -176,7 +177,7 @@ def write_synthetic_labels(path: str, training: "RewardTraining", label_type, hp
     if mpi.is_root():
         query_batches = lm_tasks.query_batches(hparams.task, encoder, training.rollout_per_rank, mode="train",
                                                seed=(hparams.run.seed or 0) + 1, rank=0, size=1)
-        batches = iter(range(10 ** 9))
+        batches = itertools.count()  # the index of each sampling batch, in its stateless seed
 
         def sample(queries):
             return training.sample(queries, training.LABELS, next(batches))[1]

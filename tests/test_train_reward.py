@@ -3,6 +3,7 @@ files, save/reload, and a two-rank run equal to a one-process run."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
-from lm_human_preferences import experiments, lm_tasks, rewards, train_reward
+from lm_human_preferences import experiments, lm_tasks, rewards, train_reward, trainer
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.utils import files, stats
 
@@ -168,6 +169,68 @@ def test_normalisation_gives_the_target_scale_on_fresh_samples_from_any_starting
         assert gain > 0, (when, gain)  # the reward still grows with the head's output, whatever the gain was
     printed = capsys.readouterr().out
     assert "after normalising before training: mean" in printed and f"on {rollout} fresh policy samples" in printed
+
+
+def test_the_normalisations_sample_consecutive_query_batches_of_the_run_seeds_training_stream(tmp_path,
+                                                                                              monkeypatch):
+    """normalize_before, its debug check, normalize_after and its check take whole rollout batches one after
+    another from the training queries of run.seed, each with its own purpose in the sampling seed."""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 16))
+    seed, rollout = 3, 8
+    hparams = reward_hparams(tmp_path, labels, **{
+        "labels.num_train": 16, "labels.num_valid": 0, "batch_size": 8, "run.seed": seed, "normalize_before": True,
+        "normalize_after": True, "normalize_samples": 12, "debug_normalize": 8, "rollout_batch_size": rollout})
+    drawn = []  # (purpose, index, queries) of every sampling call
+    real_sample = train_reward.RewardTraining.sample
+
+    def sample(training, queries, purpose, index):
+        drawn.append((purpose, index, queries.tolist()))
+        return real_sample(training, queries, purpose, index)
+
+    monkeypatch.setattr(train_reward.RewardTraining, "sample", sample)
+    train_reward.train(hparams)
+    R = train_reward.RewardTraining  # 12 samples are 2 batches of 8 (rounded up to whole batches), 8 are 1
+    assert [(purpose, index) for purpose, index, _ in drawn] == [
+        (R.NORMALIZE_BEFORE, 0), (R.NORMALIZE_BEFORE, 1), (R.DEBUG_BEFORE, 0),
+        (R.NORMALIZE_AFTER, 0), (R.NORMALIZE_AFTER, 1), (R.DEBUG_AFTER, 0)]
+    encoder = TrainedModel(hparams.task.policy.initial_model).encoding.get_encoder()
+    stream = lm_tasks.query_batches(hparams.task, encoder, rollout, mode="train", seed=seed, rank=0, size=1)
+    assert [queries for _, _, queries in drawn] == [next(stream).tolist() for _ in drawn]
+
+
+def test_a_stop_asked_for_in_the_last_step_saves_the_state_and_the_resumed_run_finishes_it(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A SIGTERM during the last step: the run saves its state after all 4 steps and stops with the resume
+    message, without a trained model; resumed, it normalises after training and saves the model that an
+    uninterrupted run saves."""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
+    overrides = {"labels.num_train": 32, "labels.num_valid": 0, "batch_size": 8, "normalize_after": True,
+                 "normalize_samples": 16, "debug_normalize": 0, "rollout_batch_size": 16}
+    straight = reward_hparams(tmp_path / "straight", labels, **overrides)
+    train_reward.train(straight)
+    cut = reward_hparams(tmp_path / "cut", labels, **overrides)
+    real_train_step = train_reward._train_step
+
+    def train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps):
+        real_train_step(training, hparams, logger, train_labels, valid_labels, step, num_steps)
+        if step == num_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler ending the job
+
+    monkeypatch.setattr(train_reward, "_train_step", train_step)
+    with pytest.raises(trainer.RunInterrupted, match="stopped after step 4 of 4; its state is saved in "):
+        train_reward.train(cut)
+    monkeypatch.setattr(train_reward, "_train_step", real_train_step)
+    assert not train_reward.is_finished(cut.run.save_dir)
+    state_files = os.listdir(os.path.join(cut.run.save_dir, "resume", "reward_model"))
+    assert sorted(f for f in state_files if f.endswith(".index")) == ["state.ckpt-4.index"], state_files
+    capsys.readouterr()
+    train_reward.train(cut, resume=True)
+    printed = capsys.readouterr().out
+    assert "resuming the reward model after step 4 of 4" in printed and "rewards after training" in printed, printed
+    expected, got = checkpoint_values(straight.run.save_dir), checkpoint_values(cut.run.save_dir)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -439,12 +502,16 @@ def test_the_learning_rate_decays_linearly_over_the_pass_as_logged_and_as_applie
 @pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed before its labels were written"])
 def test_the_judges_labels_are_written_into_the_run_directory(tmp_path, monkeypatch, resume):
     """The synthetic judge's labels go to SAVE_DIR/labels.json (nothing in the working directory); a resumed run
-    whose labels were never written (killed while labelling) makes them rather than failing to read them."""
+    whose labels were never written (killed while labelling) makes them rather than failing to read them. Each
+    pick is the judge's (labels.judge) at its noise (labels.judge_temperature), drawn from the run seed's stream."""
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    temperature, seed = 0.2, 3
     hparams = experiments.resolve_hparams("train_reward", "test", "run", save_dir=str(tmp_path / "save"), overrides={
-        "normalize_before": False, "normalize_after": False, "run.log_interval": 1000})
+        "normalize_before": False, "normalize_after": False, "run.log_interval": 1000,
+        "labels.judge_temperature": temperature, "run.seed": seed})
+    assert hparams.labels.judge == "letter_e"
     train_reward.train(hparams, resume=resume)
     with open(os.path.join(hparams.run.save_dir, "labels.json")) as f:
         records = json.load(f)
@@ -454,6 +521,17 @@ def test_the_judges_labels_are_written_into_the_run_directory(tmp_path, monkeypa
     encoder = TrainedModel(hparams.task.policy.initial_model).encoding.get_encoder()
     stream = lm_tasks.query_batches(hparams.task, encoder, 1, mode="train", seed=hparams.run.seed + 1, rank=0, size=1)
     assert [record["query"] for record in records] == [next(stream)[0].tolist() for _ in records]
+    # the picks, recomputed: the share of e's in each decoded sample, softmax at the temperature, one draw per
+    # record from RandomState(run.seed)
+    rng = np.random.RandomState(seed)
+    best_of_judge = []
+    for record in records:
+        texts = [encoder.decode(record[f"sample{i}"]) for i in range(4)]
+        scores = np.array([text.lower().count("e") / len(text) if text else 0.0 for text in texts])
+        weights = np.exp((scores - scores.max()) / temperature)
+        assert record["best"] == rng.choice(4, p=weights / weights.sum()), (record, scores)
+        best_of_judge.append(scores[record["best"]] == scores.max())
+    assert 0 < sum(best_of_judge) < len(records), best_of_judge  # the noise made the judge pick worse samples too
     assert os.listdir(elsewhere) == []
     assert train_reward.is_finished(hparams.run.save_dir)
 
@@ -516,11 +594,12 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_paramete
 def test_a_gs_run_whose_machine_is_lost_after_a_periodic_save_resumes_on_a_fresh_machine(tmp_path, gcs_bucket,
                                                                                          monkeypatch, capsys):
     """SAVE_DIR gs:// (a real Cloud Storage emulator): each periodic save is uploaded at once, so when the machine
-    goes away after 3 of 5 steps, with its local copy of the run, the bucket holds what resuming needs and a
-    fresh machine (an empty cache) resumes after step 3 and finishes the run there."""
-    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 40))
+    goes away after 3 of 4 steps, with its local copy of the run, the bucket holds what resuming needs and a
+    fresh machine (an empty cache) resumes after step 3 and finishes the run there. (A save one step before the
+    end is made all the same: only the save after the last step is left to the trained model.)"""
+    labels = write_labels(tmp_path / "labels.json", hidden_rule_labels("best_of_4", 32))
     hparams = reward_hparams(tmp_path, labels, save_dir=f"{gcs_bucket}/runs", **{
-        "labels.num_train": 40, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 3})
+        "labels.num_train": 32, "labels.num_valid": 0, "batch_size": 8, "run.save_interval": 3})
     monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "first_machine"))
     crash_in_step(hparams, monkeypatch, 3, machine_lost=True)
     from google.cloud import storage
@@ -533,7 +612,7 @@ def test_a_gs_run_whose_machine_is_lost_after_a_periodic_save_resumes_on_a_fresh
     monkeypatch.setenv("LMHP_CACHE_DIR", str(tmp_path / "second_machine"))
     capsys.readouterr()
     train_reward.train(hparams, resume=True)
-    assert "resuming the reward model after step 3 of 5" in capsys.readouterr().out
+    assert "resuming the reward model after step 3 of 4" in capsys.readouterr().out
     assert "runs/run/reward_model/checkpoints/model.ckpt.index" in stored()
 
 
