@@ -163,6 +163,8 @@ NOT_RUN = {
                                                                      "(tests/test_bench.py calibrates the test size)",
     "./bench.py --size 124M --batch 8 --repeats 3 --growth_steps 0 --noswitches --allreduce_ranks 0 --output b8.json":
         "minutes on 2 CPUs (the roofline table's run)",
+    "./bench.py --size 124M --batch 8 --warmup 1 --repeats 2 --growth_steps 3 --noswitches --allreduce_ranks 0 "
+    "--output growth.json": "30 minutes on 2 CPUs (the cost-growth rows from batch 8)",
 }
 
 
