@@ -189,10 +189,10 @@ def test_the_normalisations_sample_consecutive_query_batches_of_the_run_seeds_tr
 
     monkeypatch.setattr(train_reward.RewardTraining, "sample", sample)
     train_reward.train(hparams)
-    R = train_reward.RewardTraining  # 12 samples are 2 batches of 8 (rounded up to whole batches), 8 are 1
+    training = train_reward.RewardTraining  # 12 samples are 2 batches of 8 (rounded up to whole batches), 8 are 1
     assert [(purpose, index) for purpose, index, _ in drawn] == [
-        (R.NORMALIZE_BEFORE, 0), (R.NORMALIZE_BEFORE, 1), (R.DEBUG_BEFORE, 0),
-        (R.NORMALIZE_AFTER, 0), (R.NORMALIZE_AFTER, 1), (R.DEBUG_AFTER, 0)]
+        (training.NORMALIZE_BEFORE, 0), (training.NORMALIZE_BEFORE, 1), (training.DEBUG_BEFORE, 0),
+        (training.NORMALIZE_AFTER, 0), (training.NORMALIZE_AFTER, 1), (training.DEBUG_AFTER, 0)]
     encoder = TrainedModel(hparams.task.policy.initial_model).encoding.get_encoder()
     stream = lm_tasks.query_batches(hparams.task, encoder, rollout, mode="train", seed=seed, rank=0, size=1)
     assert [queries for _, _, queries in drawn] == [next(stream).tolist() for _ in drawn]
