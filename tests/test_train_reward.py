@@ -227,10 +227,7 @@ def test_a_stop_asked_for_in_the_last_step_saves_the_state_and_the_resumed_run_f
     train_reward.train(cut, resume=True)
     printed = capsys.readouterr().out
     assert "resuming the reward model after step 4 of 4" in printed and "rewards after training" in printed, printed
-    expected, got = checkpoint_values(straight.run.save_dir), checkpoint_values(cut.run.save_dir)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_same_reward_model(cut.run.save_dir, straight.run.save_dir)
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -332,6 +329,15 @@ def test_save_then_reload_gives_the_same_rewards(tmp_path):
 def checkpoint_values(save_dir):
     reader = tf.train.load_checkpoint(os.path.join(save_dir, "reward_model", "checkpoints"))
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def assert_same_reward_model(save_dir, expected_save_dir):
+    """The reward model saved in `save_dir` has the variables of the one in `expected_save_dir`, equal to float
+    rounding."""
+    expected, got = checkpoint_values(expected_save_dir), checkpoint_values(save_dir)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("allreduce", ["mpi4py", "horovod"])
@@ -583,10 +589,7 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it_to_the_same_paramete
     assert "resuming the reward model after step 3 of 6" in printed and "rewards before training" not in printed
     bars = terminal.bars("reward model")
     assert "| 3/6 [" in bars[0] and "| 6/6 [" in bars[-1], bars  # it counts on from the resumed step
-    expected, got = checkpoint_values(straight.run.save_dir), checkpoint_values(cut.run.save_dir)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_same_reward_model(cut.run.save_dir, straight.run.save_dir)
     for tag, logged in stats.read_scalars(os.path.join(cut.run.save_dir, "tb", "reward_model")).items():
         assert [step for step, _ in logged] == list(range(6)), (tag, logged)
 
