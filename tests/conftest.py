@@ -1,5 +1,5 @@
-"""Shared test setup: quiet TensorFlow, TF1 graph mode, a fresh graph per test; a Cloud Storage emulator; a fake
-terminal for progress bars."""
+"""Shared test setup: quiet TensorFlow with its oneDNN CPU kernels (as the entry points have it), TF1 graph mode, a
+fresh graph per test; a Cloud Storage emulator; a fake terminal for progress bars."""
 import importlib.util
 import io
 import os
@@ -14,6 +14,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 import requests  # noqa: E402
+
+from lm_human_preferences.utils import devices  # noqa: E402
+
+devices.use_onednn()  # the tests compute with the kernels the entry points use
 import tensorflow as tf  # noqa: E402
 
 tf.compat.v1.disable_eager_execution()
