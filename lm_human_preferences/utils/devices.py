@@ -11,11 +11,11 @@ which every entry point calls before anything else touches TensorFlow, sets it o
 GPU: `--run.xla on` then compiles on a CPU too. Without XLA switched on it changes nothing. A session asked for
 XLA on a CPU in a process that did not set it says once that XLA compiles nothing there, and what to set.
 
-On a CPU, `import_tensorflow` also switches on TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS=1) unless the
+`import_tensorflow` also switches on TensorFlow's oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS=1) unless the
 environment already sets that variable. TensorFlow enables them by itself only on CPUs with AVX-512 VNNI, BF16 or
 AMX; elsewhere (an AVX2 CPU such as the 2-core development machine) it falls back to its Eigen kernels and to an
 allocator that maps every large tensor afresh from the system (a page fault per 4 KB on each use). With oneDNN,
-whose allocator keeps and reuses its memory, a GPT-2 124M PPO update at batch 8 took 16.4-17.4 s against
+whose allocator keeps and reuses its memory, a GPT-2 124M PPO update at batch 8 took 16.4-18.9 s against
 22.1-27.2 s on that machine (bench.py, the two settings alternated). oneDNN sums in other orders than Eigen, so
 results differ in float32 round-off only. `TF_ENABLE_ONEDNN_OPTS=0` in the environment keeps Eigen.
 
