@@ -52,11 +52,17 @@ for xla in (False, True, True):
 """
 
 
-def run_xla_probe(how, **env_changes):
+def run_probe(script, *args, unset, **env_changes):
+    """Run a probe script in a fresh Python with environment variable `unset` removed and `env_changes` added."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_XLA_FLAGS", None)
+    env.pop(unset, None)
     env.update(env_changes)
-    return subprocess.run([sys.executable, "-c", XLA_PROBE, how], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO_ROOT)
+
+
+def run_xla_probe(how, **env_changes):
+    return run_probe(XLA_PROBE, how, unset="TF_XLA_FLAGS", **env_changes)
 
 
 @pytest.mark.skipif(devices.has_nvidia_device(), reason="the CPU rule; on a GPU machine XLA clusters GPU ops")
@@ -133,11 +139,7 @@ with v1.Session() as sess:
 
 
 def page_faults_of_a_64_mb_product(**env_changes):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop(devices.ONEDNN_VARIABLE, None)
-    env.update(env_changes)
-    result = subprocess.run([sys.executable, "-c", ONEDNN_PROBE], env=env, capture_output=True, text=True,
-                            timeout=300, cwd=REPO_ROOT)
+    result = run_probe(ONEDNN_PROBE, unset=devices.ONEDNN_VARIABLE, **env_changes)
     assert result.returncode == 0, result.stderr[-2000:]
     return int(result.stdout.split()[-1])
 
