@@ -8,7 +8,8 @@
     ./bench.py --size 124M --batch 8 --calibrate    measure the machine's limits only, cached in --output
 
 Models have random weights of the chosen size (`test`, `demo`, `small`, `124M`); every stage is timed after
-`warmup` untimed runs, as the median of `repeats` runs:
+`warmup` untimed runs (and up to 3 more while a run still takes over 16,384 page faults: its allocator has not
+settled), as the median of `repeats` runs:
 
 * sampling: `Policy.respond_op` with the key/value cache, response tokens per second;
 * reward model: forward (query + response pairs per second) and one Adam step on best_of_4 labels;
@@ -63,7 +64,8 @@ def main(size: str = "small", batch: int = None, query_length: int = None, respo
         batch: episodes per PPO update and labels per reward step (default: the size's)
         query_length: query tokens (default: the size's)
         response_length: response tokens (default: the size's)
-        warmup: untimed runs before each measurement
+        warmup: untimed runs before each measurement (up to 3 more while the last still takes over 16,384
+            page faults)
         repeats: timed runs; the median is reported
         noptepochs: PPO epochs per update (2019 default 4)
         growth_steps: doublings of the batch and of the response length in the cost-growth tables (0: none)
@@ -148,16 +150,45 @@ class Settings:
     mixed_precision: bool
 
 
-def timed_runs(fn: Callable, settings: Settings) -> List[tuple]:
-    """[(seconds, fn's result)] of `repeats` runs after `warmup` untimed ones."""
-    for _ in range(settings.warmup):
-        fn()
+# A stage's first runs fault in the memory its allocator keeps from then on, and on a virtual machine a fresh
+# page can cost tens of microseconds: a GPT-2 124M reward-model step (batch 8) took 1.25 million page faults in
+# its first run and 291,000 in its second (21.7 s, against 9.5-10 s for each later step, which take about 100).
+# So the warm-up goes on past `warmup` runs while the last one still took more than SETTLED_PAGE_FAULTS, up to
+# WARMUP_MAX_EXTRA more runs (an allocator that maps every large tensor afresh, as TensorFlow's does without
+# oneDNN, never settles). Faults, not bytes: with transparent huge pages one fault maps 2 MB.
+SETTLED_PAGE_FAULTS = 16_384  # 64 MB in 4 KB pages
+WARMUP_MAX_EXTRA = 3
+
+
+class TimedRuns(list):
+    """[(seconds, result)] of the timed runs; `warmup_page_faults`: the page faults of each untimed run before
+    them."""
+
+    def __init__(self, runs, warmup_page_faults: List[int]):
+        super().__init__(runs)
+        self.warmup_page_faults = warmup_page_faults
+
+
+def page_faults(fn: Callable) -> int:
+    """The page faults of this process (minor: each maps a page the process had not touched) while `fn` runs."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def timed_runs(fn: Callable, settings: Settings) -> TimedRuns:
+    """[(seconds, fn's result)] of `repeats` runs after `warmup` untimed ones, and after up to WARMUP_MAX_EXTRA
+    more while the last untimed run took more than SETTLED_PAGE_FAULTS page faults."""
+    warmup_faults = [page_faults(fn) for _ in range(settings.warmup)]
+    while (warmup_faults and warmup_faults[-1] > SETTLED_PAGE_FAULTS
+           and len(warmup_faults) < settings.warmup + WARMUP_MAX_EXTRA):
+        warmup_faults.append(page_faults(fn))
     runs = []
     for _ in range(settings.repeats):
         start = time.perf_counter()
         result = fn()
         runs.append((time.perf_counter() - start, result))
-    return runs
+    return TimedRuns(runs, warmup_faults)
 
 
 @dataclass(frozen=True)
@@ -173,7 +204,7 @@ class Ceilings:
         return rates.get(dtype, rates.get("float32"))
 
 
-def rate(runs, flop_count, ceilings: Ceilings, byte_count: Optional[int] = None, dtype: str = "float32",
+def rate(runs: TimedRuns, flop_count, ceilings: Ceilings, byte_count: Optional[int] = None, dtype: str = "float32",
          **counts) -> dict:
     """Throughput figures of a stage whose timed `runs` each handled `counts` (e.g. tokens=...), did
     `flop_count` FLOPs and had to move `byte_count` bytes: median seconds, {unit}_per_second, FLOP/s, the
@@ -183,7 +214,8 @@ def rate(runs, flop_count, ceilings: Ceilings, byte_count: Optional[int] = None,
     peak = ceilings.peak_flops
     figures = {"seconds": seconds, "repeats_seconds": [run_seconds for run_seconds, _ in runs],
                **{f"{unit}_per_second": count / seconds for unit, count in counts.items()},
-               "flops": int(flop_count), "flops_per_second": achieved, "mfu": None if not peak else achieved / peak}
+               "flops": int(flop_count), "flops_per_second": achieved, "mfu": None if not peak else achieved / peak,
+               "warmup_page_faults": runs.warmup_page_faults}
     if byte_count is not None:
         figures["roofline"] = stage_roofline(flop_count, byte_count, seconds, ceilings, dtype)
     return figures

@@ -4,6 +4,7 @@ mixed-precision switch of the model (close to float32, float32 where it has to b
 
 import importlib.util
 import json
+import mmap
 import os
 import statistics
 import sys
@@ -129,7 +130,7 @@ def test_gpu_peaks_by_name_and_dtype():
 
 # ----- the benchmark end to end -----------------------------------------------------------------------------------
 
-STAGE_FIELDS = {"seconds", "repeats_seconds", "flops", "flops_per_second", "mfu", "memory"}
+STAGE_FIELDS = {"seconds", "repeats_seconds", "flops", "flops_per_second", "mfu", "memory", "warmup_page_faults"}
 MEMORY_FIELDS = {"host_peak_rss_bytes", "gpu_peak_bytes"}
 
 
@@ -233,6 +234,47 @@ def test_benchmark_growth_stops_at_the_context_window_and_bad_settings_are_rejec
     with pytest.raises(ValueError, match="--allreduce_ranks must be an integer >= 0, got -1"):
         bench.run("test", allreduce_ranks=-1, output=None, log=lambda line: None)
     assert hparams.n_ctx == 8
+
+
+def allocating_run(fresh_runs, kept):
+    """A run that writes to 32,768 fresh 4 KB pages (twice the settled bound) in its first `fresh_runs` calls,
+    or in every call when `fresh_runs` is None, then only touches memory it already has. The pages are an
+    anonymous map without huge pages (numpy asks for 2 MB pages for large arrays, one fault each); `kept`
+    holds the maps, so their pages stay mapped."""
+    calls = []
+    small = np.zeros(1024)
+
+    def run():
+        calls.append(1)
+        if fresh_runs is None or len(calls) <= fresh_runs:
+            pages = mmap.mmap(-1, bench.SETTLED_PAGE_FAULTS * 2 * mmap.PAGESIZE)
+            pages.madvise(mmap.MADV_NOHUGEPAGE)
+            np.frombuffer(pages, np.uint8)[::mmap.PAGESIZE] = 1  # one write per page
+            kept.append(pages)
+        small[:] += 1
+        return len(calls)
+    return run, calls
+
+
+@pytest.mark.parametrize("warmup, fresh_runs, warmup_runs", [
+    (1, 0, 1),  # settled from the start: exactly --warmup untimed runs
+    (1, 2, 3),  # the 1st and 2nd runs fault in 128 MB: the warm-up goes on until a run that does not
+    (2, 1, 2),  # already settled within --warmup
+    (1, None, 1 + bench.WARMUP_MAX_EXTRA),  # never settles: capped
+    (0, None, 0),  # --warmup 0: no untimed run, nothing to judge the allocator by
+])
+def test_the_warmup_goes_on_while_a_run_still_faults_in_fresh_memory(warmup, fresh_runs, warmup_runs):
+    kept = []
+    run, calls = allocating_run(fresh_runs, kept)
+    runs = bench.timed_runs(run, bench.Settings(warmup=warmup, repeats=2, noptepochs=1, xla=False,
+                                                mixed_precision=False))
+    assert len(calls) == warmup_runs + 2 and len(runs.warmup_page_faults) == warmup_runs
+    assert [result for _, result in runs] == [warmup_runs + 1, warmup_runs + 2]  # the timed runs come after
+    for index, faults in enumerate(runs.warmup_page_faults):
+        fresh = fresh_runs is None or index < fresh_runs
+        assert (faults > bench.SETTLED_PAGE_FAULTS) == fresh, (index, runs.warmup_page_faults)
+    for pages in kept:
+        pages.close()
 
 
 @pytest.mark.parametrize("ranks, reason", [(0, "--allreduce_ranks 0"), (1, "one rank all-reduces nothing")])
