@@ -8,8 +8,8 @@
     ./bench.py --size 124M --batch 8 --calibrate    measure the machine's limits only, cached in --output
 
 Models have random weights of the chosen size (`test`, `demo`, `small`, `124M`); every stage is timed after
-`warmup` untimed runs (and up to 3 more while a run still takes over 16,384 page faults: its allocator has not
-settled), as the median of `repeats` runs:
+`warmup` untimed runs (and up to 3 more while the allocator's memory pool is still growing, judged by each run's
+page faults), as the median of `repeats` runs:
 
 * sampling: `Policy.respond_op` with the key/value cache, response tokens per second;
 * reward model: forward (query + response pairs per second) and one Adam step on best_of_4 labels;
@@ -64,8 +64,8 @@ def main(size: str = "small", batch: int = None, query_length: int = None, respo
         batch: episodes per PPO update and labels per reward step (default: the size's)
         query_length: query tokens (default: the size's)
         response_length: response tokens (default: the size's)
-        warmup: untimed runs before each measurement (up to 3 more while the last still takes over 16,384
-            page faults)
+        warmup: untimed runs before each measurement (up to 3 more while the memory pool still grows: the
+            last run took over 16,384 page faults and under half as many as the run before it)
         repeats: timed runs; the median is reported
         noptepochs: PPO epochs per update (2019 default 4)
         growth_steps: doublings of the batch and of the response length in the cost-growth tables (0: none)
@@ -153,9 +153,11 @@ class Settings:
 # A stage's first runs fault in the memory its allocator keeps from then on, and on a virtual machine a fresh
 # page can cost tens of microseconds: a GPT-2 124M reward-model step (batch 8) took 1.25 million page faults in
 # its first run and 291,000 in its second (21.7 s, against 9.5-10 s for each later step, which take about 100).
-# So the warm-up goes on past `warmup` runs while the last one still took more than SETTLED_PAGE_FAULTS, up to
-# WARMUP_MAX_EXTRA more runs (an allocator that maps every large tensor afresh, as TensorFlow's does without
-# oneDNN, never settles). Faults, not bytes: with transparent huge pages one fault maps 2 MB.
+# So the warm-up goes on past `warmup` runs while the pool is still growing: while the last run took more than
+# SETTLED_PAGE_FAULTS and, after the first, fewer than half the faults of the run before it; at most
+# WARMUP_MAX_EXTRA more runs. A stage that faults in about as much every run has settled: its allocator maps
+# that memory afresh each time (a PPO update, about 40,000 faults from its training steps; TensorFlow's allocator
+# without oneDNN, every large tensor). Faults, not bytes: with transparent huge pages one fault maps 2 MB.
 SETTLED_PAGE_FAULTS = 16_384  # 64 MB in 4 KB pages
 WARMUP_MAX_EXTRA = 3
 
@@ -178,10 +180,13 @@ def page_faults(fn: Callable) -> int:
 
 def timed_runs(fn: Callable, settings: Settings) -> TimedRuns:
     """[(seconds, fn's result)] of `repeats` runs after `warmup` untimed ones, and after up to WARMUP_MAX_EXTRA
-    more while the last untimed run took more than SETTLED_PAGE_FAULTS page faults."""
+    more while the memory pool is still growing (above)."""
     warmup_faults = [page_faults(fn) for _ in range(settings.warmup)]
-    while (warmup_faults and warmup_faults[-1] > SETTLED_PAGE_FAULTS
-           and len(warmup_faults) < settings.warmup + WARMUP_MAX_EXTRA):
+
+    def growing():
+        return warmup_faults[-1] > SETTLED_PAGE_FAULTS and (len(warmup_faults) == 1
+                                                            or warmup_faults[-1] < warmup_faults[-2] / 2)
+    while warmup_faults and growing() and len(warmup_faults) < settings.warmup + WARMUP_MAX_EXTRA:
         warmup_faults.append(page_faults(fn))
     runs = []
     for _ in range(settings.repeats):

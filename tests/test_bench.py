@@ -236,18 +236,18 @@ def test_benchmark_growth_stops_at_the_context_window_and_bad_settings_are_rejec
     assert hparams.n_ctx == 8
 
 
-def allocating_run(fresh_runs, kept):
-    """A run that writes to 32,768 fresh 4 KB pages (twice the settled bound) in its first `fresh_runs` calls,
-    or in every call when `fresh_runs` is None, then only touches memory it already has. The pages are an
-    anonymous map without huge pages (numpy asks for 2 MB pages for large arrays, one fault each); `kept`
-    holds the maps, so their pages stay mapped."""
+def allocating_run(fresh_pages, kept):
+    """A run whose call i writes to fresh_pages[i] fresh 4 KB pages, then touches only memory it already has. The
+    pages are an anonymous map without huge pages (numpy asks for 2 MB pages for large arrays, one fault each);
+    `kept` holds the maps, so their pages stay mapped."""
     calls = []
     small = np.zeros(1024)
 
     def run():
-        calls.append(1)
-        if fresh_runs is None or len(calls) <= fresh_runs:
-            pages = mmap.mmap(-1, bench.SETTLED_PAGE_FAULTS * 2 * mmap.PAGESIZE)
+        count = fresh_pages[len(calls)]
+        calls.append(count)
+        if count:
+            pages = mmap.mmap(-1, count * mmap.PAGESIZE)
             pages.madvise(mmap.MADV_NOHUGEPAGE)
             np.frombuffer(pages, np.uint8)[::mmap.PAGESIZE] = 1  # one write per page
             kept.append(pages)
@@ -256,23 +256,28 @@ def allocating_run(fresh_runs, kept):
     return run, calls
 
 
-@pytest.mark.parametrize("warmup, fresh_runs, warmup_runs", [
-    (1, 0, 1),  # settled from the start: exactly --warmup untimed runs
-    (1, 2, 3),  # the 1st and 2nd runs fault in 128 MB: the warm-up goes on until a run that does not
-    (2, 1, 2),  # already settled within --warmup
-    (1, None, 1 + bench.WARMUP_MAX_EXTRA),  # never settles: capped
-    (0, None, 0),  # --warmup 0: no untimed run, nothing to judge the allocator by
+SETTLED = 512  # the test's bound on a settled run's page faults (2 MB), set in place of bench's 16,384 (64 MB)
+
+
+@pytest.mark.parametrize("warmup, fresh_pages, warmup_runs", [
+    (1, [0] * 7, 1),  # settled from the start: exactly --warmup untimed runs
+    (1, [4 * SETTLED] + [0] * 6, 2),  # the first run grows the pool, the second shows it settled
+    (1, [12 * SETTLED, 4 * SETTLED] + [0] * 5, 3),  # still growing in the second run (a 124M reward-model step)
+    (1, [4 * SETTLED] * 7, 2),  # as many faults each run: memory mapped afresh every time, not a growing pool
+    (1, [128 * SETTLED, 32 * SETTLED, 8 * SETTLED, 3 * SETTLED] + [0] * 3, 1 + bench.WARMUP_MAX_EXTRA),  # capped
+    (2, [4 * SETTLED] + [0] * 6, 2),  # settled within --warmup
+    (0, [4 * SETTLED] * 7, 0),  # --warmup 0: no untimed run, nothing to judge the allocator by
 ])
-def test_the_warmup_goes_on_while_a_run_still_faults_in_fresh_memory(warmup, fresh_runs, warmup_runs):
+def test_the_warmup_goes_on_while_the_memory_pool_still_grows(warmup, fresh_pages, warmup_runs, monkeypatch):
+    monkeypatch.setattr(bench, "SETTLED_PAGE_FAULTS", SETTLED)
     kept = []
-    run, calls = allocating_run(fresh_runs, kept)
+    run, calls = allocating_run(fresh_pages, kept)
     runs = bench.timed_runs(run, bench.Settings(warmup=warmup, repeats=2, noptepochs=1, xla=False,
                                                 mixed_precision=False))
     assert len(calls) == warmup_runs + 2 and len(runs.warmup_page_faults) == warmup_runs
     assert [result for _, result in runs] == [warmup_runs + 1, warmup_runs + 2]  # the timed runs come after
-    for index, faults in enumerate(runs.warmup_page_faults):
-        fresh = fresh_runs is None or index < fresh_runs
-        assert (faults > bench.SETTLED_PAGE_FAULTS) == fresh, (index, runs.warmup_page_faults)
+    for faults, pages in zip(runs.warmup_page_faults, fresh_pages):  # each run's own faults were counted
+        assert pages <= faults < pages + SETTLED // 2, runs.warmup_page_faults
     for pages in kept:
         pages.close()
 
