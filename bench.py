@@ -813,7 +813,7 @@ def header(results: dict) -> str:
             f"{config['query_length']}, response {config['response_length']} tokens; noptepochs "
             f"{config['noptepochs']}; xla {'on' if config['xla'] else 'off'}; mixed precision "
             f"{'on' if config['mixed_precision'] else 'off'}; median of {config['repeats']} after "
-            f"{config['warmup']} warm-up\n"
+            f"{config['warmup']} warm-up (up to {WARMUP_MAX_EXTRA} more while the memory pool grows)\n"
             f"device: {device['kind']} {device['name']} x{device['count']}; peak {si(device['peak_flops'], 'FLOP/s')} "
             f"({device['peak_flops_source']})")
 
