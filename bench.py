@@ -179,15 +179,19 @@ def page_faults(fn: Callable) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def pool_still_growing(warmup_faults: List[int]) -> bool:
+    """Whether the last warm-up run still grew the memory pool: more than SETTLED_PAGE_FAULTS faults and, after the
+    first run, fewer than half those of the run before it (False with no run)."""
+    if not warmup_faults or warmup_faults[-1] <= SETTLED_PAGE_FAULTS:
+        return False
+    return len(warmup_faults) == 1 or warmup_faults[-1] < warmup_faults[-2] / 2
+
+
 def timed_runs(fn: Callable, settings: Settings) -> TimedRuns:
     """[(seconds, fn's result)] of `repeats` runs after `warmup` untimed ones, and after up to WARMUP_MAX_EXTRA
     more while the memory pool is still growing (above)."""
     warmup_faults = [page_faults(fn) for _ in range(settings.warmup)]
-
-    def growing():
-        return warmup_faults[-1] > SETTLED_PAGE_FAULTS and (len(warmup_faults) == 1
-                                                            or warmup_faults[-1] < warmup_faults[-2] / 2)
-    while warmup_faults and growing() and len(warmup_faults) < settings.warmup + WARMUP_MAX_EXTRA:
+    while pool_still_growing(warmup_faults) and len(warmup_faults) < settings.warmup + WARMUP_MAX_EXTRA:
         warmup_faults.append(page_faults(fn))
     runs = []
     for _ in range(settings.repeats):
