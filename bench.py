@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional  # noqa: E402
 
 import fire  # noqa: E402
 
-from lm_human_preferences.utils.entry_points import fire_argv  # noqa: E402
+from lm_human_preferences.utils.entry_points import fire_argv, user_errors_in_one_line  # noqa: E402
 
 
 # ----- the command (first: --help shows it without importing TensorFlow) ----------------------------------------
@@ -936,4 +936,5 @@ def report(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    fire.Fire(main, name="bench.py")
+    with user_errors_in_one_line():  # a bad flag: one line, before anything is measured or written
+        fire.Fire(main, name="bench.py")

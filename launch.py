@@ -51,7 +51,7 @@ import fire  # noqa: E402
 
 from lm_human_preferences import experiments, launcher  # noqa: E402
 from lm_human_preferences.command_line import mpi_ranks, prepare_argv, true_or_false  # noqa: E402
-from lm_human_preferences.utils import mpi  # noqa: E402
+from lm_human_preferences.utils.entry_points import user_errors_in_one_line  # noqa: E402
 
 # Each command below is a function whose signature is its command line: fire maps positional arguments and flags
 # to its parameters (command_line.prepare_argv hands fire the quoted values), **overrides takes the
@@ -193,15 +193,11 @@ COMMANDS = {"train_reward": train_reward, "train_policy": train_policy, "demo": 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        fire.Fire(COMMANDS, command=prepare_argv(COMMANDS, argv), name="launch.py")
+        with user_errors_in_one_line():  # bad hparams, label files, paths
+            fire.Fire(COMMANDS, command=prepare_argv(COMMANDS, argv), name="launch.py")
     except BrokenPipeError:  # `./launch.py ... --dry_run | head`: the reader has what it wanted; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit-time flush would fail again
         sys.exit(141)  # what a shell reports for a process ended by SIGPIPE
-    except ValueError as error:  # user errors (bad hparams, label files, paths): one clear line
-        if os.environ.get("LMHP_TRACEBACK"):
-            raise
-        # one line; in an outer mpirun job, rank 0 says it for all and ends the job (mpi.exit_with_user_error)
-        mpi.exit_with_user_error(str(error), "(set LMHP_TRACEBACK=1 to see where it was raised)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ if __name__ == "__main__":  # started by a Python without the dependencies: re-r
 
 import fire  # noqa: E402
 
-from lm_human_preferences.utils.entry_points import fire_argv  # noqa: E402
+from lm_human_preferences.utils.entry_points import fire_argv, user_errors_in_one_line  # noqa: E402
 
 SEPARATOR = "=" * 80
 
@@ -167,10 +167,5 @@ def sample(save_dir, savescope="policy", temperature=1.0, nsamples=0, batch_size
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors_in_one_line():
         fire.Fire({"sample": sample}, command=fire_argv(sys.argv[1:]), name="sample.py")
-    except ValueError as error:
-        if os.environ.get("LMHP_TRACEBACK"):
-            raise
-        from lm_human_preferences.utils import mpi as mpi_utils  # one line; under MPI, the whole job ends
-        mpi_utils.exit_with_user_error(str(error), "(set LMHP_TRACEBACK=1 to see where it was raised)")

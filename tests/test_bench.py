@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import statistics
+import subprocess
 import sys
 
 import numpy as np
@@ -21,7 +22,8 @@ from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel
 from lm_human_preferences.utils import devices
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import bench  # noqa: E402
 
 HP = lm_model.HParams(n_vocab=10, n_ctx=16, n_embd=4, n_head=2, n_layer=2)
@@ -280,6 +282,18 @@ def test_the_warmup_goes_on_while_the_memory_pool_still_grows(warmup, fresh_page
         assert pages <= faults < pages + SETTLED // 2, runs.warmup_page_faults
     for pages in kept:
         pages.close()
+
+
+def test_a_bad_flag_of_the_command_is_one_line_and_nothing_is_written(tmp_path):
+    output = tmp_path / "bench.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("LMHP_TRACEBACK", None)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--size", "test", "--warmup", "-1",
+                             "--output", str(output)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == ("error: bench.py: --warmup must be an integer >= 0, got -1\n"
+                             "(set LMHP_TRACEBACK=1 to see where it was raised)\n")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("ranks, reason", [(0, "--allreduce_ranks 0"), (1, "one rank all-reduces nothing")])

@@ -8,8 +8,13 @@ only looks the modules up), so the check costs milliseconds.
 
 Quiet help. fire prints "INFO: Showing help with the command ..." before the help that `--help` asks for,
 unless the flag comes after its `--` separator: `fire_argv` moves it there.
+
+User errors in one line. A bad flag, hyperparameter, file or path raises ValueError with a message that names it;
+inside `user_errors_in_one_line` that ends the process with `error: MESSAGE` and exit status 1 instead of a
+traceback (LMHP_TRACEBACK=1 shows the traceback).
 """
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -51,3 +56,19 @@ def fire_argv(argv: List[str]) -> List[str]:
     if not any(arg in ("--help", "-h") for arg in ours):
         return list(argv)
     return [arg for arg in ours[:1] if not arg.startswith("-")] + ["--", "--help"]
+
+
+TRACEBACK_HINT = "(set LMHP_TRACEBACK=1 to see where it was raised)"
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line():
+    """A ValueError raised inside ends the process with `error: MESSAGE` and the hint on how to see the traceback
+    (mpi.exit_with_user_error: under an outer mpirun the whole job ends), unless LMHP_TRACEBACK is set."""
+    try:
+        yield
+    except ValueError as error:
+        if os.environ.get("LMHP_TRACEBACK"):
+            raise
+        from lm_human_preferences.utils import mpi  # here: the module needs the project's dependencies
+        mpi.exit_with_user_error(str(error), TRACEBACK_HINT)
