@@ -488,7 +488,7 @@ def test_each_rank_samples_and_shuffles_its_own_episodes_the_same_way_each_time(
     rank and update draw the same responses and minibatches again (what a resumed run relies on), while another
     rank draws other responses to the very same queries and shuffles them in another order, as each 2019 rank had a
     seed of its own (run.seed + rank · 100003); another run seed does too, and another update draws other
-    responses."""
+    responses and shuffles in another order."""
     hparams = policy_hparams(tmp_path, letter_e_reward_model, **{"ppo.total_episodes": 64, "ppo.noptepochs": 1})
     queries = np.random.RandomState(2).randint(0, 27, (32, 4)).astype(np.int32)  # 32 distinct rows
     assert len({tuple(row) for row in queries}) == 32
@@ -513,7 +513,7 @@ def test_each_rank_samples_and_shuffles_its_own_episodes_the_same_way_each_time(
 
         responses, order = update(0)
         again, order_again = update(0)
-        next_update, _ = update(1)
+        next_update, next_update_order = update(1)
         trainer.seed = 6  # what restore() sets from a saved run
         other_seed, other_seed_order = update(0)
         trainer.seed = 5
@@ -523,7 +523,7 @@ def test_each_rank_samples_and_shuffles_its_own_episodes_the_same_way_each_time(
     assert order_again == order
     for other in (next_update, other_rank, other_seed):  # most of the 32 responses of 8 tokens differ
         assert (other != responses).any(axis=1).mean() > 0.5, (responses, other)
-    assert other_order != order and other_seed_order != order
+    assert other_order != order and other_seed_order != order and next_update_order != order
 
 
 def test_a_run_resumed_while_its_reward_model_was_training_resumes_that_training(tmp_path, monkeypatch, capsys):
