@@ -18,7 +18,8 @@ import pytest
 import tensorflow.compat.v1 as tf
 
 import lm_human_preferences
-from lm_human_preferences import experiments, label_app, labeler, label_types, lm_tasks, online_labels, train_policy
+from lm_human_preferences import (experiments, label_app, labeler, label_types, lm_tasks, online_labels, train_policy,
+                                  train_reward)
 from lm_human_preferences import trainer as run_utils
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
@@ -85,13 +86,16 @@ def read_labels(save_dir):
 
 @pytest.fixture(scope="module")
 def online_run(tmp_path_factory):
-    """An online run that a SIGTERM stops in the middle of round 2 and --resume then finishes. Around each round,
-    the reward model's agreement with the judge on fresh samples of the current policy is measured before and after
-    it: {round: (before, after)}; `labelled`: the labels the judge made in each part, `stopped`: the label file when
-    the run stopped."""
+    """An online run that a SIGTERM stops in the middle of round 2 (while its reward model retrains, after 3 of the
+    retraining's steps were logged) and --resume then finishes. Around each round, the reward model's agreement with
+    the judge on fresh samples of the current policy is measured before and after it: {round: (before, after)};
+    `labelled`: the labels the judge made in each part, `stopped`: the label file when the run stopped,
+    `stopped_steps`: the reward model's TensorBoard steps then."""
     hparams = online_hparams(tmp_path_factory.mktemp("online"), "run")
     agreement, labelled = {}, [[], []]
     run_round, make_records = online_labels.OnlineLabels.run_round, labeler.make_records
+    train_step = train_reward._train_step
+    round_2_starts = (32 + 304) // 16  # the reward-model step (TensorBoard's) where round 2's retraining begins
 
     def measured(self, round, **kwargs):
         trainer = kwargs["sample"].__self__  # the PPO trainer whose policy samples the round
@@ -102,21 +106,28 @@ def online_run(tmp_path_factory):
 
     def judged(label_type, queries, *args, **kwargs):
         labelled[part].append(len(queries))
-        if part == 0 and len(labelled[0]) == 3:  # round 2 is being labelled: a scheduler's SIGTERM arrives
-            os.kill(os.getpid(), signal.SIGTERM)
         return make_records(label_type, queries, *args, **kwargs)
+
+    def stepped(*args, log_step=None, **kwargs):
+        train_step(*args, log_step=log_step, **kwargs)
+        if part == 0 and log_step == round_2_starts + 2:  # round 2 is retraining: a scheduler's SIGTERM arrives
+            os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(online_labels.OnlineLabels, "run_round", measured)
         patch.setattr(labeler, "make_records", judged)
+        patch.setattr(train_reward, "_train_step", stepped)
         part = 0
         with tf.Graph().as_default(), pytest.raises(run_utils.RunInterrupted, match="stopped after update 8 of 12"):
             train_policy.train(hparams)
         stopped = read_labels(hparams.run.save_dir)
+        stopped_steps = [step for step, _ in
+                         scalars(hparams.run.save_dir, "train_reward/minibatch/loss", "reward_model")]
         part = 1
         with tf.Graph().as_default():
             train_policy.train(hparams, resume=True)
-    return types.SimpleNamespace(hparams=hparams, agreement=agreement, labelled=labelled, stopped=stopped)
+    return types.SimpleNamespace(hparams=hparams, agreement=agreement, labelled=labelled, stopped=stopped,
+                                 stopped_steps=stopped_steps)
 
 
 def test_rounds_come_on_the_papers_schedule_and_the_label_count_grows_as_scheduled(online_run):
@@ -133,7 +144,8 @@ def test_rounds_come_on_the_papers_schedule_and_the_label_count_grows_as_schedul
     label_types.load_labels(os.path.join(save_dir, online_labels.LABELS_FILE), label_types.get("best_of_4"),
                             query_length=4, response_length=8, encoding=TrainedModel("demo").encoding)
     assert len({tuple(r["query"]) for r in records}) > 0.9 * len(records)  # each label has a query of its own
-    # each retraining is one epoch over all labels so far; their TensorBoard steps follow one another
+    # each retraining is one epoch over all labels so far; their TensorBoard steps follow one another, each once:
+    # the resumed run retrained round 2 from its start, and what the stopped run had logged of it is void
     steps = [step for step, _ in scalars(save_dir, "train_reward/minibatch/loss", "reward_model")]
     assert steps == list(range((32 + 304 + 464) // 16))
     # PPO ran all its updates against the retrained reward model, saved where 2019 saved one
@@ -152,7 +164,9 @@ def test_after_a_round_the_reward_model_agrees_better_with_the_judge_on_current_
 
 
 def test_a_stop_during_a_round_keeps_its_labels_and_resume_collects_only_what_is_missing(online_run):
-    # the run stopped while retraining in round 2, after that round's labels were saved: none is lost ...
+    # the run stopped while retraining in round 2 (3 of its steps logged), after that round's labels were saved:
+    # none is lost ...
+    assert online_run.stopped_steps == list(range((32 + 304) // 16 + 3))
     assert [sum(r["round"] == k for r in online_run.stopped) for k in range(3)] == [32, 272, 160]
     assert online_run.labelled[0] == [32, 272, 160]
     # ... nor labelled twice: the resumed run retrained on them and went on
