@@ -616,7 +616,8 @@ def test_a_gs_save_directory_holds_the_whole_run_and_samples_from_there(tmp_path
     names = {blob.name for blob in storage.Client.create_anonymous_client().list_blobs(gcs_bucket[len("gs://"):])}
     for name in ("train_policy_hparams.json", "train_reward_hparams.json", "labels.json", "reward_model/encoding",
                  "reward_model/checkpoints/checkpoint", "reward_model/checkpoints/model.ckpt.index",
-                 "policy/hparams.json", "policy/checkpoints/checkpoint", "policy/checkpoints/model.ckpt-2.index"):
+                 "policy/hparams.json", "policy/checkpoints/checkpoint", "policy/checkpoints/model.ckpt-2.index",
+                 "learning_curves.png"):  # drawn when the run ends, after its last checkpoint's upload
         assert f"runs/run/{name}" in names, (name, sorted(names))
     assert any(name.startswith("runs/run/tb/ppo/events") for name in names)
     assert not any(name.endswith(".gcs-sync.json") for name in names)
