@@ -194,6 +194,7 @@ def test_two_ranks_label_online_and_end_with_identical_policy_and_reward_model(t
     # rounds at updates 0 and 2 of 4 (32 episodes apart): 32 labels, then 48 of the 64 still to come
     assert [int(v) for _, v in scalars(tmp_path / "two", "online/new_labels")] == [32, 48]
     assert len(read_labels(tmp_path / "two")) == 80
+    assert "online labels: 32 before PPO starts, then 1 round (labels held after each: 80 at update 2)" in result.stdout
     assert "policy parameters identical on all 2 ranks" in result.stdout
     assert "reward model parameters identical on all 2 ranks" in result.stdout
 
