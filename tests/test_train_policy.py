@@ -5,6 +5,7 @@ minibatches), checked from recorded session runs against references computed in 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -17,6 +18,7 @@ from lm_human_preferences import experiments, lm_tasks, train_policy, train_rewa
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.trained_models import TrainedModel
 from lm_human_preferences.policy import Policy
+from lm_human_preferences.trainer import RunInterrupted
 from lm_human_preferences.utils import stats
 
 from mpi_programs import allreduce_env
@@ -524,6 +526,45 @@ def test_each_rank_samples_and_shuffles_its_own_episodes_the_same_way_each_time(
     for other in (next_update, other_rank, other_seed):  # most of the 32 responses of 8 tokens differ
         assert (other != responses).any(axis=1).mean() > 0.5, (responses, other)
     assert other_order != order and other_seed_order != order and next_update_order != order
+
+
+def test_a_sigterm_in_an_update_stops_the_run_after_it_with_its_state_saved(tmp_path, monkeypatch, capsys):
+    """A SIGTERM that arrives during update 3 of 5 (index 2) lets that update finish, saves the policy and the
+    resume state after it, and stops with a message naming the update, the total and where the state is; --resume
+    then does the last 2 updates. (tests/test_resume.py checks the same through launch.py in a subprocess, and
+    that the resumed run ends where an uninterrupted one ends.)"""
+    overrides = {"ppo.total_episodes": 8 * 5, "run.save_interval": 100, "run.log_interval": 100}
+    real_update = train_policy.PPOTrainer.update
+
+    def update_then_sigterm(self, queries, update_index):
+        result = real_update(self, queries, update_index)
+        if update_index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler ending the job
+        return result
+
+    monkeypatch.setattr(train_policy.PPOTrainer, "update", update_then_sigterm)
+    save_dir = os.path.join(tmp_path, "run")
+    message = (f"interrupted: train_policy stopped after update 3 of 5; its state is saved in "
+               f"{os.path.join(save_dir, 'resume')}. Continue it with the same command and --resume.")
+    with pytest.raises(RunInterrupted) as stopped:
+        test_run(tmp_path, **overrides)
+    assert str(stopped.value) == message
+    monkeypatch.setattr(train_policy.PPOTrainer, "update", real_update)
+    state_dir = os.path.join(save_dir, "resume", "ppo")
+    assert tf.train.latest_checkpoint(state_dir) == os.path.join(state_dir, "state.ckpt-3")
+    assert tf.train.load_checkpoint(state_dir).get_tensor("run_state_ppo/update") == 3
+    checkpoints = os.path.join(save_dir, "policy", "checkpoints")
+    assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-3")
+    printed = capsys.readouterr().out
+    assert "received SIGTERM" in printed and "training stopped by an error" not in printed, printed
+    assert [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("update ")] == [
+        "update 1/5", "update 2/5", "update 3/5"]
+    test_run(tmp_path, resume=True, **overrides)
+    printed = capsys.readouterr().out
+    assert "resuming after update 3 of 5" in printed, printed
+    assert [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("update ")] == [
+        "update 4/5", "update 5/5"]
+    assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-5")
 
 
 def test_a_run_resumed_while_its_reward_model_was_training_resumes_that_training(tmp_path, monkeypatch, capsys):
