@@ -448,7 +448,9 @@ def test_a_resumed_runs_progress_bar_and_tensorboard_count_on_from_where_it_resu
     checkpoints = os.path.join(tmp_path, "run", "policy", "checkpoints")
     assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-3")
     capsys.readouterr()
-    clock = iter(range(0, 10 ** 6, 100))  # the resumed run's time.time(): 100 s later at each call
+    # the resumed run's time.time(): 100 s later at each call, from a real clock's size (from 0, a sum of two times
+    # would pass for their difference)
+    clock = iter(range(1_700_000_000, 1_800_000_000, 100))
     monkeypatch.setattr(train_policy, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
     terminal = fake_terminal()
     test_run(tmp_path, resume=True, **overrides)
