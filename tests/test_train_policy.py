@@ -310,6 +310,11 @@ def run_hparams(tmp_path, name="run", **overrides):
     return experiments.resolve_hparams("train_policy", "test", name, save_dir=str(tmp_path), overrides=overrides)
 
 
+def update_lines(printed):
+    """The console's line for each update ("update 3/5 | objective/score ... | eta 1m40s")."""
+    return [line for line in printed.splitlines() if line.startswith("update ")]
+
+
 def test_run(tmp_path, name="run", resume=False, **overrides):
     """A train_policy run of the `test` experiment (it trains its tiny reward model first)."""
     hparams = run_hparams(tmp_path, name, **overrides)
@@ -326,7 +331,7 @@ def test_the_number_of_updates_is_rounded_up_and_logs_start_at_step_0(tmp_path, 
                                      "run.log_interval": 2})
     # the console counts updates from 1 to the total, each line with the numbers a researcher watches
     printed = capsys.readouterr().out
-    lines = [line for line in printed.splitlines() if line.startswith("update ")]
+    lines = update_lines(printed)
     assert [line.split(" | ")[0] for line in lines] == ["update 1/3", "update 2/3", "update 3/3"], lines
     assert all(f"| {key} " in lines[0] for key in ("objective/score", "objective/kl", "objective/kl_coef")), lines
     # 3 samples after every run.log_interval-th update, from the first: after updates 1 and 3, not 2
@@ -457,7 +462,7 @@ def test_a_resumed_runs_progress_bar_and_tensorboard_count_on_from_where_it_resu
     bars = terminal.bars("ppo")
     assert "| 2/5 [" in bars[0] and "| 5/5 [" in bars[-1], bars
     # each update took 100 s, so after update 3 two are left (200 s), after 4 one, after 5 none
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("update ")]
+    lines = update_lines(capsys.readouterr().out)
     assert [(line.split(" | ")[0], line.rsplit(" | eta ", 1)[1]) for line in lines] == [
         ("update 3/5", "3m20s"), ("update 4/5", "1m40s"), ("update 5/5", "0s")], lines
     for tag, logged in stats.read_scalars(os.path.join(tmp_path, "run", "tb", "ppo")).items():
@@ -559,12 +564,12 @@ def test_a_sigterm_in_an_update_stops_the_run_after_it_with_its_state_saved(tmp_
     assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-3")
     printed = capsys.readouterr().out
     assert "received SIGTERM" in printed and "training stopped by an error" not in printed, printed
-    assert [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("update ")] == [
+    assert [line.split(" | ")[0] for line in update_lines(printed)] == [
         "update 1/5", "update 2/5", "update 3/5"]
     test_run(tmp_path, resume=True, **overrides)
     printed = capsys.readouterr().out
     assert "resuming after update 3 of 5" in printed, printed
-    assert [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("update ")] == [
+    assert [line.split(" | ")[0] for line in update_lines(printed)] == [
         "update 4/5", "update 5/5"]
     assert tf.train.latest_checkpoint(checkpoints).endswith("model.ckpt-5")
 
